@@ -1,0 +1,117 @@
+"""The one server bootstrap: gRPC + health + reflection + the HTTP port + SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.logging import get_logger
+from services.common.observability import Readiness, start_http
+from services.common.settings import Endpoint
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class ServiceHandle:
+    name: str
+    server: grpc.Server
+    port: int
+    readiness: Readiness
+    health: health.HealthServicer
+    service_names: Sequence[str]
+    http: ThreadingHTTPServer | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.readiness.set(ready, reason)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.stopping.set()
+        self.set_ready(False, "shutting down")
+        self.server.stop(grace_s).wait()
+        if self.http is not None:
+            self.http.shutdown()
+
+
+def start_server(
+    name: str,
+    endpoint: Endpoint,
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    max_workers: int = 64,
+) -> ServiceHandle:
+    """Starts gRPC (NOT_SERVING until ``set_ready``) and the HTTP port of one service."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    register(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{endpoint.host}:{endpoint.port}")
+    if port == 0:
+        raise OSError(f"{name}: cannot listen on {endpoint.address} (port in use?)")
+    server.start()
+    readiness = Readiness()
+    handle = ServiceHandle(name, server, port, readiness, health_servicer, service_names)
+    handle.set_ready(False, "starting")
+    if endpoint.http_port:
+        handle.http = start_http(endpoint.host, endpoint.http_port, readiness)
+    get_logger(name).info("listening", grpc_port=port, http_port=endpoint.http_port)
+    return handle
+
+
+def run_until_signal(handle: ServiceHandle, drain: Callable[[], None] | None = None) -> None:
+    """Blocks until SIGTERM/SIGINT; then stops taking work, drains, and stops the server."""
+    log = get_logger(handle.name)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal", signum=signum)
+        handle.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    handle.stopping.wait()
+    handle.set_ready(False, "draining")
+    if drain is not None:
+        drain()
+    handle.stop()
+    log.info("stopped")
+
+
+def wait_for_serving(address: str, timeout_s: float, service: str = "") -> bool:
+    """Polls a peer's grpc.health.v1 until SERVING or the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    return False

@@ -1,0 +1,150 @@
+"""Cluster settings: one YAML file (or the embedded default) -> typed dataclasses.
+
+Every service reads the same file and picks its own section, so one config
+describes a whole cluster. Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+MiB = 1 << 20
+
+
+@dataclass
+class Endpoint:
+    host: str = "127.0.0.1"
+    port: int = 0
+    http_port: int = 0  # /metrics, /healthz, /readyz; 0 -> none
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class ModelSettings:
+    name: str = "tiny-llama"  # the model id clients ask for
+    path: str = "dummy:tiny-llama"  # a local HF directory or dummy:<shape>
+    tokenizer: str | None = None  # tokenizer.json; None -> beside the weights, or built in for dummy
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    max_model_len: int | None = 1024
+    num_kv_blocks: int | None = 512
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class KVStoreSettings(Endpoint):
+    port: int = 50060
+    http_port: int = 8060
+    cpu_bytes: int = 256 * MiB
+    shm: bool = True  # expose the CPU arena as shared memory to workers on this host
+    pin_ttl_s: float = 300.0  # pins of an owner nobody releases expire after this
+
+
+@dataclass
+class GatewaySettings(Endpoint):
+    port: int = 50051
+    http_port: int = 8051
+    routing: str = "round_robin"  # round_robin | least_loaded
+    max_queue: int = 256  # requests waiting for a slot; beyond -> RESOURCE_EXHAUSTED
+    max_inflight: int = 64  # requests being served at once
+
+
+@dataclass
+class TransferSettings:
+    transport: str = "auto"  # auto | grpc | shm
+    chunk_bytes: int = 4 * MiB  # payload bytes per gRPC stream message
+
+
+def _default_prefill() -> list[Endpoint]:
+    return [Endpoint(port=50071, http_port=8071)]
+
+
+def _default_decode() -> list[Endpoint]:
+    return [Endpoint(port=50081, http_port=8081)]
+
+
+@dataclass
+class ClusterSettings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    kvstore: KVStoreSettings = field(default_factory=KVStoreSettings)
+    prefill: list[Endpoint] = field(default_factory=_default_prefill)
+    decode: list[Endpoint] = field(default_factory=_default_decode)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    redis_url: str | None = None
+    log_level: str = "info"
+    ready_timeout_s: float = 120.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class SettingsError(ValueError):
+    """A configuration problem, with the key path that caused it."""
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SettingsError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = get_args(hint)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise SettingsError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise SettingsError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Builds dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SettingsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_settings(path: str | Path | None = None) -> ClusterSettings:
+    """Reads a cluster YAML file; ``None`` gives the embedded laptop default."""
+    if path is None:
+        return ClusterSettings()
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{p}: not valid YAML: {e}") from e
+    return from_dict(ClusterSettings, data, str(p))

@@ -1,0 +1,51 @@
+"""The one block-hash function of SplitServe.
+
+A full block of ``block_size`` tokens is named by a chained digest:
+``h_i = H(h_{i-1}, tokens of block i, model id, block size, dtype)``.
+The engine's prefix cache, the KV store's keys and the gateway's router all
+call this module, so a hash names the same KV bytes everywhere. Partial (last)
+blocks have no hash and are never shared. Pure Python: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DIGEST_BYTES = 16  # 128-bit names
+ROOT_PARENT = b"\x00" * DIGEST_BYTES
+
+
+@dataclass(frozen=True)
+class HashContext:
+    """What, besides the tokens, decides the bytes of a KV block."""
+
+    model_id: str
+    block_size: int
+    dtype: str
+
+    def salt(self) -> bytes:
+        return f"{self.model_id}|{self.block_size}|{self.dtype}".encode()
+
+
+def hash_block(parent: bytes | None, tokens: Sequence[int], ctx: HashContext) -> bytes:
+    """Digest of one full block, chained on its parent's digest (None for the first)."""
+    if len(tokens) != ctx.block_size:
+        raise ValueError(f"a hashed block holds exactly {ctx.block_size} tokens, got {len(tokens)}")
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"splitserve-kv1")
+    h.update(parent if parent is not None else ROOT_PARENT)
+    h.update(ctx.salt())
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
+
+
+def block_hashes(tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None) -> list[bytes]:
+    """Chained digests of every full block of ``tokens`` (the partial tail gets none)."""
+    out: list[bytes] = []
+    bs = ctx.block_size
+    for start in range(0, len(tokens) - bs + 1, bs):
+        parent = hash_block(parent, tokens[start : start + bs], ctx)
+        out.append(parent)
+    return out
