@@ -32,7 +32,7 @@ class Endpoint:
 class ModelSettings:
     name: str = "tiny-llama"  # the model id clients ask for
     path: str = "dummy:tiny-llama"  # a local HF directory or dummy:<shape>
-    tokenizer: str | None = None  # tokenizer.json; None -> beside the weights, or built in for dummy
+    tokenizer: str | None = None  # tokenizer.json; None -> beside the weights / built in
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16

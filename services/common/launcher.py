@@ -1,0 +1,146 @@
+"""Starting services as processes: used by `splitserve up` and the integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.server import wait_for_serving
+from services.common.settings import ClusterSettings, Endpoint
+
+ROLES = ("kvstore", "prefill", "decode", "gateway")
+
+
+@dataclass
+class ServiceProcess:
+    role: str
+    index: int
+    endpoint: Endpoint
+    proc: subprocess.Popen
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def role_endpoints(settings: ClusterSettings, role: str) -> list[Endpoint]:
+    if role == "kvstore":
+        return [settings.kvstore]
+    if role == "gateway":
+        return [settings.gateway]
+    if role == "prefill":
+        return settings.prefill
+    if role == "decode":
+        return settings.decode
+    raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+
+
+def spawn(role: str, index: int, config_path: Path, log_dir: Path | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "services.cli", "serve", role, "--config", str(config_path)]
+    cmd += ["--index", str(index)]
+    out = open(log_dir / f"{role}-{index}.log", "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+@dataclass
+class LocalCluster:
+    """Every service of one config as local processes, started in dependency order."""
+
+    settings: ClusterSettings
+    config_path: Path
+    log_dir: Path | None = None
+    roles: tuple[str, ...] = ROLES
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self) -> LocalCluster:
+        try:
+            for role in self.roles:
+                started = [self._start_one(role, i, ep)
+                           for i, ep in enumerate(role_endpoints(self.settings, role))]
+                for svc in started:
+                    self._wait_ready(svc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_one(self, role: str, index: int, endpoint: Endpoint) -> ServiceProcess:
+        svc = ServiceProcess(role, index, endpoint, spawn(role, index, self.config_path,
+                                                          self.log_dir))
+        self.services.append(svc)
+        return svc
+
+    def _wait_ready(self, svc: ServiceProcess) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while time.monotonic() < deadline:
+            if not svc.alive():
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}"
+                                   + self._log_hint(svc))
+            if wait_for_serving(svc.endpoint.address, timeout_s=0.5):
+                return
+        raise TimeoutError(f"{svc.name} not SERVING within {self.settings.ready_timeout_s}s"
+                           + self._log_hint(svc))
+
+    def _log_hint(self, svc: ServiceProcess) -> str:
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{svc.name}.log"
+        tail = path.read_text(errors="replace")[-2000:] if path.exists() else ""
+        return f"; log {path}:\n{tail}"
+
+    def find(self, role: str, index: int = 0) -> ServiceProcess:
+        for svc in self.services:
+            if svc.role == role and svc.index == index:
+                return svc
+        raise KeyError(f"{role}-{index}")
+
+    def kill(self, role: str, index: int = 0) -> None:
+        """SIGKILL one service (failure tests)."""
+        svc = self.find(role, index)
+        svc.proc.kill()
+        svc.proc.wait()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM in reverse start order, SIGKILL what is left after the timeout."""
+        for svc in reversed(self.services):
+            if svc.alive():
+                svc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for svc in reversed(self.services):
+            try:
+                svc.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(svc.proc.pid, signal.SIGKILL)
+                svc.proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_free_ports(settings: ClusterSettings) -> ClusterSettings:
+    """Gives every endpoint of ``settings`` a fresh loopback port pair (tests, parallel runs)."""
+    for role in ROLES:
+        for ep in role_endpoints(settings, role):
+            ep.port, ep.http_port = free_port(), free_port()
+    return settings
