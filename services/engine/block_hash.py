@@ -41,7 +41,9 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], ctx: HashContext) ->
     return h.digest()
 
 
-def block_hashes(tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None) -> list[bytes]:
+def block_hashes(
+    tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None
+) -> list[bytes]:
     """Chained digests of every full block of ``tokens`` (the partial tail gets none)."""
     out: list[bytes] = []
     bs = ctx.block_size
