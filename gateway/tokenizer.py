@@ -1,0 +1,193 @@
+"""The gateway's tokenizer: HF ``tokenizers`` plus what ``tokenizer_config.json`` says.
+
+A :class:`Tokenizer` wraps a ``tokenizers.Tokenizer`` loaded from a
+``tokenizer.json`` and reads, from the files beside it, the chat template
+(``tokenizer_config.json`` ``chat_template`` or ``chat_template.jinja``), the
+bos/eos tokens, and the eos ids (``generation_config.json`` / ``config.json``
+``eos_token_id``). :func:`load_tokenizer` finds the right one for a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from services.common.settings import ModelSettings
+from services.engine import byte_tokenizer
+
+DUMMY_PREFIX = "dummy:"
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer that cannot be found or read."""
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: not readable JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _chat_template(config: dict[str, Any], directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tmpl = config.get("chat_template")
+    if isinstance(tmpl, str):
+        return tmpl
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with its special tokens and chat template."""
+
+    def __init__(
+        self,
+        hf: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        eos_token_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+        name: str = "",
+    ) -> None:
+        self._hf = hf
+        self.name = name
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        ids: list[int] = []
+        if eos_token is not None:
+            tid = hf.token_to_id(eos_token)
+            if tid is not None:
+                ids.append(tid)
+        for i in eos_token_ids:
+            if i not in ids:
+                ids.append(int(i))
+        self._eos_token_ids = tuple(ids)
+        self._vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Loads ``tokenizer.json`` at ``path`` (or in the directory ``path``) and the
+        ``tokenizer_config.json`` / ``generation_config.json`` / ``config.json`` beside it."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise TokenizerError(f"tokenizer file {p} does not exist")
+        try:
+            hf = tokenizers.Tokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises plain Exception
+            raise TokenizerError(f"{p}: not a valid tokenizer.json: {e}") from e
+        d = p.parent
+        cfg = _read_json(d / "tokenizer_config.json")
+        eos_ids = _ids(_read_json(d / "generation_config.json").get("eos_token_id"))
+        eos_ids += _ids(_read_json(d / "config.json").get("eos_token_id"))
+        return cls(
+            hf,
+            bos_token=_token_content(cfg.get("bos_token")),
+            eos_token=_token_content(cfg.get("eos_token")),
+            eos_token_ids=eos_ids,
+            chat_template=_chat_template(cfg, d),
+            name=str(d),
+        )
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """The built-in byte tokenizer of ``dummy:*`` models."""
+        return cls(
+            byte_tokenizer.build_byte_tokenizer(),
+            bos_token=byte_tokenizer.BOS_TOKEN,
+            eos_token=byte_tokenizer.EOS_TOKEN,
+            chat_template=byte_tokenizer.DEFAULT_CHAT_TEMPLATE,
+            name="byte-level",
+        )
+
+    # -- use ------------------------------------------------------------------------
+
+    @property
+    def hf(self) -> tokenizers.Tokenizer:
+        return self._hf
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included."""
+        return self._vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. ``add_special_tokens`` runs the tokenizer's
+        post-processor (e.g. Llama's leading bos); pass False for text that a chat
+        template rendered, which already carries its special tokens."""
+        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; an incomplete UTF-8 character at the end comes out as U+FFFD."""
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_ids})"
+
+
+def tokenizer_path(model: ModelSettings) -> Path | None:
+    """Where ``model``'s tokenizer.json is: ``model.tokenizer`` if set, else beside the
+    weights; None for a ``dummy:*`` model without one (it uses the byte tokenizer)."""
+    if model.tokenizer:
+        return Path(model.tokenizer)
+    if model.path.startswith(DUMMY_PREFIX):
+        return None
+    return Path(model.path) / "tokenizer.json"
+
+
+def load_tokenizer(model: ModelSettings) -> Tokenizer:
+    """The tokenizer of ``model``; raises :class:`TokenizerError` when it is missing."""
+    path = tokenizer_path(model)
+    if path is None:
+        return Tokenizer.byte_level()
+    if not path.exists():
+        where = "model.tokenizer" if model.tokenizer else f"model.path ({model.path})"
+        raise TokenizerError(
+            f"model {model.name!r}: no tokenizer at {path}; set {where} to a "
+            "directory holding tokenizer.json or to the file itself"
+        )
+    return Tokenizer.from_file(path)
