@@ -1,0 +1,156 @@
+"""Drives one engine from one thread; gRPC handler threads submit and read streams.
+
+The engine is single-threaded by design: only the loop thread touches it. A
+handler submits a request and reads its ``StepOutput``s from a queue; an abort
+is just another message to the loop. No torch here: the engine is passed in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.common.logging import get_logger
+
+
+class Engine(Protocol):
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
+                    **kwargs: Any) -> None: ...
+    def step(self) -> list[Any]: ...
+    def abort(self, request_id: str) -> bool: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> Any: ...
+
+
+class EngineStopped(RuntimeError):
+    """The loop is shutting down and takes no more work."""
+
+
+@dataclass
+class RequestStream:
+    """The outputs of one request, in order; ends with a finished output or an error."""
+
+    request_id: str
+    _queue: queue.Queue = field(default_factory=queue.Queue)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+
+@dataclass
+class _Submit:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: Any
+    kwargs: dict[str, Any]
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, name: str = "engine") -> None:
+        self._engine = engine
+        self._log = get_logger(name)
+        self._inbox: queue.Queue[_Submit | str | None] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._stats = engine.stats()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> Any:
+        return self._stats
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: Any,
+               **kwargs: Any) -> RequestStream:
+        if not self._accepting:
+            raise EngineStopped("this worker is shutting down")
+        stream = RequestStream(request_id)
+        self._inbox.put(_Submit(stream, prompt_token_ids, params, kwargs))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def stop(self) -> None:
+        self._accepting = False
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            busy = self._engine.has_unfinished()
+            try:
+                item = self._inbox.get(block=not busy)
+                if item is None:
+                    break
+                self._handle(item)
+                continue  # take every pending message before the next step
+            except queue.Empty:
+                pass
+            self._step()
+        self._abort_all()
+
+    def _handle(self, item: _Submit | str) -> None:
+        if isinstance(item, str):
+            if self._engine.abort(item):
+                self._finish_aborted(item)
+            return
+        rid = item.stream.request_id
+        if rid in self._streams:
+            item.stream._queue.put(ValueError(f"request_id {rid!r} is already running here"))
+            return
+        try:
+            self._engine.add_request(rid, item.prompt_token_ids, item.params, **item.kwargs)
+        except Exception as e:  # bad input is the caller's to report
+            item.stream._queue.put(e)
+            return
+        self._streams[rid] = item.stream
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as e:
+            self._log.error("engine_step_failed", exc_info=True)
+            self._fail_all(e)
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._queue.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+        self._stats = self._engine.stats()
+
+    def _finish_aborted(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._queue.put(EngineStopped(f"request {request_id} aborted"))
+        self._stats = self._engine.stats()
+
+    def _abort_all(self) -> None:
+        for rid in list(self._streams):
+            self._engine.abort(rid)
+            self._finish_aborted(rid)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid, stream in list(self._streams.items()):
+            self._engine.abort(rid)
+            stream._queue.put(RuntimeError(f"engine failure: {error}"))
+        self._streams.clear()

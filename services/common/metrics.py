@@ -1,0 +1,47 @@
+"""Prometheus metrics of the services (default registry, served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    """What a prefill or decode worker reports."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.tokens = Counter("splitserve_worker_tokens", "Tokens handled by this worker",
+                              ["role", "kind"])
+        self.prefill_seconds = Histogram("splitserve_prefill_seconds",
+                                         "Time of one prefill request on the worker",
+                                         buckets=LATENCY_BUCKETS)
+        self.active = Gauge("splitserve_worker_active_requests", "Requests on this worker",
+                            ["role"])
+
+    def observe_prefill(self, computed: int, cached: int, seconds: float) -> None:
+        self.tokens.labels(self.role, "prefill_computed").inc(computed)
+        self.tokens.labels(self.role, "prefill_cached").inc(cached)
+        self.prefill_seconds.observe(seconds)
+
+    def observe_decoded(self, n: int) -> None:
+        self.tokens.labels(self.role, "decoded").inc(n)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.ttft = Histogram("splitserve_time_to_first_token_seconds",
+                              "Arrival to first token streamed", buckets=LATENCY_BUCKETS)
+        self.tpot = Histogram("splitserve_time_per_output_token_seconds",
+                              "Mean time between output tokens of a request",
+                              buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("splitserve_request_latency_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS)
+        self.requests = Counter("splitserve_requests", "Finished requests", ["outcome"])
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens received")
+        self.cached_tokens = Counter("splitserve_cached_prompt_tokens",
+                                     "Prompt tokens whose KV came from a cache")
+        self.output_tokens = Counter("splitserve_output_tokens", "Tokens streamed to clients")
+        self.queued = Gauge("splitserve_queued_requests", "Requests waiting for admission")
+        self.inflight = Gauge("splitserve_inflight_requests", "Requests being served")

@@ -1,0 +1,178 @@
+"""What prefill and decode workers share: engine set-up, request checks, load reports."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvstore.client import KVStoreClient
+from services.common.engine_loop import EngineLoop
+from services.common.logging import get_logger
+from services.common.server import ServiceHandle, wait_for_serving
+from services.common.settings import ClusterSettings, Endpoint, ModelSettings
+from services.engine.block_hash import HashContext
+from splitserve.v1 import common_pb2, worker_pb2
+
+
+def engine_config(model: ModelSettings) -> Any:
+    from services.engine import EngineConfig
+
+    return EngineConfig(
+        model=model.path,
+        model_id=model.name,
+        dtype=model.dtype,
+        device=model.device,
+        block_size=model.block_size,
+        num_kv_blocks=model.num_kv_blocks,
+        max_num_seqs=model.max_num_seqs,
+        max_num_batched_tokens=model.max_num_batched_tokens,
+        max_model_len=model.max_model_len,
+        seed=model.seed,
+    )
+
+
+def build_engine(model: ModelSettings) -> Any:
+    from services.engine import LLMEngine
+
+    return LLMEngine(engine_config(model), use_tqdm=False)
+
+
+def sampling_params(proto: common_pb2.SamplingParams) -> Any:
+    """Engine params from the wire (the gateway has validated the public request)."""
+    from services.engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=proto.max_tokens or 16,
+        temperature=proto.temperature,
+        top_k=proto.top_k if proto.top_k > 0 else -1,
+        top_p=proto.top_p or 1.0,
+        seed=proto.seed if proto.HasField("seed") else None,
+        stop_token_ids=tuple(proto.stop_token_ids),
+        ignore_eos=proto.ignore_eos,
+    )
+
+
+FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def finish_reason(name: str | None) -> int:
+    return FINISH_REASONS.get(name or "", common_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+class BadRequest(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_request(
+    request_id: str, model: str, token_ids: Sequence[int], settings: ModelSettings
+) -> None:
+    """Internal requests come from a gateway, but a worker still refuses nonsense."""
+    if not request_id:
+        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+    if model and model != settings.name:
+        raise BadRequest(grpc.StatusCode.NOT_FOUND,
+                         f"this worker serves model {settings.name!r}, not {model!r}")
+    if not token_ids:
+        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+
+
+def worker_id(role: str, endpoint: Endpoint) -> str:
+    return f"{role}@{socket.gethostname()}:{endpoint.port}/{os.getpid()}"
+
+
+@dataclass
+class WorkerContext:
+    """One worker's engine loop, store client and identity."""
+
+    role: str
+    settings: ClusterSettings
+    endpoint: Endpoint
+    loop: EngineLoop
+    store: KVStoreClient
+    hash_ctx: HashContext
+    block_nbytes: int
+
+    @property
+    def block_size(self) -> int:
+        return self.hash_ctx.block_size
+
+    @property
+    def worker_id(self) -> str:
+        return worker_id(self.role, self.endpoint)
+
+    def load(self) -> worker_pb2.WorkerLoad:
+        st = self.loop.stats
+        return worker_pb2.WorkerLoad(
+            worker_id=self.worker_id,
+            model=self.settings.model.name,
+            running=st.num_running,
+            waiting=st.num_waiting,
+            free_kv_blocks=st.num_free_blocks,
+            total_kv_blocks=st.num_kv_blocks,
+        )
+
+
+def endpoint_for(settings: ClusterSettings, role: str, index: int) -> Endpoint:
+    endpoints = settings.prefill if role == "prefill" else settings.decode
+    if not 0 <= index < len(endpoints):
+        raise ValueError(f"--index {index}: the config has {len(endpoints)} {role} worker(s)")
+    return endpoints[index]
+
+
+def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
+                 handle: ServiceHandle) -> WorkerContext:
+    """Loads the model, reaches the store; the caller then marks the service ready."""
+    log = get_logger(role)
+    handle.set_ready(False, "loading model")
+    engine = build_engine(settings.model)
+    log.info("model_loaded", model=settings.model.name, kv_blocks=engine.num_kv_blocks,
+             block_nbytes=engine.block_nbytes)
+    handle.set_ready(False, "waiting for the kv store")
+    if not wait_for_serving(settings.kvstore.address, settings.ready_timeout_s):
+        raise RuntimeError(f"kv store at {settings.kvstore.address} not reachable")
+    store = KVStoreClient(settings.kvstore.address, settings.transfer)
+    log.info("store_connected", address=settings.kvstore.address,
+             transport=store.transport_name)
+    return WorkerContext(role, settings, endpoint, EngineLoop(engine, role), store,
+                         engine.hash_ctx, engine.block_nbytes)
+
+
+def drain(ctx: WorkerContext, grace_s: float = 10.0) -> None:
+    """SIGTERM: take no new work, let running requests finish for a while, abort the rest."""
+    import time
+
+    ctx.loop.stop_accepting()
+    deadline = time.monotonic() + grace_s
+    while ctx.loop.num_active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ctx.loop.stop()
+    ctx.store.close()
+
+
+class WorkerServicer:
+    """Base of the worker servicers: refuses work until the model is loaded."""
+
+    def __init__(self) -> None:
+        self.ctx: WorkerContext | None = None
+
+    def attach(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    def ready_ctx(self, context: grpc.ServicerContext) -> WorkerContext:
+        if self.ctx is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+        return self.ctx
+
+    def load(self, context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
+        return self.ready_ctx(context).load()

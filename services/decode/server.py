@@ -1,0 +1,112 @@
+"""DecodeWorker: KV blocks from the store -> the rest of the tokens, streamed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from services.common.engine_loop import EngineStopped
+from services.common.logging import get_logger
+from services.common.metrics import WorkerMetrics
+from services.common.server import run_until_signal, start_server
+from services.common.settings import ClusterSettings
+from services.common.worker import (
+    BadRequest,
+    WorkerContext,
+    WorkerServicer,
+    check_request,
+    drain,
+    endpoint_for,
+    finish_reason,
+    sampling_params,
+    start_worker,
+)
+from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = get_logger("decode")
+
+
+class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def Decode(self, request: worker_pb2.DecodeRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> Iterator[worker_pb2.DecodeChunk]:
+        ctx = self.ready_ctx(context)
+        rid = request.request_id
+
+        def on_rpc_done() -> None:  # finish, cancel or failure: free everything
+            ctx.loop.abort(rid)
+            ctx.store.release(rid)
+
+        context.add_callback(on_rpc_done)
+        try:
+            yield from self._decode(ctx, request)
+        except BadRequest as e:
+            context.abort(e.code, str(e))
+        except EngineStopped as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"kv store: {e}")
+        except grpc.RpcError as e:
+            code = e.code()
+            if code != grpc.StatusCode.NOT_FOUND:
+                code = grpc.StatusCode.UNAVAILABLE
+            context.abort(code, f"kv store: {e.details()}")
+
+    def _decode(self, ctx: WorkerContext,
+                request: worker_pb2.DecodeRequest) -> Iterator[worker_pb2.DecodeChunk]:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        check_request(rid, request.model, prompt, ctx.settings.model)
+        if not request.output_token_ids:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             "output_token_ids must hold at least the first token")
+        params = sampling_params(request.sampling)
+        keys = [b.key for b in request.blocks]
+        payloads = ctx.store.get(rid, keys) if keys else []
+        stream = ctx.loop.submit(
+            rid, prompt, params,
+            output_token_ids=list(request.output_token_ids),
+            kv_blocks=payloads or None, kv_num_tokens=request.kv_num_tokens,
+        )
+        n = 0
+        for out in stream:
+            n += len(out.new_token_ids)
+            self.metrics.observe_decoded(len(out.new_token_ids))
+            yield worker_pb2.DecodeChunk(
+                token_ids=out.new_token_ids,
+                finish_reason=finish_reason(out.finish_reason if out.finished else None),
+            )
+        log.info("decoded", request_id=rid, tokens=n)
+
+    def Abort(self, request: common_pb2.AbortRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> common_pb2.AbortResponse:
+        ctx = self.ready_ctx(context)
+        ctx.loop.abort(request.request_id)
+        ctx.store.release(request.request_id)
+        return common_pb2.AbortResponse(found=True)
+
+    def GetLoad(self, request: worker_pb2.LoadRequest,  # noqa: N802
+                context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
+        return self.load(context)
+
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
+
+
+def serve(settings: ClusterSettings, index: int) -> None:
+    endpoint = endpoint_for(settings, "decode", index)
+    servicer = DecodeServicer(WorkerMetrics("decode"))
+    handle = start_server(
+        "decode", endpoint,
+        lambda server: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+    )
+    ctx = start_worker("decode", settings, endpoint, handle)
+    servicer.attach(ctx)
+    handle.set_ready(True)
+    run_until_signal(handle, drain=lambda: drain(ctx))
