@@ -1,0 +1,76 @@
+"""Reference paged attention in plain torch; runs on CPU and CUDA.
+
+Keys and values are gathered from the block-major cache through the block
+tables. Grouped-query attention is done without repeating K/V: the query heads
+of one KV head are folded into the query-length dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.attention.metadata import AttentionMetadata, PrefillChunk
+
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} heads do not split into {num_kv_heads} KV heads")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KVH, D]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D] (strided view)
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache[meta.slot_block_ids, meta.slot_offsets] = k
+        v_cache[meta.slot_block_ids, meta.slot_offsets] = v
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for chunk in meta.prefills:
+            s = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+            out[s] = self._prefill(q[s], k_cache, v_cache, chunk)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        n = q.shape[0]
+        tables = meta.decode_block_tables
+        length = tables.shape[1] * k_cache.shape[1]
+        # [n, blocks, bs, KVH, D] -> [n, KVH, L, D]
+        k = k_cache[tables].reshape(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v_cache[tables].reshape(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
+        pos = torch.arange(length, device=q.device)
+        mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
+        return o.reshape(n, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk
+    ) -> torch.Tensor:
+        n, ctx = chunk.num_tokens, chunk.context_len
+        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
+        k = k_cache[chunk.block_table].reshape(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
+        v = v_cache[chunk.block_table].reshape(-1, kvh, d)[:ctx].transpose(0, 1)
+        # [n, KVH, G, D] -> [KVH, G * n, D]
+        qg = q.view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * n, d)
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]).expand(g, n, ctx).reshape(g * n, ctx)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
+        return o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, self.num_heads, d)

@@ -1,0 +1,195 @@
+"""Continuous batching with chunked prefill and recompute preemption (no torch here).
+
+One step is a list of (sequence, number of new tokens). There is no separate
+prefill or decode phase: a decode is a sequence with one new token, a prefill
+chunk is a sequence with many, and both share a step under the token budget
+``max_num_batched_tokens``:
+
+1. running sequences first, in admission order: each gets ``min(uncomputed,
+   budget)`` tokens (1 for a decode). When the blocks run out, the most
+   recently admitted running sequence is preempted (its blocks are freed, it
+   goes back to the front of the queue keeping its output tokens, and later
+   re-prefills prompt+outputs, hitting the prefix cache where it can);
+2. then, unless something was preempted this step, waiting sequences are
+   admitted in FCFS order while budget, ``max_num_seqs`` and blocks last; a
+   prompt longer than the remaining budget is split across steps.
+
+A sequence samples a token in a step whose chunk reaches its last token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.engine.block_manager import BlockManager
+from services.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    start: int  # num_computed_tokens when scheduled: new tokens are [start, start + n)
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the last token, so that a new token is sampled?"""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    kv_imports: list[tuple[int, Any]] = field(default_factory=list)  # (block id, payload)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0
+        self.num_imported_tokens = 0
+
+    # ---- queue ----
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove a request wherever it is and free its blocks."""
+        seq = self.find(request_id)
+        if seq is None:
+            return None
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.kv_blocks = None
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        return seq
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- one step ----
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_append(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break  # seq preempted itself: everything after it is gone too
+            bm.may_append(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+            i += 1
+
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            computed = bm.admission_computed_tokens(seq)
+            n = min(seq.num_tokens - computed, budget)
+            if not bm.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            out.kv_imports.extend(bm.allocate(seq, n))
+            self.num_prefix_hit_tokens += seq.num_cached_tokens
+            self.num_imported_tokens += seq.num_computed_tokens - seq.num_cached_tokens
+            # allocate may find a longer prefix than planned (never shorter): clamp n
+            n = min(n, seq.num_tokens - seq.num_computed_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+        return out
+
+    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance the scheduled sequences by their chunks, append the sampled tokens
+        (``sampled`` maps seq_id -> token id) and mark finished ones. Finished
+        sequences leave ``running`` but keep their blocks until :meth:`free`."""
+        finished: list[Sequence] = []
+        for s in out.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.block_manager.commit(seq)
+            token = sampled.get(seq.seq_id)
+            if token is None:
+                continue
+            seq.append_token(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = reason
+                finished.append(seq)
+        if finished:
+            done = {id(s) for s in finished}
+            self.running = [s for s in self.running if id(s) not in done]
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def free(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
