@@ -1,0 +1,107 @@
+"""A real cluster on loopback: store, 2 prefill, 2 decode, gateway as processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvstore.client import KVStoreClient
+from services.common.launcher import LocalCluster, with_free_ports
+from services.common.settings import ClusterSettings, Endpoint, ModelSettings
+from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+MODEL_NAME = "tiny-llama"
+
+
+def cluster_settings(model_dir: Path, transport: str = "auto", prefill: int = 2,
+                     decode: int = 2, **gateway: object) -> ClusterSettings:
+    s = ClusterSettings(
+        model=ModelSettings(name=MODEL_NAME, path=str(model_dir), max_model_len=512,
+                            num_kv_blocks=256, max_num_seqs=32, max_num_batched_tokens=512),
+        prefill=[Endpoint() for _ in range(prefill)],
+        decode=[Endpoint() for _ in range(decode)],
+        ready_timeout_s=90.0,
+    )
+    s.transfer.transport = transport
+    s.kvstore.cpu_bytes = 64 << 20
+    for k, v in gateway.items():
+        setattr(s.gateway, k, v)
+    return with_free_ports(s)
+
+
+def start_cluster(settings: ClusterSettings, tmp: Path) -> LocalCluster:
+    config = tmp / "cluster.yaml"
+    settings.dump_yaml(config)
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    return LocalCluster(settings, config, logs).start()
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: int = 0
+    usage: common_pb2.Usage | None = None
+    ttft: float = 0.0
+
+
+def collect(responses: Iterator[generation_pb2.GenerateResponse]) -> Result:
+    r = Result()
+    for resp in responses:
+        r.tokens += list(resp.token_ids)
+        r.text += resp.text
+        if resp.ttft_seconds:
+            r.ttft = resp.ttft_seconds
+        if resp.finish_reason:
+            r.finish_reason = resp.finish_reason
+            r.usage = resp.usage
+    return r
+
+
+def request(ids: list[int] | None = None, prompt: str | None = None, max_tokens: int = 8,
+            **sampling: object) -> generation_pb2.GenerateRequest:
+    req = generation_pb2.GenerateRequest(
+        model=MODEL_NAME,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling),
+    )
+    if ids is not None:
+        req.prompt_token_ids.ids.extend(ids)
+    if prompt is not None:
+        req.prompt = prompt
+    return req
+
+
+@dataclass
+class RunningCluster:
+    cluster: LocalCluster
+    channel: grpc.Channel
+    stub: generation_pb2_grpc.GenerationStub
+    store: KVStoreClient
+
+    @property
+    def settings(self) -> ClusterSettings:
+        return self.cluster.settings
+
+    def generate(self, req: generation_pb2.GenerateRequest, timeout: float = 60) -> Result:
+        return collect(self.stub.Generate(req, timeout=timeout))
+
+
+@pytest.fixture(scope="session", params=["grpc", "shm"])
+def split_cluster(request: pytest.FixtureRequest, tiny_llama_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    """2 prefill + 2 decode workers, KV moving over the transport of the param."""
+    settings = cluster_settings(tiny_llama_dir, transport=request.param)
+    cluster = start_cluster(settings, tmp_path_factory.mktemp(f"cluster-{request.param}"))
+    channel = grpc.insecure_channel(settings.gateway.address)
+    store = KVStoreClient(settings.kvstore.address, settings.transfer)
+    try:
+        yield RunningCluster(cluster, channel, generation_pb2_grpc.GenerationStub(channel), store)
+    finally:
+        store.close()
+        channel.close()
+        cluster.stop()

@@ -1,0 +1,116 @@
+"""Readiness gating, a full admission queue, and a worker that dies mid-request."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.launcher import LocalCluster
+from splitserve.v1 import generation_pb2_grpc
+from tests.integration.conftest import cluster_settings, collect, request, start_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=2).status
+        except grpc.RpcError:
+            return -1
+
+
+def _readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_gateway_serving_only_once_workers_are_ready(tiny_llama_dir: Path,
+                                                     tmp_path: Path) -> None:
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    config = tmp_path / "cluster.yaml"
+    settings.dump_yaml(config)
+    store_and_gateway = LocalCluster(settings, config, tmp_path, roles=("kvstore",))
+    store_and_gateway.start()
+    gateway = store_and_gateway._start_one("gateway", 0, settings.gateway)
+    workers = LocalCluster(settings, config, tmp_path, roles=("prefill", "decode"))
+    try:
+        time.sleep(3)
+        assert gateway.alive()
+        assert _health(settings.gateway.address) != health_pb2.HealthCheckResponse.SERVING
+        assert _readyz(settings.gateway.http_port) == 503
+        workers.start()
+        deadline = time.monotonic() + 30
+        while _health(settings.gateway.address) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "gateway never became SERVING"
+            time.sleep(0.2)
+        assert _readyz(settings.gateway.http_port) == 200
+    finally:
+        workers.stop()
+        store_and_gateway.stop()
+
+
+@pytest.fixture
+def small_cluster(tiny_llama_dir: Path, tmp_path: Path):
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1, max_inflight=1,
+                                max_queue=1)
+    cluster = start_cluster(settings, tmp_path)
+    channel = grpc.insecure_channel(settings.gateway.address)
+    try:
+        yield cluster, generation_pb2_grpc.GenerationStub(channel)
+    finally:
+        channel.close()
+        cluster.stop()
+
+
+def test_full_queue_is_refused_with_retry_hint(small_cluster) -> None:
+    cluster, stub = small_cluster
+    long = [stub.Generate(request([1, 2, 3, 4], max_tokens=300), timeout=60) for _ in range(2)]
+    first = iter(long[0])
+    next(first)  # in flight; the second waits in the queue of one
+    time.sleep(0.3)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request([1, 2, 3], max_tokens=2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry" in err.value.details()
+    metadata = dict(err.value.trailing_metadata() or ())
+    assert int(metadata["retry-after-ms"]) > 0
+    for call in long:
+        call.cancel()
+
+
+def test_killed_decode_worker_fails_requests_with_unavailable(small_cluster) -> None:
+    cluster, stub = small_cluster
+    stream = stub.Generate(request([1, 2, 3, 4, 5], max_tokens=400), timeout=60)
+    it = iter(stream)
+    next(it)
+    outcome: dict[str, object] = {}
+
+    def drain() -> None:
+        try:
+            collect(it)
+            outcome["code"] = None
+        except grpc.RpcError as e:
+            outcome["code"] = e.code()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    cluster.kill("decode", 0)
+    reader.join(timeout=15)
+    assert not reader.is_alive(), "the stream hung after its decode worker died"
+    assert outcome["code"] == grpc.StatusCode.UNAVAILABLE
+    # New requests fail fast too, rather than hang.
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request([1, 2, 3], max_tokens=2), timeout=20))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
