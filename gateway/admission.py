@@ -228,6 +228,8 @@ class AdmissionController:
     ) -> Ticket:
         """Admits at once when a slot is free, else queues (the ticket is then WAITING:
         :meth:`wait` for it); raises AdmissionRejected when the queue is full."""
+        if priority == common_pb2.PRIORITY_CLASS_UNSPECIFIED:
+            priority = PRIORITY_NORMAL
         with self._lock:
             now = self._clock()
             ticket = Ticket(
