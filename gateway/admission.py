@@ -124,7 +124,7 @@ class AdmissionStats:
     max_queue: int
     admitted_total: int
     rejected_total: int
-    cancelled_total: int
+    cancelled_total: int  # gave up their place before being served
     shed_total: int  # waiters pushed out by a higher class
     mean_service_s: float
 
@@ -191,14 +191,17 @@ class AdmissionController:
         place is given up."""
         end = None if timeout is None else time.monotonic() + timeout
         while not ticket._event.is_set():
+            if cancelled is not None and cancelled.is_set():
+                self.cancel(ticket)
+                break
             step = CANCEL_POLL_S if cancelled is not None else None
             if end is not None:
                 left = end - time.monotonic()
                 if left <= 0:
                     with self._lock:
                         if ticket.state == WAITING:
-                            self._remove(ticket, CANCELLED)
-                            self._cancelled_total += 1
+                            self._remove(ticket, REJECTED)
+                            self._rejected_total += 1
                             hint = self._retry_after_locked()
                             raise AdmissionRejected(
                                 f"waited {timeout:g} s in the admission queue without "
@@ -207,13 +210,11 @@ class AdmissionController:
                             )
                     break
                 step = left if step is None else min(step, left)
-            if ticket._event.wait(step):
-                break
-            if cancelled is not None and cancelled.is_set():
-                self.cancel(ticket)
+            ticket._event.wait(step)
         with self._lock:
             if ticket.state == ADMITTED and cancelled is not None and cancelled.is_set():
-                self._release_locked(ticket, CANCELLED)
+                self._release_locked(ticket, CANCELLED)  # admitted as the client left
+                self._cancelled_total += 1
             state, rejection = ticket.state, ticket.rejection
         if state == ADMITTED:
             return ticket

@@ -47,11 +47,16 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         ctx = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        ctx_text = tokenizer.decode(ctx, skip_special_tokens=skip_special_tokens) if ctx else ""
+        if REPLACEMENT_CHAR in ctx_text:
+            # The prompt's tail is cut inside a character: an answer that completes it
+            # would change the context's length under us, so do without context.
+            ctx, ctx_text = [], ""
         self._ids: list[int] = ctx
         self._num_context = len(ctx)
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(ctx)  # tokens before this are emitted
-        self._prefix_text = self._decode(0, len(ctx)) if ctx else ""
+        self._prefix_text = ctx_text
         self._parts: list[str] = []
 
     def _decode(self, start: int, end: int | None = None) -> str:

@@ -135,6 +135,10 @@ def test_prompt_context(byte_tok: Tokenizer) -> None:
     out = "".join(d.push([t]) for t in byte_tok.encode(" answer 🙂")) + d.flush()
     assert out == " answer 🙂"
     assert d.token_ids == byte_tok.encode(" answer 🙂")
+    # A prompt cut inside a character is not used as context.
+    cut = byte_tok.encode("x日")[:-1]
+    d = IncrementalDetokenizer(byte_tok, prompt_ids=cut)
+    assert d.push(byte_tok.encode("ok")) + d.flush() == "ok"
 
 
 # -- stop strings -----------------------------------------------------------------------
