@@ -56,7 +56,7 @@ class KVStoreSettings(Endpoint):
 class GatewaySettings(Endpoint):
     port: int = 50051
     http_port: int = 8051
-    routing: str = "round_robin"  # round_robin | least_loaded
+    routing: str = "round_robin"  # round_robin | least_loaded | kv_aware
     max_queue: int = 256  # requests waiting for a slot; beyond -> RESOURCE_EXHAUSTED
     max_inflight: int = 64  # requests being served at once
 
