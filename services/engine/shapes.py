@@ -29,8 +29,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
+        "bos_token_id": 256,  # the byte tokenizer's (services/engine/byte_tokenizer.py)
+        "eos_token_id": 257,
     },
     "tiny-qwen3": {
         "architectures": ["Qwen3ForCausalLM"],
@@ -45,8 +45,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
+        "bos_token_id": 256,  # the byte tokenizer's (services/engine/byte_tokenizer.py)
+        "eos_token_id": 257,
     },
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"],

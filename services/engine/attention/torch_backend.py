@@ -52,8 +52,10 @@ class TorchAttention:
         tables = meta.decode_block_tables
         length = tables.shape[1] * k_cache.shape[1]
         # [n, blocks, bs, KVH, D] -> [n, KVH, L, D]
-        k = k_cache[tables].reshape(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v_cache[tables].reshape(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        flat = tables.reshape(-1)
+        shape = (n, length, self.num_kv_heads, self.head_dim)
+        k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)
+        v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         pos = torch.arange(length, device=q.device)
         mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
@@ -65,8 +67,9 @@ class TorchAttention:
     ) -> torch.Tensor:
         n, ctx = chunk.num_tokens, chunk.context_len
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
-        k = k_cache[chunk.block_table].reshape(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
-        v = v_cache[chunk.block_table].reshape(-1, kvh, d)[:ctx].transpose(0, 1)
+        table = chunk.block_table
+        k = k_cache.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
+        v = v_cache.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)
         # [n, KVH, G, D] -> [KVH, G * n, D]
         qg = q.view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * n, d)
         q_pos = torch.arange(ctx - n, ctx, device=q.device)
