@@ -15,6 +15,7 @@ _LAZY = {
     "StepOutput": "services.engine.outputs",
     "ExportedBlock": "services.engine.outputs",
     "EngineStats": "services.engine.outputs",
+    "SwappedOut": "services.engine.outputs",
     "LLMEngine": "services.engine.engine",
     "LLM": "services.engine.llm",
 }

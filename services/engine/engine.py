@@ -14,7 +14,7 @@ from services.engine.block_hash import HashContext, block_hashes
 from services.engine.block_manager import BlockManager, cdiv
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.model_runner import ModelRunner
-from services.engine.outputs import EngineStats, ExportedBlock, StepOutput
+from services.engine.outputs import EngineStats, ExportedBlock, StepOutput, SwappedOut
 from services.engine.scheduler import Scheduler, SchedulerOutput
 from services.engine.sequence import SamplingParams, Sequence
 
@@ -145,6 +145,28 @@ class LLMEngine:
         del self.seqs[request_id]
         self._aborted += 1
         return True
+
+    def swap_out(self, request_id: str) -> SwappedOut | None:
+        """Take a request out with the KV it has computed so far (to resume it later or
+        in another engine without recomputing); its blocks are freed here."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        bs = self.block_size
+        n = seq.num_computed_tokens if seq.block_table else 0
+        full = n // bs
+        hashes = self.block_manager.seq_hashes(seq, full)
+        want = [(i, hashes[i], bs) for i in range(full)]
+        if n % bs:
+            want.append((full, None, n % bs))
+        payloads = self.kv_cache.export_blocks([seq.block_table[i] for i, _, _ in want])
+        blocks = [ExportedBlock(i, h, p, k) for (i, h, k), p in zip(want, payloads, strict=True)]
+        out = SwappedOut(
+            request_id, seq.prompt_token_ids, seq.output_token_ids, seq.params, n, blocks
+        )
+        self.scheduler.abort(request_id)
+        del self.seqs[request_id]
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

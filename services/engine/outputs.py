@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -30,6 +31,22 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
     exported_blocks: list[ExportedBlock] = field(default_factory=list)  # full blocks
     tail_block: ExportedBlock | None = None  # on finish, with export_kv
+
+
+@dataclass
+class SwappedOut:
+    """A request taken out of the engine with its KV (``LLMEngine.swap_out``).
+
+    Resume it (here or in another engine) with ``add_request(request_id,
+    prompt_token_ids, params, output_token_ids=output_token_ids,
+    kv_blocks=[b.payload for b in blocks], kv_num_tokens=kv_num_tokens)``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: Any  # SamplingParams
+    kv_num_tokens: int  # tokens of prompt+outputs whose KV is in ``blocks``
+    blocks: list[ExportedBlock]  # full blocks (hashed), then the partial tail if any
 
 
 @dataclass

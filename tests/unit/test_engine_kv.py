@@ -271,3 +271,36 @@ def test_block_hash_same_across_processes(tiny_llama_dir: Path) -> None:
     )
     assert res.stdout.split() == [b.block_hash.hex() for b in full]
     assert [b.block_hash for b in full] == block_hashes(prompt, ctx)
+
+
+def test_swap_out_and_resume_elsewhere(tiny_llama_dir: Path) -> None:
+    prompt = tokens(2 * BS + 5, 30)
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    ref = hf_greedy(tiny_llama_dir, [prompt], params.max_tokens)[0]
+    a = engine(tiny_llama_dir)
+    a.add_request("x", prompt, params)
+    got: list[int] = []
+    for _ in range(6):
+        for o in a.step():
+            got += o.new_token_ids
+    swapped = a.swap_out("x")
+    assert a.swap_out("x") is None and not a.has_unfinished()
+    assert a.stats().num_free_blocks == a.num_kv_blocks
+    a.check_invariants()
+    assert swapped.output_token_ids == got and len(got) == 6
+    assert swapped.kv_num_tokens == len(prompt) + len(got) - 1
+    assert [b.block_hash for b in swapped.blocks if b.block_hash] == a.block_hashes(prompt + got)[
+        : swapped.kv_num_tokens // BS
+    ]
+    b = engine(tiny_llama_dir)
+    b.add_request(
+        "x",
+        swapped.prompt_token_ids,
+        swapped.params,
+        output_token_ids=swapped.output_token_ids,
+        kv_blocks=[blk.payload for blk in swapped.blocks],
+        kv_num_tokens=swapped.kv_num_tokens,
+    )
+    rest = token_ids(drain(b)["x"])
+    assert got + rest == ref
+    assert b.stats().num_computed_tokens == params.max_tokens - len(got)
