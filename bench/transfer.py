@@ -1,0 +1,132 @@
+"""`splitserve bench transfer`: KV block throughput in and out of a store, per transport.
+
+Starts a KV store (or uses --address), puts N MiB of blocks with an owner, gets them
+back (fresh buffers, and straight into preallocated ones, as a decode worker does),
+releases, and prints GB/s (1e9 bytes/s) for each transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
+from kvstore.client import KVStoreClient
+from services.common.launcher import LocalCluster, with_free_ports
+from services.common.settings import ClusterSettings, TransferSettings, load_settings
+from services.transfer import ShmUnavailable
+
+MiB = 1 << 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="host:port of a running KV store (default: start one here)")
+    p.add_argument("--config", default=None, help="cluster YAML for the started store")
+    p.add_argument("--transport", default="all", choices=["grpc", "shm", "all"])
+    p.add_argument("--mib", type=int, default=64, help="MiB moved each way per round")
+    p.add_argument("--block-kib", type=int, default=256, help="block size in KiB")
+    p.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up)")
+    p.add_argument("--chunk-mib", type=float, default=None,
+                   help="grpc payload bytes per stream message (default: settings)")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--log-dir", default=None, help="where the started store logs")
+
+
+def _gbps(nbytes: int, seconds: list[float]) -> dict[str, float]:
+    rates = [nbytes / s / 1e9 for s in seconds]
+    return {"best": round(max(rates), 3), "median": round(statistics.median(rates), 3)}
+
+
+def _measure(client: KVStoreClient, payloads: list[memoryview], block: int,
+             repeat: int) -> dict[str, Any]:
+    nbytes = block * len(payloads)
+    outs = [bytearray(block) for _ in payloads]
+    times: dict[str, list[float]] = {"put": [], "get": [], "get_into": []}
+    for r in range(repeat + 1):
+        keys = [os.urandom(16) for _ in payloads]
+        owner = f"bench-{os.getpid()}-{r}"
+        t0 = time.perf_counter()
+        res = client.put(owner, keys, payloads, block)
+        t1 = time.perf_counter()
+        got = client.get(owner, keys)
+        t2 = time.perf_counter()
+        client.get(owner, keys, out=outs)
+        t3 = time.perf_counter()
+        client.release(owner)
+        if r == 0:  # warm-up round: check the bytes instead of timing
+            if res.stored != len(keys):
+                raise RuntimeError(f"stored {res.stored} of {len(keys)} blocks")
+            if any(bytes(g) != p for g, p in zip(got, payloads, strict=True)) or any(
+                    o != p for o, p in zip(outs, payloads, strict=True)):
+                raise RuntimeError("blocks came back different")
+            continue
+        times["put"].append(t1 - t0)
+        times["get"].append(t2 - t1)
+        times["get_into"].append(t3 - t2)
+        del got
+    return {k: _gbps(nbytes, v) for k, v in times.items()}
+
+
+def _run_against(address: str, args: argparse.Namespace, chunk_bytes: int) -> dict[str, Any]:
+    block = args.block_kib * 1024
+    count = max(1, args.mib * MiB // block)
+    data = os.urandom(block * count)
+    payloads = [memoryview(data)[i * block : (i + 1) * block] for i in range(count)]
+    transports = ["grpc", "shm"] if args.transport == "all" else [args.transport]
+    result: dict[str, Any] = {"address": address, "mib": block * count / MiB,
+                              "block_kib": args.block_kib, "blocks": count,
+                              "repeat": args.repeat, "crc32": CRC_IMPL,
+                              "chunk_mib": chunk_bytes / MiB, "transports": {}}
+    for name in transports:
+        client = KVStoreClient(address, TransferSettings(transport=name, chunk_bytes=chunk_bytes))
+        try:
+            try:
+                client.transport  # noqa: B018 (opens it)
+            except ShmUnavailable as e:
+                result["transports"][name] = {"skipped": str(e)}
+                continue
+            result["transports"][name] = _measure(client, payloads, block, args.repeat)
+        finally:
+            client.close()
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"KV transfer: {result['mib']:.0f} MiB in {result['blocks']} blocks of "
+          f"{result['block_kib']} KiB, best (median) of {result['repeat']} rounds, "
+          f"crc32={result['crc32']}, GB/s = 1e9 bytes/s")
+    print(f"{'transport':<10} {'put GB/s':>16} {'get GB/s':>16} {'get->buf GB/s':>16}")
+    for name, r in result["transports"].items():
+        if "skipped" in r:
+            print(f"{name:<10} skipped: {r['skipped']}")
+            continue
+        cells = [f"{r[k]['best']:.2f} ({r[k]['median']:.2f})" for k in ("put", "get", "get_into")]
+        print(f"{name:<10} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = load_settings(args.config) if args.config else ClusterSettings()
+    chunk = int(args.chunk_mib * MiB) if args.chunk_mib else settings.transfer.chunk_bytes
+    if args.address:
+        result = _run_against(args.address, args, chunk)
+    else:
+        with_free_ports(settings)
+        need = args.mib * MiB * 2 + 64 * MiB
+        settings.kvstore.cpu_bytes = max(settings.kvstore.cpu_bytes, need)
+        with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as tmp:
+            config = Path(tmp) / "cluster.yaml"
+            settings.dump_yaml(config)
+            log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+            with LocalCluster(settings, config, log_dir=log_dir, roles=("kvstore",)):
+                result = _run_against(settings.kvstore.address, args, chunk)
+    _print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,134 @@
+"""``KVStoreClient``: the one client of the KV store that workers and the gateway use.
+
+Control calls go over gRPC; block bytes go over the data-plane transport chosen for
+this (client, store) pair (see :mod:`services.transfer`): ``shm`` on the same host,
+``grpc`` elsewhere, or what ``TransferSettings.transport`` forces. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from services.common.settings import TransferSettings
+from services.transfer import (
+    Buffer,
+    InvalidRequestError,
+    KVTransport,
+    PutResult,
+    as_view,
+    open_transport,
+    wrap_rpc_error,
+)
+from services.transfer.base import to_refs
+from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+]
+
+
+class KVStoreClient:
+    """A client of one KV store at ``address`` (host:port)."""
+
+    def __init__(self, address: str, transfer: TransferSettings | None = None, *,
+                 timeout_s: float = 30.0, transfer_timeout_s: float = 120.0) -> None:
+        self.address = address
+        self.transfer = transfer or TransferSettings()
+        self.timeout_s = timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._lock = threading.Lock()
+        self._describe: kvstore_pb2.DescribeResponse | None = None
+        self._transport: KVTransport | None = None
+
+    # -- the store --------------------------------------------------------------------
+    def describe(self, refresh: bool = False) -> kvstore_pb2.DescribeResponse:
+        with self._lock:
+            if self._describe is None or refresh:
+                self._describe = self._call(self._stub.Describe, kvstore_pb2.DescribeRequest())
+            return self._describe
+
+    @property
+    def transport(self) -> KVTransport:
+        """The data-plane transport to this store (chosen on first use)."""
+        if self._transport is None:
+            describe = self.describe()
+            with self._lock:
+                if self._transport is None:
+                    self._transport = open_transport(self._channel, describe, self.transfer,
+                                                     timeout_s=self.transfer_timeout_s)
+        return self._transport
+
+    @property
+    def transport_name(self) -> str:
+        return self.transport.name
+
+    def stats(self) -> kvstore_pb2.StatsResponse:
+        return self._call(self._stub.Stats, kvstore_pb2.StatsRequest())
+
+    # -- blocks -----------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the store holds (in any tier)."""
+        return self._lookup(keys).num_blocks
+
+    def lookup_per_tier(self, keys: Sequence[bytes]) -> dict[str, int]:
+        """The longest held prefix of ``keys`` in each tier."""
+        return {t.tier: t.num_blocks for t in self._lookup(keys).per_tier}
+
+    def _lookup(self, keys: Sequence[bytes]) -> kvstore_pb2.LookupResponse:
+        return self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))
+
+    def put(self, owner: str, refs: Sequence[common_pb2.BlockRef | bytes],
+            payloads: Sequence[Buffer], block_nbytes: int | None = None) -> PutResult:
+        """Stores blocks -> (stored, present). ``refs``: BlockRefs (or bare keys for full
+        blocks), ``payloads``: one buffer of ``block_nbytes`` bytes per ref (inferred from
+        the first payload when None). With an ``owner`` (the request id) the blocks stay
+        pinned until ``release(owner)`` or the store's pin TTL; keys already held are
+        reported ``present`` and not rewritten. Raises StoreFullError when there is no
+        room even after evicting every unpinned block."""
+        if block_nbytes is None:
+            block_nbytes = as_view(payloads[0]).nbytes if payloads else 0
+            if not payloads:
+                return PutResult(0, 0)
+        return self.transport.put(owner, to_refs(refs), payloads, block_nbytes)
+
+    def get(self, owner: str, keys: Sequence[bytes],
+            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+        """The bytes of every block of ``keys``, in order, pinned for ``owner`` until
+        ``release(owner)``. Returns bytes-like objects (bytes, bytearray or read-only
+        memoryview), or ``out`` filled in place when given (writable buffers, one per key
+        of the block's size: the bytes are copied once, straight into them). Raises
+        MissingBlocksError (a KeyError and a grpc.RpcError with NOT_FOUND) when any block
+        is missing; then nothing is pinned."""
+        return self.transport.get(owner, list(keys), out)
+
+    def release(self, owner: str) -> int:
+        """Drops every pin of ``owner`` and its private blocks -> pins dropped."""
+        if not owner:
+            raise InvalidRequestError("release needs an owner")
+        return self._call(self._stub.Release, kvstore_pb2.ReleaseRequest(owner=owner)).released
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._channel.close()
+
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise wrap_rpc_error(e) from None

@@ -1,0 +1,313 @@
+"""The KV store service: ``splitserve.v1.KVStore`` over the index of :mod:`kvstore.store`.
+
+Control RPCs use the generated messages; the two bulk streams (PutBlocks, GetBlocks)
+use the hand-rolled wire codec of :mod:`services.transfer.wire`, so a payload is copied
+once between the socket buffer and the arena.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import grpc
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
+from kvstore.checksum import crc32
+from kvstore.store import InvalidArgument, KVStoreCore, Location, StoreError
+from kvstore.tiers.cpu import CpuTier
+from services.common.logging import get_logger
+from services.common.server import run_until_signal, start_server
+from services.common.settings import ClusterSettings
+from services.transfer import wire
+from services.transfer.memory import tune_malloc
+from splitserve.v1 import kvstore_pb2
+
+SERVICE_NAME = "splitserve.v1.KVStore"
+log = get_logger("kvstore")
+
+RPC_SECONDS = Histogram("splitserve_kvstore_rpc_seconds", "KV store RPC latency", ["method"],
+                        buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                 0.1, 0.25, 0.5, 1.0, 5.0))
+STORE_BYTES = Counter("splitserve_kvstore_transfer_bytes",
+                      "Block bytes the store took in (put) or handed out (get)",
+                      ["transport", "direction"])
+
+
+def _status(e: StoreError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL)
+
+
+def _rpc(method: Callable) -> Callable:
+    """Maps StoreError to its status and times the call."""
+    name = method.__name__
+    timer = RPC_SECONDS.labels(name)
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return method(self, request, context)
+        except StoreError as e:
+            context.abort(_status(e), str(e))
+        finally:
+            timer.observe(time.perf_counter() - t0)
+
+    return wrapper
+
+
+class KVStoreServicer:
+    def __init__(self, core: KVStoreCore, tier: CpuTier, store_id: str,
+                 chunk_bytes: int = 4 << 20) -> None:
+        self.core = core
+        self.tier = tier
+        self.store_id = store_id
+        self.chunk_bytes = chunk_bytes
+        self.hostname = socket.gethostname()
+
+    @_rpc
+    def Describe(self, request, context):  # noqa: N802 (gRPC method names)
+        return kvstore_pb2.DescribeResponse(
+            store_id=self.store_id, shm_name=self.tier.shm_name,
+            shm_bytes=self.tier.arena_bytes if self.tier.shm_name else 0,
+            hostname=self.hostname, tiers=[t.name for t in self.core.tiers])
+
+    @_rpc
+    def Lookup(self, request, context):  # noqa: N802
+        n, per_tier = self.core.lookup(request.keys)
+        return kvstore_pb2.LookupResponse(
+            num_blocks=n,
+            per_tier=[kvstore_pb2.TierPrefix(tier=t, num_blocks=c) for t, c in per_tier.items()])
+
+    @_rpc
+    def BeginPut(self, request, context):  # noqa: N802
+        begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes)
+        STORE_BYTES.labels("shm", "put").inc(sum(s.length for s in begun.slots))
+        return kvstore_pb2.BeginPutResponse(put_id=begun.put_id, slots=[
+            kvstore_pb2.PutSlot(key=s.key, present=s.present, offset=s.offset, length=s.length)
+            for s in begun.slots])
+
+    @_rpc
+    def CommitPut(self, request, context):  # noqa: N802
+        if request.abort:
+            self.core.abort_put(request.put_id)
+            return kvstore_pb2.CommitPutResponse()
+        stored, present = self.core.commit_put(request.put_id, request.checksums)
+        return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
+
+    @_rpc
+    def PutBlocks(self, request_iterator, context):  # noqa: N802
+        it = iter(request_iterator)
+        try:
+            hdr, data = next(it)
+        except StopIteration:
+            return kvstore_pb2.CommitPutResponse()
+        refs, nbytes = hdr.blocks, hdr.block_nbytes
+        if not refs:
+            if data.nbytes:
+                raise _invalid("the first PutChunk must name the blocks (blocks, block_nbytes)")
+            return kvstore_pb2.CommitPutResponse()
+        begun = self.core.begin_put(hdr.owner, refs, nbytes)
+        views = [None if s.present else self.core.view(s) for s in begun.slots]
+        crcs = [0] * len(views)
+        total, got, bi, boff = nbytes * len(refs), 0, 0, 0
+        committed = False
+        try:
+            while True:
+                n = data.nbytes
+                if got + n > total:
+                    raise _invalid(f"payload longer than {len(refs)} blocks x block_nbytes="
+                                   f"{nbytes} = {total} bytes")
+                pos = 0
+                while pos < n:
+                    take = min(nbytes - boff, n - pos)
+                    dst = views[bi]
+                    if dst is not None:
+                        piece = data[pos : pos + take]
+                        crcs[bi] = crc32(piece, crcs[bi])
+                        dst[boff : boff + take] = piece
+                    pos += take
+                    boff += take
+                    if boff == nbytes:
+                        bi, boff = bi + 1, 0
+                got += n
+                try:
+                    more, data = next(it)
+                except StopIteration:
+                    break
+                if more.blocks or more.block_nbytes or more.owner:
+                    raise _invalid("only the first PutChunk of a stream carries header fields")
+            if got != total:
+                raise _invalid(f"payload is {got} bytes; {len(refs)} blocks x block_nbytes="
+                               f"{nbytes} = {total} bytes expected")
+            stored, present = self.core.commit_put(begun.put_id, crcs)
+            committed = True
+        finally:
+            if not committed:
+                self.core.abort_put(begun.put_id)
+        STORE_BYTES.labels("grpc", "put").inc(total)
+        return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
+
+    @_rpc
+    def Get(self, request, context):  # noqa: N802
+        locs = self.core.get(request.owner, request.keys)
+        STORE_BYTES.labels("shm", "get").inc(sum(loc.length for loc in locs))
+        return kvstore_pb2.GetResponse(blocks=[
+            kvstore_pb2.BlockLocation(key=loc.key, offset=loc.offset, length=loc.length,
+                                      checksum=loc.checksum) for loc in locs])
+
+    def GetBlocks(self, request, context) -> Iterator[bytes]:  # noqa: N802
+        t0 = time.perf_counter()
+        owner = request.owner or f"getblocks-{uuid.uuid4().hex}"
+        try:
+            locs = self.core.get(owner, request.keys)
+        except StoreError as e:
+            context.abort(_status(e), str(e))
+        try:
+            yield from self._stream(locs, context)
+        finally:
+            if not request.owner:
+                self.core.release(owner)
+            RPC_SECONDS.labels("GetBlocks").observe(time.perf_counter() - t0)
+
+    def _stream(self, locs: list[Location], context) -> Iterator[bytes]:
+        chunk = self.chunk_bytes
+        out = STORE_BYTES.labels("grpc", "get")
+        for i, loc in enumerate(locs):
+            view = self.core.view(loc)
+            if crc32(view) != loc.checksum:
+                self.core.drop_corrupt(loc)
+                log.warning("checksum_failure", key=loc.key.hex(), offset=loc.offset)
+                context.abort(grpc.StatusCode.NOT_FOUND,
+                              f"block {loc.key.hex()} failed its checksum and was dropped; "
+                              "it is a miss now (recompute it)")
+            for off in range(0, loc.length, chunk):
+                yield wire.encode_block_data(i, off, loc.length if off == 0 else 0,
+                                             view[off : off + chunk])
+            out.inc(loc.length)
+
+    @_rpc
+    def Release(self, request, context):  # noqa: N802
+        if not request.owner:
+            raise _invalid("Release needs an owner (the request id that pinned the blocks)")
+        return kvstore_pb2.ReleaseResponse(released=self.core.release(request.owner))
+
+    @_rpc
+    def Stats(self, request, context):  # noqa: N802
+        s = self.core.stats()
+        return kvstore_pb2.StatsResponse(
+            blocks=s.blocks, pinned_blocks=s.pinned_blocks, pins=s.pins, owners=s.owners,
+            hits=s.hits, misses=s.misses, evictions=s.evictions, puts_refused=s.puts_refused,
+            checksum_failures=s.checksum_failures,
+            tiers=[kvstore_pb2.TierStats(tier=n, capacity_bytes=c, used_bytes=u, blocks=b)
+                   for n, c, u, b in s.tiers])
+
+
+def _invalid(message: str) -> StoreError:
+    return InvalidArgument(message)
+
+
+def add_to_server(servicer: KVStoreServicer, server: grpc.Server) -> None:
+    pb = kvstore_pb2
+
+    def unary(fn, req):
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString,
+            response_serializer=lambda m: m.SerializeToString())
+
+    handlers = {
+        "Describe": unary(servicer.Describe, pb.DescribeRequest),
+        "Lookup": unary(servicer.Lookup, pb.LookupRequest),
+        "BeginPut": unary(servicer.BeginPut, pb.BeginPutRequest),
+        "CommitPut": unary(servicer.CommitPut, pb.CommitPutRequest),
+        "PutBlocks": grpc.stream_unary_rpc_method_handler(
+            servicer.PutBlocks, request_deserializer=wire.decode_put_chunk,
+            response_serializer=pb.CommitPutResponse.SerializeToString),
+        "Get": unary(servicer.Get, pb.GetRequest),
+        "GetBlocks": grpc.unary_stream_rpc_method_handler(
+            servicer.GetBlocks, request_deserializer=pb.GetRequest.FromString,
+            response_serializer=wire.identity),
+        "Release": unary(servicer.Release, pb.ReleaseRequest),
+        "Stats": unary(servicer.Stats, pb.StatsRequest),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class StoreCollector(Collector):
+    """The store's state as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, core: KVStoreCore) -> None:
+        self.core = core
+
+    def collect(self):
+        s = self.core.stats()
+        for name, doc, value in (
+            ("blocks", "Committed blocks held", s.blocks),
+            ("pinned_blocks", "Blocks pinned by at least one owner", s.pinned_blocks),
+            ("pins", "Pins held (owner, block)", s.pins),
+            ("owners", "Owners holding pins or private blocks", s.owners),
+            ("pending_puts", "Puts begun and not yet committed", s.pending_puts),
+        ):
+            yield GaugeMetricFamily(f"splitserve_kvstore_{name}", doc, value=value)
+        for name, doc, value in (
+            ("hits", "Blocks served by Get", s.hits),
+            ("misses", "Blocks asked of Get and not held", s.misses),
+            ("evictions", "Blocks evicted to make room", s.evictions),
+            ("puts_refused", "Puts refused for lack of room", s.puts_refused),
+            ("checksum_failures", "Blocks dropped for a failed crc32", s.checksum_failures),
+            ("blocks_stored", "Blocks newly stored", s.blocks_stored),
+            ("lookups", "Lookup calls", s.lookups),
+            ("lookup_keys", "Keys asked of Lookup", s.lookup_keys),
+            ("lookup_hit_blocks", "Keys of Lookup found in the held prefix", s.lookup_hit_blocks),
+            ("expired_owners", "Owners whose pins expired unreleased", s.expired_owners),
+        ):
+            yield CounterMetricFamily(f"splitserve_kvstore_{name}", doc, value=value)
+        used = GaugeMetricFamily("splitserve_kvstore_used_bytes", "Bytes in use per tier",
+                                 labels=["tier"])
+        cap = GaugeMetricFamily("splitserve_kvstore_capacity_bytes", "Bytes per tier",
+                                labels=["tier"])
+        for name, capacity, in_use, _ in s.tiers:
+            used.add_metric([name], in_use)
+            cap.add_metric([name], capacity)
+        yield used
+        yield cap
+
+
+def serve(settings: ClusterSettings, index: int = 0) -> None:
+    """Runs the KV store until SIGTERM; the shared-memory arena is unlinked on exit."""
+    ks = settings.kvstore
+    tune_malloc()
+    store_id = f"kvstore-{index}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tier = CpuTier(ks.cpu_bytes, shm=ks.shm, store_id=store_id)
+    collector = None
+    try:
+        core = KVStoreCore([tier], pin_ttl_s=ks.pin_ttl_s)
+        servicer = KVStoreServicer(core, tier, store_id, settings.transfer.chunk_bytes)
+        collector = StoreCollector(core)
+        REGISTRY.register(collector)
+        handle = start_server("kvstore", ks, lambda s: add_to_server(servicer, s),
+                              [SERVICE_NAME])
+
+        def expire_loop() -> None:  # pins of dead owners go even when nobody calls
+            interval = max(0.05, min(1.0, ks.pin_ttl_s / 4))
+            while not handle.stopping.wait(interval):
+                core.expire()
+
+        threading.Thread(target=expire_loop, name="kv-expiry", daemon=True).start()
+        handle.set_ready(True)
+        log.info("ready", store_id=store_id, cpu_bytes=ks.cpu_bytes, shm=tier.shm_name,
+                 pin_ttl_s=ks.pin_ttl_s, crc32=CRC_IMPL)
+        run_until_signal(handle)
+    finally:
+        if collector is not None:
+            REGISTRY.unregister(collector)
+        tier.close()

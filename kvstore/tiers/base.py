@@ -1,0 +1,52 @@
+"""The tier interface: a fixed-capacity space that hands out contiguous slots."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One contiguous span of a tier: where one block lives."""
+
+    offset: int
+    length: int
+
+
+class Tier(ABC):
+    """A place blocks live. Not thread-safe: the store calls it under its own lock,
+    except ``view``, whose memory a caller may read or write outside the lock as long as
+    the slot stays allocated (the store guarantees that with pins and pending puts)."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> Slot | None:
+        """A slot of ``nbytes`` contiguous bytes, or None when no hole is big enough."""
+
+    @abstractmethod
+    def free(self, slot: Slot) -> None: ...
+
+    @abstractmethod
+    def view(self, slot: Slot) -> memoryview:
+        """Writable bytes of ``slot`` (format 'B')."""
+
+    def footprint(self, nbytes: int) -> int:
+        """How many bytes of capacity a block of ``nbytes`` takes (alignment included)."""
+        return nbytes
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Releases the tier's memory (and, for shared memory, unlinks it)."""

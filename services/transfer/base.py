@@ -1,0 +1,155 @@
+"""The data-plane interface: one ``KVTransport`` per (client, store) pair, several kinds.
+
+A transport moves the bytes of KV blocks in and out of one store; the control messages
+(which blocks, which owner) are the store's gRPC API either way. Payloads are anything
+with the buffer protocol (bytes, bytearray, memoryview, numpy arrays) or a CPU torch
+tensor; every one is one contiguous block of exactly ``block_nbytes`` bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import grpc
+
+from splitserve.v1 import common_pb2
+
+Buffer = Any  # bytes | bytearray | memoryview | numpy array | CPU torch tensor
+
+
+class PutResult(NamedTuple):
+    stored: int  # blocks newly stored
+    present: int  # blocks the store already held
+
+
+class KVStoreError(grpc.RpcError):
+    """A store call that failed; ``code()``/``details()`` like a grpc.Call, so code that
+    catches ``grpc.RpcError`` catches it too."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def __str__(self) -> str:
+        return f"{self._code.name}: {self._details}"
+
+
+class MissingBlocksError(KVStoreError, KeyError):
+    """Some requested blocks are not in the store (NOT_FOUND)."""
+
+    def __init__(self, details: str, keys: Sequence[bytes] = ()) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, details)
+        self.keys = list(keys)
+
+    __str__ = KVStoreError.__str__
+
+
+class StoreFullError(KVStoreError):
+    """The store cannot make room for a put (RESOURCE_EXHAUSTED): nothing was stored."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+
+class InvalidRequestError(KVStoreError, ValueError):
+    """A malformed request (INVALID_ARGUMENT); the message says what to fix."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+    __str__ = KVStoreError.__str__
+
+
+class ChecksumError(KVStoreError):
+    """A block's bytes do not match its crc32 (DATA_LOSS)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, details)
+
+
+def wrap_rpc_error(e: grpc.RpcError) -> KVStoreError:
+    """A typed error for a failed call (already-typed errors pass through)."""
+    if isinstance(e, KVStoreError):
+        return e
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return MissingBlocksError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return StoreFullError(details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError(details)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return ChecksumError(details)
+    return KVStoreError(code, details)
+
+
+def as_view(obj: Buffer, *, writable: bool = False) -> memoryview:
+    """A flat byte view of ``obj`` with no copy."""
+    if not isinstance(obj, bytes | bytearray | memoryview) and hasattr(obj, "__dlpack__") \
+            and type(obj).__module__.startswith("torch"):
+        if obj.device.type != "cpu":
+            raise InvalidRequestError(
+                f"a {obj.device.type} tensor cannot go through this transport; copy it to "
+                "host memory first")
+        obj = obj.detach().contiguous().view(-1).numpy()
+    mv = obj if isinstance(obj, memoryview) else memoryview(obj)
+    if writable and mv.readonly:
+        raise InvalidRequestError("an output buffer must be writable (bytearray, numpy, ...)")
+    if mv.ndim != 1 or mv.format != "B":
+        if not mv.c_contiguous:
+            raise InvalidRequestError("a payload must be one contiguous buffer")
+        mv = mv.cast("B")
+    return mv
+
+
+def to_refs(refs: Sequence[common_pb2.BlockRef | bytes]) -> list[common_pb2.BlockRef]:
+    """BlockRefs from refs or bare keys (a bare key is a full, shared block)."""
+    return [r if isinstance(r, common_pb2.BlockRef) else common_pb2.BlockRef(key=bytes(r))
+            for r in refs]
+
+
+def check_payloads(refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffer],
+                   block_nbytes: int) -> list[memoryview]:
+    if len(payloads) != len(refs):
+        raise InvalidRequestError(f"{len(refs)} block refs but {len(payloads)} payloads")
+    if block_nbytes <= 0:
+        raise InvalidRequestError(f"block_nbytes must be > 0, got {block_nbytes}")
+    views = [as_view(p) for p in payloads]
+    for i, v in enumerate(views):
+        if v.nbytes != block_nbytes:
+            raise InvalidRequestError(
+                f"payload {i} has {v.nbytes} bytes; every block is block_nbytes="
+                f"{block_nbytes} bytes")
+    return views
+
+
+class KVTransport(ABC):
+    """Moves block bytes between this process and one store."""
+
+    name: str
+
+    @abstractmethod
+    def put(self, owner: str, refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffer],
+            block_nbytes: int) -> PutResult:
+        """Stores the blocks (pinned for ``owner`` when it is not empty) -> (stored, present).
+        A key the store already holds is not rewritten."""
+
+    @abstractmethod
+    def get(self, owner: str, keys: Sequence[bytes],
+            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+        """The bytes of every block, pinned for ``owner`` until it is released (an empty
+        owner pins only for the duration of the call). With ``out``, the bytes land in
+        those writable buffers (one per key, each exactly the block's size), which are
+        returned; else fresh buffers are. Raises MissingBlocksError if any is missing."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        pass

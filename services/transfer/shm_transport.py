@@ -1,0 +1,184 @@
+"""The ``shm`` transport: same host, the store's CPU arena mapped into this process.
+
+Put: BeginPut reserves slots -> each payload is copied straight into the arena (one
+copy) -> CommitPut with their crc32s. Get: Get pins and says where -> one copy out of
+the arena, crc32 verified. No KV bytes pass through gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from kvstore.checksum import crc32
+from services.transfer.base import (
+    Buffer,
+    InvalidRequestError,
+    KVTransport,
+    PutResult,
+    as_view,
+    check_payloads,
+    wrap_rpc_error,
+)
+from services.transfer.grpc_transport import GrpcTransport
+from services.transfer.memory import tune_malloc
+from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+MAGIC = b"SPLITSERVE-KV-ARENA\x00"  # kvstore.tiers.cpu writes it at the arena's start
+
+
+class ShmUnavailable(OSError):
+    """The store's arena cannot be mapped from here (another host, no shm, ...)."""
+
+
+def _open_arena(name: str, nbytes: int, store_id: str) -> mmap.mmap:
+    if not name or "/" in name:
+        raise ShmUnavailable(f"the store exposes no usable shared-memory arena ({name!r})")
+    path = f"/dev/shm/{name}"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise ShmUnavailable(f"cannot open {path}: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        if size != nbytes:
+            raise ShmUnavailable(f"{path} has {size} bytes, the store said {nbytes}")
+        # MAP_POPULATE: map every page now rather than fault them in during a transfer
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, size, flags=flags)
+    finally:
+        os.close(fd)
+    expect = MAGIC + store_id.encode() + b"\x00"
+    if mm[: len(expect)] != expect:
+        mm.close()
+        raise ShmUnavailable(f"{path} is not the arena of store {store_id}")
+    return mm
+
+
+class ShmTransport(KVTransport):
+    name = "shm"
+
+    def __init__(self, channel: grpc.Channel, describe: kvstore_pb2.DescribeResponse,
+                 timeout_s: float | None = 60.0) -> None:
+        if describe.hostname and describe.hostname != socket.gethostname():
+            raise ShmUnavailable(f"the store runs on {describe.hostname}, this is "
+                                 f"{socket.gethostname()}")
+        tune_malloc()
+        self._mm = _open_arena(describe.shm_name, describe.shm_bytes, describe.store_id)
+        self._arena = memoryview(self._mm)
+        self._channel = channel
+        self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
+        self.timeout_s = timeout_s
+        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
+        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
+        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
+        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+
+    def _span(self, offset: int, length: int) -> memoryview:
+        if offset + length > self._arena.nbytes:
+            raise InvalidRequestError(f"store gave a span past the arena: {offset}+{length}")
+        return self._arena[offset : offset + length]
+
+    def put(self, owner: str, refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffer],
+            block_nbytes: int) -> PutResult:
+        views = check_payloads(refs, payloads, block_nbytes)
+        if not refs:
+            return PutResult(0, 0)
+        t0 = time.perf_counter()
+        try:
+            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
+                owner=owner, blocks=refs, block_nbytes=block_nbytes), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise wrap_rpc_error(e) from None
+        sums = []
+        written = 0
+        try:
+            for slot, v in zip(begun.slots, views, strict=True):
+                if slot.present:
+                    sums.append(0)
+                    continue
+                if slot.length != block_nbytes:
+                    raise InvalidRequestError(f"store reserved {slot.length} bytes for a "
+                                              f"{block_nbytes}-byte block")
+                sums.append(crc32(v))  # first: the copy then reads v from cache
+                self._span(slot.offset, slot.length)[:] = v
+                written += slot.length
+            resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
+                put_id=begun.put_id, checksums=sums), timeout=self.timeout_s)
+        except BaseException as e:
+            with contextlib.suppress(grpc.RpcError):  # else the put expires in the store
+                self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=begun.put_id,
+                                                                  abort=True), timeout=5.0)
+            if isinstance(e, grpc.RpcError):
+                raise wrap_rpc_error(e) from None
+            raise
+        self._put_time.observe(time.perf_counter() - t0)
+        self._put_bytes.inc(written)
+        return PutResult(resp.stored, resp.present)
+
+    def get(self, owner: str, keys: Sequence[bytes],
+            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+        n = len(keys)
+        if out is not None and len(out) != n:
+            raise InvalidRequestError(f"{n} keys but {len(out)} output buffers")
+        if n == 0:
+            return []
+        outs = [as_view(o, writable=True) for o in out] if out is not None else None
+        pin_owner = owner or f"shm-get-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        try:
+            resp = self._stub.Get(kvstore_pb2.GetRequest(owner=pin_owner, keys=keys),
+                                  timeout=self.timeout_s)
+            results: list[Buffer] = []
+            bad: list[int] = []
+            total = 0
+            for i, loc in enumerate(resp.blocks):
+                src = self._span(loc.offset, loc.length)
+                # verify, then copy (from cache); the pin keeps the block from changing
+                if crc32(src) != loc.checksum:
+                    bad.append(i)
+                if outs is not None:
+                    if outs[i].nbytes != loc.length:
+                        raise InvalidRequestError(f"output buffer {i} has {outs[i].nbytes} "
+                                                  f"bytes; the block has {loc.length}")
+                    outs[i][:] = src
+                    results.append(out[i])
+                else:
+                    results.append(bytes(src))
+                total += loc.length
+            if bad:
+                self._refetch(pin_owner, keys, bad, results, outs)
+        except grpc.RpcError as e:
+            raise wrap_rpc_error(e) from None
+        finally:
+            if not owner:
+                with contextlib.suppress(grpc.RpcError):  # else the pins expire
+                    self._stub.Release(kvstore_pb2.ReleaseRequest(owner=pin_owner), timeout=5.0)
+        self._get_time.observe(time.perf_counter() - t0)
+        self._get_bytes.inc(total)
+        return results
+
+    def _refetch(self, owner: str, keys: Sequence[bytes], bad: list[int], results: list[Buffer],
+                 outs: list[memoryview] | None) -> None:
+        """Blocks whose copy failed its crc32 go through GetBlocks, where the store
+        verifies them itself: a corrupt block is dropped there and reported missing."""
+        again = GrpcTransport(self._channel).get(owner, [keys[i] for i in bad])
+        for i, data in zip(bad, again, strict=True):
+            if outs is not None:
+                outs[i][:] = data
+            else:
+                results[i] = data
+
+    def close(self) -> None:
+        # a view a caller still holds keeps the mapping; it goes with the process
+        with contextlib.suppress(BufferError):
+            self._arena.release()
+            self._mm.close()
