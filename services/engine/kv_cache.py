@@ -53,9 +53,9 @@ class KVCache:
         self.block_size = block_size
         self.block_shape = (num_layers, 2, block_size, num_kv_heads, head_dim)
         self.dtype = dtype
-        self.device = torch.device(device)
         # zeros, not empty: masked-out slots must not hold NaN (0 * NaN = NaN)
         self.tensor = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
+        self.device = self.tensor.device  # with its index ("cuda:0"), for comparisons
 
     @property
     def block_nbytes(self) -> int:
@@ -88,13 +88,19 @@ class KVCache:
         """Copy payloads into blocks: [(block id, bytes-like of block_nbytes)]."""
         if not items:
             return
-        rows = []
-        for _, payload in items:
+        on_device: list[tuple[int, torch.Tensor]] = []  # e.g. CUDA IPC views
+        on_host: list[tuple[int, torch.Tensor]] = []
+        for bid, payload in items:
             self.check_payload(payload)
-            rows.append(as_uint8(payload).to("cpu"))
-        host = torch.stack(rows).view(self.dtype).view(len(items), *self.block_shape)
-        idx = torch.tensor([bid for bid, _ in items], dtype=torch.long, device=self.device)
-        self.tensor.index_copy_(0, idx, host.to(self.device, non_blocking=False))
+            row = as_uint8(payload)
+            (on_device if row.device == self.device else on_host).append((bid, row))
+        for group in (on_host, on_device):
+            if not group:
+                continue
+            rows = torch.stack([row for _, row in group])  # one copy; host rows: one H2D
+            blocks = rows.to(self.device).view(self.dtype).view(len(group), *self.block_shape)
+            idx = torch.tensor([bid for bid, _ in group], dtype=torch.long, device=self.device)
+            self.tensor.index_copy_(0, idx, blocks)
 
     def import_block(self, block_id: int, payload: Any) -> None:
         self.import_blocks([(block_id, payload)])
