@@ -89,41 +89,88 @@ class GrpcTransport(KVTransport):
         if n == 0:
             return []
         outs = [as_view(o, writable=True) for o in out] if out is not None else None
-        results: list[Buffer | None] = [None] * n
-        views: list[memoryview | None] = [None] * n
-        lengths = [0] * n
-        received = [0] * n
-        total = 0
         t0 = time.perf_counter()
+        asm = _Assembler(n, outs)
         try:
             for c in self._get_blocks(kvstore_pb2.GetRequest(owner=owner, keys=keys),
                                       timeout=self.timeout_s):
-                i, size = c.index, c.data.nbytes
-                if c.offset == 0:
-                    lengths[i] = c.length
-                    if outs is None and size == c.length:  # the whole block: no copy
-                        results[i] = c.data
-                        received[i] = size
-                        total += size
-                        continue
-                    dst = outs[i] if outs is not None else memoryview(bytearray(c.length))
-                    if dst.nbytes != c.length:
-                        raise InvalidRequestError(
-                            f"output buffer {i} has {dst.nbytes} bytes; the block has "
-                            f"{c.length}")
-                    views[i] = dst
-                    results[i] = out[i] if out is not None else dst.obj
-                dst = views[i]
-                if dst is None or c.offset + size > dst.nbytes:
-                    raise ChecksumError(f"GetBlocks stream out of order at block {i}")
-                dst[c.offset : c.offset + size] = c.data
-                received[i] += size
-                total += size
+                asm.add(c)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
-        short = [i for i in range(n) if results[i] is None or received[i] != lengths[i]]
+        results = asm.finish()
+        self._get_time.observe(time.perf_counter() - t0)
+        self._get_bytes.inc(asm.total)
+        if out is not None:
+            return list(out)
+        return results
+
+
+class _Assembler:
+    """Puts the blocks of a GetBlocks stream together. Packed streams (``lengths`` on
+    the first message) run back to back across blocks; a block that lies whole inside
+    one message is returned as a view of it (no copy) unless ``outs`` are given."""
+
+    def __init__(self, n: int, outs: list[memoryview] | None) -> None:
+        self.n, self.outs = n, outs
+        self.results: list[Buffer | None] = [None] * n
+        self.views: list[memoryview | None] = [None] * n
+        self.lengths: list[int] | None = None
+        self.received = [0] * n
+        self.total = 0
+        self.packed = False
+
+    def _dst(self, i: int) -> memoryview:
+        dst = self.views[i]
+        if dst is None:
+            length = self.lengths[i]
+            if self.outs is not None:
+                dst = self.outs[i]
+                if dst.nbytes != length:
+                    raise InvalidRequestError(
+                        f"output buffer {i} has {dst.nbytes} bytes; the block has {length}")
+            else:
+                dst = memoryview(bytearray(length))
+            self.views[i] = self.results[i] = dst
+        return dst
+
+    def add(self, c: wire.BlockChunk) -> None:
+        if c.lengths:
+            if len(c.lengths) != self.n:
+                raise ChecksumError(f"store sent {len(c.lengths)} lengths for {self.n} keys")
+            self.lengths, self.packed = list(c.lengths), True
+        elif not self.packed:  # one block per message; its length on its first chunk
+            if self.lengths is None:
+                self.lengths = [0] * self.n
+            if c.offset == 0:
+                self.lengths[c.index] = c.length
+        data, size = c.data, c.data.nbytes
+        i, off, pos = c.index, c.offset, 0
+        if i >= self.n:
+            raise ChecksumError(f"GetBlocks stream names block {i} of {self.n}")
+        while pos < size:
+            if i >= self.n:
+                raise ChecksumError(f"GetBlocks stream runs past the last of {self.n} blocks")
+            length = self.lengths[i]
+            take = min(length - off, size - pos) if self.packed else size - pos
+            if off == 0 and take == length and self.outs is None:
+                self.results[i] = data[pos : pos + take]  # whole: keep the view
+            else:
+                dst = self._dst(i)
+                if off + take > dst.nbytes:
+                    raise ChecksumError(f"GetBlocks stream overruns block {i}")
+                dst[off : off + take] = data[pos : pos + take]
+            self.received[i] += take
+            pos += take
+            off += take
+            if off == length:
+                i, off = i + 1, 0
+        self.total += size
+
+    def finish(self) -> list[Buffer]:
+        lengths = self.lengths or [0] * self.n
+        short = [i for i in range(self.n) if self.results[i] is None
+                 or self.received[i] != lengths[i]]
         if short:
             raise ChecksumError(f"GetBlocks stream ended early: blocks {short[:8]} incomplete")
-        self._get_time.observe(time.perf_counter() - t0)
-        self._get_bytes.inc(total)
-        return results  # type: ignore[return-value]
+        return [r.obj if isinstance(r, memoryview) and isinstance(r.obj, bytearray)
+                and r.nbytes == len(r.obj) else r for r in self.results]

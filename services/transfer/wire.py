@@ -89,13 +89,18 @@ def decode_put_chunk(raw: bytes) -> tuple[kvstore_pb2.PutChunk, memoryview]:
 class BlockChunk:
     """A parsed BlockData: ``data`` is a memoryview into the received message."""
 
-    __slots__ = ("index", "offset", "length", "data")
+    __slots__ = ("index", "offset", "length", "data", "lengths")
 
-    def __init__(self, index: int, offset: int, length: int, data: memoryview) -> None:
+    def __init__(self, index: int, offset: int, length: int, data: memoryview,
+                 lengths: list[int] | None = None) -> None:
         self.index, self.offset, self.length, self.data = index, offset, length, data
+        self.lengths = lengths or []
 
 
-def encode_block_data(index: int, offset: int, length: int, data: memoryview) -> bytes:
+def encode_block_data(index: int, offset: int, length: int, data: memoryview | Sequence[memoryview],
+                      lengths: Sequence[int] = ()) -> bytes:
+    """A BlockData; ``data`` may be several pieces (joined with the one copy)."""
+    pieces = [data] if isinstance(data, memoryview | bytes) else list(data)
     head = bytearray()
     if index:
         head += b"\x08" + varint(index)
@@ -103,13 +108,18 @@ def encode_block_data(index: int, offset: int, length: int, data: memoryview) ->
         head += b"\x10" + varint(offset)
     if length:
         head += b"\x20" + varint(length)
-    return b"".join([head, _BLOCKDATA_DATA_TAG, varint(len(data)), data])
+    if lengths:
+        packed = b"".join(varint(n) for n in lengths)
+        head += b"\x2a" + varint(len(packed)) + packed
+    size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+    return b"".join([head, _BLOCKDATA_DATA_TAG, varint(size), *pieces])
 
 
 def decode_block_data(raw: bytes) -> BlockChunk:
     mv = memoryview(raw)
     index = offset = length = 0
     data = mv[0:0]
+    lengths: list[int] = []
     for fnum, wt, vstart, end, _ in _fields(mv):
         if wt == 0:
             value = _read_varint(mv, vstart)[0]
@@ -119,9 +129,16 @@ def decode_block_data(raw: bytes) -> BlockChunk:
                 offset = value
             elif fnum == 4:
                 length = value
+            elif fnum == 5:
+                lengths.append(value)
         elif fnum == 3 and wt == 2:
             data = mv[vstart:end]
-    return BlockChunk(index, offset, length, data)
+        elif fnum == 5 and wt == 2:  # packed repeated uint64
+            pos = vstart
+            while pos < end:
+                value, pos = _read_varint(mv, pos)
+                lengths.append(value)
+    return BlockChunk(index, offset, length, data, lengths)
 
 
 def identity(b: bytes) -> bytes:

@@ -334,8 +334,12 @@ def test_put_blocks_with_the_wrong_payload_length_is_refused(stub):
     assert stub.Lookup(kvstore_pb2.LookupRequest(keys=[k])).num_blocks == 0
     # a generated client's message works like the fast codec's
     assert stub.PutBlocks(stream(b"y" * 100)).stored == 1
-    chunks = list(stub.GetBlocks(kvstore_pb2.GetRequest(keys=[k])))
-    assert [(c.index, c.offset, c.length, c.data) for c in chunks] == [(0, 0, 100, b"y" * 100)]
+    k2 = os.urandom(16)
+    stub.PutBlocks(iter([kvstore_pb2.PutChunk(blocks=[common_pb2.BlockRef(key=k2)],
+                                              block_nbytes=50, data=b"z" * 50)]))
+    chunks = list(stub.GetBlocks(kvstore_pb2.GetRequest(keys=[k, k2])))
+    assert [(c.index, c.offset, c.length, list(c.lengths), c.data) for c in chunks] == [
+        (0, 0, 100, [100, 50], b"y" * 100 + b"z" * 50)]  # packed: back to back
 
 
 def test_sigterm_exits_zero_and_unlinks_the_arena(tmp_path):

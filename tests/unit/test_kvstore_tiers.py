@@ -74,3 +74,32 @@ def test_block_data_codec_matches_protobuf():
             kvstore_pb2.BlockData(index=index, offset=offset, length=length,
                                   data=data).SerializeToString())
         assert (c.index, c.offset, c.length, bytes(c.data)) == (index, offset, length, data)
+
+
+def _chunks(msgs):
+    return [wire.decode_block_data(wire.encode_block_data(*m)) for m in msgs]
+
+
+def test_assembler_reads_packed_and_per_block_streams():
+    from services.transfer.grpc_transport import _Assembler
+
+    a, b, c = b"a" * 10, b"b" * 4, b"c" * 7
+    packed = _chunks([(0, 0, 10, memoryview(a + b[:2]), [10, 4, 7]),
+                      (1, 2, 0, memoryview(b[2:] + c), ())])
+    per_block = _chunks([(0, 0, 10, memoryview(a[:6])), (0, 6, 0, memoryview(a[6:])),
+                         (1, 0, 4, memoryview(b)), (2, 0, 7, memoryview(c))])
+    for stream in (packed, per_block):
+        asm = _Assembler(3, None)
+        for ch in stream:
+            asm.add(ch)
+        assert [bytes(x) for x in asm.finish()] == [a, b, c]
+        outs = [bytearray(10), bytearray(4), bytearray(7)]
+        asm = _Assembler(3, [memoryview(o) for o in outs])
+        for ch in stream:
+            asm.add(ch)
+        asm.finish()
+        assert outs == [bytearray(a), bytearray(b), bytearray(c)]
+    asm = _Assembler(3, None)
+    asm.add(packed[0])
+    with pytest.raises(Exception, match="ended early"):
+        asm.finish()
