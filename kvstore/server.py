@@ -90,10 +90,13 @@ class KVStoreServicer:
     @_rpc
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes)
-        STORE_BYTES.labels("shm", "put").inc(sum(s.length for s in begun.slots))
-        return kvstore_pb2.BeginPutResponse(put_id=begun.put_id, slots=[
-            kvstore_pb2.PutSlot(key=s.key, present=s.present, offset=s.offset, length=s.length)
-            for s in begun.slots])
+        resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id)
+        add, nbytes = resp.slots.add, 0
+        for s in begun.slots:
+            add(key=s.key, present=s.present, offset=s.offset, length=s.length)
+            nbytes += s.length
+        STORE_BYTES.labels("shm", "put").inc(nbytes)
+        return resp
 
     @_rpc
     def CommitPut(self, request, context):  # noqa: N802
@@ -159,10 +162,13 @@ class KVStoreServicer:
     @_rpc
     def Get(self, request, context):  # noqa: N802
         locs = self.core.get(request.owner, request.keys)
-        STORE_BYTES.labels("shm", "get").inc(sum(loc.length for loc in locs))
-        return kvstore_pb2.GetResponse(blocks=[
-            kvstore_pb2.BlockLocation(key=loc.key, offset=loc.offset, length=loc.length,
-                                      checksum=loc.checksum) for loc in locs])
+        resp = kvstore_pb2.GetResponse()
+        add, nbytes = resp.blocks.add, 0
+        for loc in locs:
+            add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)
+            nbytes += loc.length
+        STORE_BYTES.labels("shm", "get").inc(nbytes)
+        return resp
 
     def GetBlocks(self, request, context) -> Iterator[bytes]:  # noqa: N802
         t0 = time.perf_counter()

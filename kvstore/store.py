@@ -13,7 +13,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kvstore.checksum import crc32
 from kvstore.tiers.base import Slot, Tier
@@ -62,8 +62,7 @@ class Block:
     dead: bool = False  # dropped from the index; the slot is freed when the last pin goes
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
     key: bytes
     tier: str
     offset: int
@@ -71,8 +70,7 @@ class Location:
     checksum: int
 
 
-@dataclass(frozen=True, slots=True)
-class PutSlot:
+class PutSlot(NamedTuple):
     key: bytes
     present: bool  # already held: nothing to write
     offset: int = 0
@@ -80,8 +78,7 @@ class PutSlot:
     tier: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class BegunPut:
+class BegunPut(NamedTuple):
     put_id: str
     slots: list[PutSlot]
 
@@ -131,6 +128,8 @@ class StoreStats:
 
 
 def check_key(key: object) -> bytes:
+    if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+        return key
     if not isinstance(key, bytes | bytearray) or not 0 < len(key) <= MAX_KEY_BYTES:
         n = len(key) if isinstance(key, bytes | bytearray) else type(key).__name__
         raise InvalidArgument(
@@ -403,6 +402,13 @@ class KVStoreCore:
         if need > free:  # eviction needed: refuse up front what eviction cannot fix
             room += sum(b.tier.footprint(b.slot.length)
                         for k, b in self._evictable.items() if k not in protect)
+        if need <= free:  # one contiguous run when a hole is big enough: one call
+            for t in self.tiers:
+                run = t.allocate_run(nbytes, len(todo))
+                if run is not None:
+                    for e, slot in zip(todo, run, strict=True):
+                        e.tier, e.slot = t, slot
+                    return
         if need <= room:
             for i, e in enumerate(todo):
                 placed = self._place(nbytes, protect)

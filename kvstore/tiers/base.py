@@ -37,6 +37,11 @@ class Tier(ABC):
     def allocate(self, nbytes: int) -> Slot | None:
         """A slot of ``nbytes`` contiguous bytes, or None when no hole is big enough."""
 
+    def allocate_run(self, nbytes: int, count: int) -> list[Slot] | None:
+        """``count`` slots of ``nbytes`` back to back (each freed on its own later), or
+        None. Faster than ``count`` allocations; the default makes none."""
+        return None
+
     @abstractmethod
     def free(self, slot: Slot) -> None: ...
 

@@ -80,6 +80,15 @@ class CpuTier(Tier):
         offset = self._alloc.allocate(nbytes)
         return None if offset is None else Slot(offset, nbytes)
 
+    def allocate_run(self, nbytes: int, count: int) -> list[Slot] | None:
+        if nbytes <= 0 or count <= 0:
+            raise ValueError(f"cannot allocate {count} x {nbytes} bytes")
+        stride = self._alloc.rounded(nbytes)
+        offset = self._alloc.allocate(stride * count)
+        if offset is None:
+            return None
+        return [Slot(offset + i * stride, nbytes) for i in range(count)]
+
     def free(self, slot: Slot) -> None:
         self._alloc.free(slot.offset, slot.length)
 

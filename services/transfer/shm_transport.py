@@ -93,36 +93,45 @@ class ShmTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
         t0 = time.perf_counter()
+        call = self._stub.BeginPut.future(kvstore_pb2.BeginPutRequest(
+            owner=owner, blocks=refs, block_nbytes=block_nbytes), timeout=self.timeout_s)
+        # the crc32s do not need the slots: compute them while the store reserves
         try:
-            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
-                owner=owner, blocks=refs, block_nbytes=block_nbytes), timeout=self.timeout_s)
+            sums = [crc32(v) for v in views]
+        except BaseException:
+            with contextlib.suppress(grpc.RpcError):
+                self._abort(call.result().put_id)
+            raise
+        try:
+            begun = call.result()
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
-        sums = []
         written = 0
         try:
             for slot, v in zip(begun.slots, views, strict=True):
                 if slot.present:
-                    sums.append(0)
                     continue
                 if slot.length != block_nbytes:
                     raise InvalidRequestError(f"store reserved {slot.length} bytes for a "
                                               f"{block_nbytes}-byte block")
-                sums.append(crc32(v))  # first: the copy then reads v from cache
                 self._span(slot.offset, slot.length)[:] = v
                 written += slot.length
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
                 put_id=begun.put_id, checksums=sums), timeout=self.timeout_s)
         except BaseException as e:
-            with contextlib.suppress(grpc.RpcError):  # else the put expires in the store
-                self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=begun.put_id,
-                                                                  abort=True), timeout=5.0)
+            with contextlib.suppress(grpc.RpcError):
+                self._abort(begun.put_id)
             if isinstance(e, grpc.RpcError):
                 raise wrap_rpc_error(e) from None
             raise
         self._put_time.observe(time.perf_counter() - t0)
         self._put_bytes.inc(written)
         return PutResult(resp.stored, resp.present)
+
+    def _abort(self, put_id: str) -> None:
+        """Frees a begun put's slots now (else they wait for the store's pin TTL)."""
+        self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=put_id, abort=True),
+                             timeout=5.0)
 
     def get(self, owner: str, keys: Sequence[bytes],
             out: Sequence[Buffer] | None = None) -> list[Buffer]:
