@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
 from kvstore.checksum import crc32
-from kvstore.store import InvalidArgument, KVStoreCore, Location, StoreError
+from kvstore.store import InvalidArgument, KVStoreCore, Location, ResourceExhausted, StoreError
 from kvstore.tiers.cpu import CpuTier
 from services.common.logging import get_logger
 from services.common.server import run_until_signal, start_server
@@ -57,6 +57,8 @@ def _rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except StoreError as e:
+            if isinstance(e, ResourceExhausted):
+                log.warning("put_refused", detail=str(e))
             context.abort(_status(e), str(e))
         finally:
             timer.observe(time.perf_counter() - t0)
@@ -119,6 +121,9 @@ class KVStoreServicer:
                 raise _invalid("the first PutChunk must name the blocks (blocks, block_nbytes)")
             return kvstore_pb2.CommitPutResponse()
         begun = self.core.begin_put(hdr.owner, refs, nbytes)
+        if all(s.present for s in begun.slots):  # nothing to write: answer now
+            stored, present = self.core.commit_put(begun.put_id, ())
+            return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
         views = [None if s.present else self.core.view(s) for s in begun.slots]
         crcs = [0] * len(views)
         total, got, bi, boff = nbytes * len(refs), 0, 0, 0

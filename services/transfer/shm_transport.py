@@ -33,6 +33,7 @@ from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 MAGIC = b"SPLITSERVE-KV-ARENA\x00"  # kvstore.tiers.cpu writes it at the arena's start
+POPULATE_MAX_BYTES = 8 << 30
 
 
 class ShmUnavailable(OSError):
@@ -52,7 +53,10 @@ def _open_arena(name: str, nbytes: int, store_id: str) -> mmap.mmap:
         if size != nbytes:
             raise ShmUnavailable(f"{path} has {size} bytes, the store said {nbytes}")
         # MAP_POPULATE: map every page now rather than fault them in during a transfer
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        # (not for huge arenas, whose page tables would be a cost of their own)
+        flags = mmap.MAP_SHARED
+        if size <= POPULATE_MAX_BYTES:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
         mm = mmap.mmap(fd, size, flags=flags)
     finally:
         os.close(fd)

@@ -172,6 +172,7 @@ def test_a_present_block_is_not_rewritten(client):
     first = blocks(3, 1024)
     assert client.put(o, ks[:2], first[:2], 1024) == (2, 0)
     assert client.put(o, ks, [b"x" * 1024] * 3, 1024) == (1, 2)
+    assert client.put(o, ks, [b"y" * 1024] * 3, 1024) == (0, 3)
     got = client.get(o, ks)
     assert [bytes(g) for g in got[:2]] == first[:2]
     assert bytes(got[2]) == b"x" * 1024
