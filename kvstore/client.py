@@ -18,6 +18,7 @@ from services.transfer import (
     InvalidRequestError,
     KVTransport,
     PutResult,
+    StaleTransportError,
     as_view,
     open_transport,
     wrap_rpc_error,
@@ -95,7 +96,8 @@ class KVStoreClient:
             block_nbytes = as_view(payloads[0]).nbytes if payloads else 0
             if not payloads:
                 return PutResult(0, 0)
-        return self.transport.put(owner, to_refs(refs), payloads, block_nbytes)
+        refs = to_refs(refs)
+        return self._on_transport(lambda t: t.put(owner, refs, payloads, block_nbytes))
 
     def get(self, owner: str, keys: Sequence[bytes],
             out: Sequence[Buffer] | None = None) -> list[Buffer]:
@@ -105,7 +107,21 @@ class KVStoreClient:
         of the block's size: the bytes are copied once, straight into them). Raises
         MissingBlocksError (a KeyError and a grpc.RpcError with NOT_FOUND) when any block
         is missing; then nothing is pinned."""
-        return self.transport.get(owner, list(keys), out)
+        keys = list(keys)
+        return self._on_transport(lambda t: t.get(owner, keys, out))
+
+    def _on_transport(self, op):
+        """Runs ``op(transport)``; when the store restarted under the transport, opens
+        a new one for the new store and runs it again (once)."""
+        transport = self.transport
+        try:
+            return op(transport)
+        except StaleTransportError:
+            with self._lock:
+                if self._transport is transport:
+                    self._transport, self._describe = None, None
+            transport.close()
+            return op(self.transport)
 
     def release(self, owner: str) -> int:
         """Drops every pin of ``owner`` and its private blocks -> pins dropped."""

@@ -92,7 +92,7 @@ class KVStoreServicer:
     @_rpc
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes)
-        resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id)
+        resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id)
         add, nbytes = resp.slots.add, 0
         for s in begun.slots:
             add(key=s.key, present=s.present, offset=s.offset, length=s.length)
@@ -167,7 +167,7 @@ class KVStoreServicer:
     @_rpc
     def Get(self, request, context):  # noqa: N802
         locs = self.core.get(request.owner, request.keys)
-        resp = kvstore_pb2.GetResponse()
+        resp = kvstore_pb2.GetResponse(store_id=self.store_id)
         add, nbytes = resp.blocks.add, 0
         for loc in locs:
             add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)

@@ -18,6 +18,7 @@ from services.transfer.base import (
     KVTransport,
     MissingBlocksError,
     PutResult,
+    StaleTransportError,
     StoreFullError,
     as_view,
     wrap_rpc_error,
@@ -31,7 +32,8 @@ TRANSPORTS = ("auto", "grpc", "shm")
 __all__ = [
     "TRANSPORTS", "Buffer", "ChecksumError", "GrpcTransport", "InvalidRequestError",
     "KVStoreError", "KVTransport", "MissingBlocksError", "PutResult", "ShmTransport",
-    "ShmUnavailable", "StoreFullError", "as_view", "open_transport", "wrap_rpc_error",
+    "ShmUnavailable", "StaleTransportError", "StoreFullError", "as_view", "open_transport",
+    "wrap_rpc_error",
 ]
 
 

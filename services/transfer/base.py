@@ -75,6 +75,14 @@ class ChecksumError(KVStoreError):
         super().__init__(grpc.StatusCode.DATA_LOSS, details)
 
 
+class StaleTransportError(KVStoreError):
+    """The store behind a transport is not the one it was opened for (it restarted):
+    reopen the transport (KVStoreClient does, and retries once)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details)
+
+
 def wrap_rpc_error(e: grpc.RpcError) -> KVStoreError:
     """A typed error for a failed call (already-typed errors pass through)."""
     if isinstance(e, KVStoreError):

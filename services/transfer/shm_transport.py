@@ -23,6 +23,7 @@ from services.transfer.base import (
     InvalidRequestError,
     KVTransport,
     PutResult,
+    StaleTransportError,
     as_view,
     check_payloads,
     wrap_rpc_error,
@@ -78,6 +79,7 @@ class ShmTransport(KVTransport):
         tune_malloc()
         self._mm = _open_arena(describe.shm_name, describe.shm_bytes, describe.store_id)
         self._arena = memoryview(self._mm)
+        self.store_id = describe.store_id
         self._channel = channel
         self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
         self.timeout_s = timeout_s
@@ -110,6 +112,10 @@ class ShmTransport(KVTransport):
             begun = call.result()
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
+        if begun.store_id and begun.store_id != self.store_id:
+            with contextlib.suppress(grpc.RpcError):
+                self._abort(begun.put_id)
+            raise self._stale(begun.store_id)
         written = 0
         try:
             for slot, v in zip(begun.slots, views, strict=True):
@@ -132,6 +138,10 @@ class ShmTransport(KVTransport):
         self._put_bytes.inc(written)
         return PutResult(resp.stored, resp.present)
 
+    def _stale(self, store_id: str) -> StaleTransportError:
+        return StaleTransportError(f"the store restarted: it is {store_id} now, this "
+                                   f"transport mapped the arena of {self.store_id}")
+
     def _abort(self, put_id: str) -> None:
         """Frees a begun put's slots now (else they wait for the store's pin TTL)."""
         self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=put_id, abort=True),
@@ -150,6 +160,8 @@ class ShmTransport(KVTransport):
         try:
             resp = self._stub.Get(kvstore_pb2.GetRequest(owner=pin_owner, keys=keys),
                                   timeout=self.timeout_s)
+            if resp.store_id and resp.store_id != self.store_id:
+                raise self._stale(resp.store_id)
             results: list[Buffer] = []
             bad: list[int] = []
             total = 0

@@ -356,3 +356,23 @@ def test_sigterm_exits_zero_and_unlinks_the_arena(tmp_path):
         assert not os.path.exists(f"/dev/shm/{name}")
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_client_follows_a_restarted_store(tmp_path, transport):
+    settings, cluster = start_store(tmp_path, cpu_bytes=MiB)
+    client = KVStoreClient(settings.kvstore.address, TransferSettings(transport=transport))
+    try:
+        ks, data = keys(2), blocks(2, 4096)
+        client.put("", ks, data, 4096)
+        first = client.describe().store_id
+        cluster.stop()
+        cluster = LocalCluster(settings, cluster.config_path, log_dir=tmp_path,
+                               roles=("kvstore",)).start()
+        assert client.put("", ks, data, 4096) == (2, 0)  # a new, empty store
+        assert [bytes(g) for g in client.get("", ks)] == data
+        assert client.describe(refresh=True).store_id != first
+        assert client.transport_name == transport
+    finally:
+        client.close()
+        cluster.stop()

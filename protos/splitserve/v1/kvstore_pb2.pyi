@@ -70,12 +70,14 @@ class PutSlot(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., present: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class BeginPutResponse(_message.Message):
-    __slots__ = ("put_id", "slots")
+    __slots__ = ("put_id", "slots", "store_id")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     slots: _containers.RepeatedCompositeFieldContainer[PutSlot]
-    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class CommitPutRequest(_message.Message):
     __slots__ = ("put_id", "checksums", "abort")
@@ -128,10 +130,12 @@ class BlockLocation(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("blocks",)
+    __slots__ = ("blocks", "store_id")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class BlockData(_message.Message):
     __slots__ = ("index", "offset", "data", "length", "lengths")
