@@ -93,9 +93,7 @@ class KVStoreClient:
         reported ``present`` and not rewritten. Raises StoreFullError when there is no
         room even after evicting every unpinned block."""
         if block_nbytes is None:
-            block_nbytes = as_view(payloads[0]).nbytes if payloads else 0
-            if not payloads:
-                return PutResult(0, 0)
+            block_nbytes = as_view(payloads[0]).nbytes if payloads else 1
         refs = to_refs(refs)
         return self._on_transport(lambda t: t.put(owner, refs, payloads, block_nbytes))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.logging import get_logger
 from services.common.settings import TransferSettings
 from services.transfer.base import (
     Buffer,
@@ -51,4 +52,6 @@ def open_transport(channel: grpc.Channel, describe: kvstore_pb2.DescribeResponse
         except ShmUnavailable as e:
             if kind == "shm":
                 raise ShmUnavailable(f"transport 'shm' forced but unavailable: {e}") from e
+            get_logger("transfer").info("shm_unavailable", store=describe.store_id,
+                                        reason=str(e), fallback="grpc")
     return GrpcTransport(channel, settings.chunk_bytes, timeout_s=timeout_s)
