@@ -376,3 +376,26 @@ def test_a_client_follows_a_restarted_store(tmp_path, transport):
     finally:
         client.close()
         cluster.stop()
+
+
+def test_auto_picks_shm_on_this_host(store):
+    with KVStoreClient(store.kvstore.address) as c:  # TransferSettings() -> auto
+        assert c.transport_name == "shm"
+
+
+def test_auto_falls_back_to_grpc_without_an_arena(tmp_path):
+    from services.transfer import ShmUnavailable
+
+    settings, cluster = start_store(tmp_path, cpu_bytes=MiB, shm=False)
+    try:
+        with KVStoreClient(settings.kvstore.address) as c:
+            assert c.describe().shm_name == ""
+            assert c.transport_name == "grpc"
+            ks, data = keys(3), blocks(3, 1000)
+            assert c.put("", ks, data) == (3, 0)
+            assert [bytes(g) for g in c.get("", ks)] == data
+        with KVStoreClient(settings.kvstore.address, TransferSettings(transport="shm")) as c, \
+                pytest.raises(ShmUnavailable, match="forced"):
+            c.transport_name  # noqa: B018
+    finally:
+        cluster.stop()
