@@ -138,3 +138,33 @@ def test_list_models(split_cluster: RunningCluster) -> None:
     models = split_cluster.stub.ListModels(generation_pb2.ListModelsRequest()).models
     assert [m.id for m in models] == [MODEL_NAME]
     assert models[0].prefill_workers == 2 and models[0].decode_workers == 2
+
+
+def test_stop_string_ends_the_stream_without_its_text(split_cluster: RunningCluster,
+                                                      reference: LLM) -> None:
+    ids = prompts(1, seed=6)[0]
+    full = split_cluster.generate(request(ids, max_tokens=24))
+    text = full.text
+    if len(text) < 6:
+        pytest.skip("the random model produced too little text to cut")
+    stop = text[3:5]
+    cut = text.index(stop)
+    got = split_cluster.generate(request(ids, max_tokens=24, stop=[stop]))
+    assert got.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert got.text == text[:cut]
+    assert stop not in got.text
+
+
+def test_chat_messages_use_the_chat_template(split_cluster: RunningCluster) -> None:
+    req = request(max_tokens=4)
+    req.chat.messages.add(role="system", content="be brief")
+    req.chat.messages.add(role="user", content="hi")
+    got = split_cluster.generate(req)
+    assert len(got.tokens) == 4
+    assert got.usage.prompt_tokens > len("be brief") + len("hi")
+    bad = request(max_tokens=4)
+    bad.chat.messages.add(role="wizard", content="hi")
+    with pytest.raises(grpc.RpcError) as err:
+        list(split_cluster.stub.Generate(bad, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "role" in err.value.details()

@@ -114,3 +114,14 @@ def test_killed_decode_worker_fails_requests_with_unavailable(small_cluster) -> 
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(request([1, 2, 3], max_tokens=2), timeout=20))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sigterm_stops_every_service_cleanly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    cluster = start_cluster(cluster_settings(tiny_llama_dir, prefill=1, decode=1), tmp_path)
+    channel = grpc.insecure_channel(cluster.settings.gateway.address)
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    assert collect(stub.Generate(request([1, 2, 3], max_tokens=3), timeout=30)).tokens
+    channel.close()
+    cluster.stop()
+    assert {s.name: s.proc.returncode for s in cluster.services} == {
+        s.name: 0 for s in cluster.services}
