@@ -28,6 +28,7 @@ from services.common.logging import get_logger
 from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
 from services.transfer import wire
+from services.transfer.grpc_transport import MAX_CHUNK_BYTES
 from services.transfer.memory import tune_malloc
 from splitserve.v1 import kvstore_pb2
 
@@ -72,7 +73,7 @@ class KVStoreServicer:
         self.core = core
         self.tier = tier
         self.store_id = store_id
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = max(1, min(chunk_bytes, MAX_CHUNK_BYTES))
         self.hostname = socket.gethostname()
 
     @_rpc

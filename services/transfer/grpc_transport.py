@@ -24,6 +24,7 @@ from splitserve.v1 import common_pb2, kvstore_pb2
 
 PUT_BLOCKS = "/splitserve.v1.KVStore/PutBlocks"
 GET_BLOCKS = "/splitserve.v1.KVStore/GetBlocks"
+MAX_CHUNK_BYTES = 32 << 20
 
 
 class GrpcTransport(KVTransport):
@@ -33,7 +34,8 @@ class GrpcTransport(KVTransport):
                  timeout_s: float | None = 120.0) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        self.chunk_bytes = chunk_bytes
+        # the servers' message limit is 64 MiB; past 32 MiB malloc maps fresh pages
+        self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
         tune_malloc()
         self.timeout_s = timeout_s
         self._put_blocks = channel.stream_unary(
