@@ -11,137 +11,33 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Sequence
 
 from kvstore.checksum import crc32
 from kvstore.tiers.base import Slot, Tier
+from kvstore.types import (
+    MAX_KEY_BYTES,
+    BegunPut,
+    Block,
+    InvalidArgument,
+    Location,
+    NotFound,
+    OwnerState,
+    PendingPut,
+    PutEntry,
+    PutSlot,
+    RefLike,
+    ResourceExhausted,
+    StoreError,
+    StoreStats,
+    check_key,
+    hex_keys,
+)
 
-MAX_KEY_BYTES = 64
-
-
-class StoreError(Exception):
-    """A request the store cannot serve; ``code`` names the gRPC status it maps to."""
-
-    code = "INTERNAL"
-
-
-class InvalidArgument(StoreError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(StoreError):
-    code = "NOT_FOUND"
-
-    def __init__(self, message: str, keys: Sequence[bytes] = ()) -> None:
-        super().__init__(message)
-        self.keys = list(keys)
-
-
-class ResourceExhausted(StoreError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class RefLike(Protocol):
-    key: bytes
-    num_tokens: int
-    partial: bool
-
-
-@dataclass(eq=False, slots=True)
-class Block:
-    key: bytes
-    tier: Tier
-    slot: Slot
-    checksum: int
-    num_tokens: int = 0
-    partial: bool = False
-    private_owner: str = ""  # the owner a partial block belongs to ("" -> shared)
-    pinners: set[str] = field(default_factory=set)
-    dead: bool = False  # dropped from the index; the slot is freed when the last pin goes
-
-
-class Location(NamedTuple):
-    key: bytes
-    tier: str
-    offset: int
-    length: int
-    checksum: int
-
-
-class PutSlot(NamedTuple):
-    key: bytes
-    present: bool  # already held: nothing to write
-    offset: int = 0
-    length: int = 0
-    tier: str = ""
-
-
-class BegunPut(NamedTuple):
-    put_id: str
-    slots: list[PutSlot]
-
-
-@dataclass(slots=True)
-class _Entry:
-    key: bytes
-    num_tokens: int
-    partial: bool
-    tier: Tier | None = None
-    slot: Slot | None = None  # None -> present
-
-
-@dataclass(slots=True)
-class _Pending:
-    owner: str
-    entries: list[_Entry]
-    expires_at: float
-
-
-@dataclass(slots=True)
-class _Owner:
-    expires_at: float
-    pins: set[Block] = field(default_factory=set)
-    private: set[Block] = field(default_factory=set)
-
-
-@dataclass
-class StoreStats:
-    blocks: int = 0
-    pinned_blocks: int = 0
-    pins: int = 0
-    owners: int = 0
-    pending_puts: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    puts_refused: int = 0
-    checksum_failures: int = 0
-    blocks_stored: int = 0
-    bytes_stored: int = 0
-    lookups: int = 0
-    lookup_keys: int = 0
-    lookup_hit_blocks: int = 0
-    expired_owners: int = 0
-    tiers: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, cap, used, n
-
-
-def check_key(key: object) -> bytes:
-    if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
-        return key
-    if not isinstance(key, bytes | bytearray) or not 0 < len(key) <= MAX_KEY_BYTES:
-        n = len(key) if isinstance(key, bytes | bytearray) else type(key).__name__
-        raise InvalidArgument(
-            f"a block key is 1 to {MAX_KEY_BYTES} bytes (a chained block hash), got {n}"
-        )
-    return bytes(key)
-
-
-def _hex(keys: Iterable[bytes], limit: int = 4) -> str:
-    keys = list(keys)
-    shown = ", ".join(k.hex()[:16] for k in keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+__all__ = [
+    "MAX_KEY_BYTES", "BegunPut", "Block", "InvalidArgument", "KVStoreCore", "Location",
+    "NotFound", "PutSlot", "ResourceExhausted", "StoreError", "StoreStats", "check_key",
+]
 
 
 class KVStoreCore:
@@ -157,8 +53,8 @@ class KVStoreCore:
         self._lock = threading.Lock()
         self._blocks: dict[bytes, Block] = {}
         self._evictable: OrderedDict[bytes, Block] = OrderedDict()  # LRU first
-        self._owners: dict[str, _Owner] = {}
-        self._pending: dict[str, _Pending] = {}
+        self._owners: dict[str, OwnerState] = {}
+        self._pending: dict[str, PendingPut] = {}
         self._next_expiry = float("inf")
         self._s = StoreStats()
 
@@ -198,7 +94,7 @@ class KVStoreCore:
             self._s.misses += len(missing)
             if missing:
                 raise NotFound(f"{len(missing)} of {len(keys)} blocks not held: "
-                               f"{_hex(missing)}", missing)
+                               f"{hex_keys(missing)}", missing)
             if owner:
                 o = self._owner(owner)
                 for b in found:
@@ -236,12 +132,12 @@ class KVStoreCore:
         rather than evicting pinned blocks; reserves all slots or none."""
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
-        entries = [_Entry(check_key(r.key), int(r.num_tokens), bool(r.partial)) for r in refs]
+        entries = [PutEntry(check_key(r.key), int(r.num_tokens), bool(r.partial)) for r in refs]
         with self._lock:
             now = self._expire()
             protect = {e.key for e in entries}
             seen: set[bytes] = set()
-            todo: list[_Entry] = []
+            todo: list[PutEntry] = []
             for e in entries:
                 b = self._blocks.get(e.key)
                 if e.key in seen or (b is not None and not self._replaces(b, e)):
@@ -256,7 +152,7 @@ class KVStoreCore:
             if todo:
                 self._reserve(todo, block_nbytes, protect)
             put_id = uuid.uuid4().hex
-            self._pending[put_id] = _Pending(owner, entries, now + self.pin_ttl_s)
+            self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s)
             self._next_expiry = min(self._next_expiry, now + self.pin_ttl_s)
             slots = [PutSlot(e.key, False, e.slot.offset, e.slot.length, e.tier.name)
                      if e.slot is not None else PutSlot(e.key, True) for e in entries]
@@ -376,26 +272,26 @@ class KVStoreCore:
         raise InvalidArgument(f"no tier {name!r}; tiers: {[t.name for t in self.tiers]}")
 
     @staticmethod
-    def _replaces(old: Block, e: _Entry) -> bool:
+    def _replaces(old: Block, e: PutEntry) -> bool:
         """A partial block grows: a re-put with another token count replaces it."""
         return old.partial and e.partial and old.num_tokens != e.num_tokens
 
-    def _owner(self, owner: str) -> _Owner:
+    def _owner(self, owner: str) -> OwnerState:
         expires = self._clock() + self.pin_ttl_s
         o = self._owners.get(owner)
         if o is None:
-            o = self._owners[owner] = _Owner(expires)
+            o = self._owners[owner] = OwnerState(expires)
         o.expires_at = expires
         self._next_expiry = min(self._next_expiry, expires)
         return o
 
-    def _pin(self, o: _Owner, owner: str, b: Block) -> None:
+    def _pin(self, o: OwnerState, owner: str, b: Block) -> None:
         if owner not in b.pinners:
             b.pinners.add(owner)
             o.pins.add(b)
             self._evictable.pop(b.key, None)
 
-    def _reserve(self, todo: list[_Entry], nbytes: int, protect: set[bytes]) -> None:
+    def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes]) -> None:
         need = self.tiers[0].footprint(nbytes) * len(todo)
         free = sum(t.free_bytes for t in self.tiers)
         room = free
@@ -476,7 +372,7 @@ class KVStoreCore:
             self._remove(b)
         return len(o.pins)
 
-    def _free_pending(self, p: _Pending) -> None:
+    def _free_pending(self, p: PendingPut) -> None:
         for e in p.entries:
             if e.slot is not None:
                 e.tier.free(e.slot)

@@ -1,0 +1,134 @@
+"""The KV store's data types and errors (used by the index, the server and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from kvstore.tiers.base import Slot, Tier
+
+MAX_KEY_BYTES = 64
+
+
+class StoreError(Exception):
+    """A request the store cannot serve; ``code`` names the gRPC status it maps to."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(StoreError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(StoreError):
+    code = "NOT_FOUND"
+
+    def __init__(self, message: str, keys: Sequence[bytes] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+class ResourceExhausted(StoreError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class RefLike(Protocol):
+    key: bytes
+    num_tokens: int
+    partial: bool
+
+
+@dataclass(eq=False, slots=True)
+class Block:
+    key: bytes
+    tier: Tier
+    slot: Slot
+    checksum: int
+    num_tokens: int = 0
+    partial: bool = False
+    private_owner: str = ""  # the owner a partial block belongs to ("" -> shared)
+    pinners: set[str] = field(default_factory=set)
+    dead: bool = False  # dropped from the index; the slot is freed when the last pin goes
+
+
+class Location(NamedTuple):
+    key: bytes
+    tier: str
+    offset: int
+    length: int
+    checksum: int
+
+
+class PutSlot(NamedTuple):
+    key: bytes
+    present: bool  # already held: nothing to write
+    offset: int = 0
+    length: int = 0
+    tier: str = ""
+
+
+class BegunPut(NamedTuple):
+    put_id: str
+    slots: list[PutSlot]
+
+
+@dataclass(slots=True)
+class PutEntry:
+    key: bytes
+    num_tokens: int
+    partial: bool
+    tier: Tier | None = None
+    slot: Slot | None = None  # None -> present
+
+
+@dataclass(slots=True)
+class PendingPut:
+    owner: str
+    entries: list[PutEntry]
+    expires_at: float
+
+
+@dataclass(slots=True)
+class OwnerState:
+    expires_at: float
+    pins: set[Block] = field(default_factory=set)
+    private: set[Block] = field(default_factory=set)
+
+
+@dataclass
+class StoreStats:
+    blocks: int = 0
+    pinned_blocks: int = 0
+    pins: int = 0
+    owners: int = 0
+    pending_puts: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    puts_refused: int = 0
+    checksum_failures: int = 0
+    blocks_stored: int = 0
+    bytes_stored: int = 0
+    lookups: int = 0
+    lookup_keys: int = 0
+    lookup_hit_blocks: int = 0
+    expired_owners: int = 0
+    tiers: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, cap, used, n
+
+
+def check_key(key: object) -> bytes:
+    if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+        return key
+    if not isinstance(key, bytes | bytearray) or not 0 < len(key) <= MAX_KEY_BYTES:
+        n = len(key) if isinstance(key, bytes | bytearray) else type(key).__name__
+        raise InvalidArgument(
+            f"a block key is 1 to {MAX_KEY_BYTES} bytes (a chained block hash), got {n}"
+        )
+    return bytes(key)
+
+
+def hex_keys(keys: Iterable[bytes], limit: int = 4) -> str:
+    keys = list(keys)
+    shown = ", ".join(k.hex()[:16] for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
