@@ -101,9 +101,14 @@ class ShmTransport(KVTransport):
         t0 = time.perf_counter()
         call = self._stub.BeginPut.future(kvstore_pb2.BeginPutRequest(
             owner=owner, blocks=refs, block_nbytes=block_nbytes), timeout=self.timeout_s)
-        # the crc32s do not need the slots: compute them while the store reserves
+        # crc32s need no slots: compute them while the store reserves; the rest are
+        # computed just before each copy, which then reads the payload from cache
+        sums: list[int | None] = [None] * len(views)
         try:
-            sums = [crc32(v) for v in views]
+            i = 0
+            while i < len(views) and not call.done():
+                sums[i] = crc32(views[i])
+                i += 1
         except BaseException:
             with contextlib.suppress(grpc.RpcError):
                 self._abort(call.result().put_id)
@@ -118,9 +123,12 @@ class ShmTransport(KVTransport):
             raise self._stale(begun.store_id)
         written = 0
         try:
-            for slot, v in zip(begun.slots, views, strict=True):
+            for j, (slot, v) in enumerate(zip(begun.slots, views, strict=True)):
                 if slot.present:
+                    sums[j] = 0
                     continue
+                if sums[j] is None:
+                    sums[j] = crc32(v)
                 if slot.length != block_nbytes:
                     raise InvalidRequestError(f"store reserved {slot.length} bytes for a "
                                               f"{block_nbytes}-byte block")
