@@ -41,8 +41,13 @@ def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _engine_times(args: argparse.Namespace, prompts: list[list[int]]) -> list[tuple[float, float]]:
+    import torch
+
+    from services.common.worker import cpu_threads
     from services.engine import EngineConfig, LLMEngine, SamplingParams
 
+    if args.device == "cpu":  # as many threads as one worker of the cluster gets
+        torch.set_num_threads(cpu_threads(_cluster_settings(args)))
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                     max_model_len=args.prompt_len + 64, num_kv_blocks=256,
                                     max_num_batched_tokens=max(1024, args.prompt_len)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -100,16 +101,26 @@ class RequestFlow:
             self.deps.store.release(self.req.request_id)  # idempotent; frees pins on any path
 
     def _run(self) -> Iterator[generation_pb2.GenerateResponse]:
-        prefill = self._prefill()
-        cached = prefill.num_cached_tokens
+        req = self.req
+        worker, route = self._route(PREFILL, len(req.prompt_token_ids))
+        call = worker_pb2.PrefillRequest(request_id=req.request_id, model=req.model,
+                                         prompt_token_ids=req.prompt_token_ids,
+                                         sampling=req.sampling_params())
+        with self._calling(PREFILL, worker, route):
+            stream = self.deps.pool.stub(worker).Prefill(call)
+            self.cancelled.on_cancel(stream.cancel)
+            first = next(stream)
+            yield self._emit([first.first_token_id], ttft=True)
+            # Read on to kv_ready even when the request is over: the worker is then done
+            # putting blocks, and the release below cannot race with a late put.
+            kv = next(m for m in stream if m.kv_ready)
+        cached = first.num_cached_tokens
         self.deps.metrics.cached_tokens.inc(cached)
-        first = self._emit([prefill.first_token_id], ttft=True)
-        yield first
-        reason = prefill.finish_reason
+        reason = first.finish_reason
         if self.text.stopped:
             reason = common_pb2.FINISH_REASON_STOP
         if not reason:
-            for chunk_resp, chunk_reason in self._decode(prefill):
+            for chunk_resp, chunk_reason in self._decode(first.first_token_id, kv):
                 if chunk_resp is not None:
                     yield chunk_resp
                 reason = chunk_reason or reason
@@ -122,58 +133,46 @@ class RequestFlow:
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
         return worker, route
 
-    def _prefill(self) -> worker_pb2.PrefillResponse:
-        req = self.req
-        worker, route = self._route(PREFILL, len(req.prompt_token_ids))
-        call = worker_pb2.PrefillRequest(request_id=req.request_id, model=req.model,
-                                         prompt_token_ids=req.prompt_token_ids,
-                                         sampling=req.sampling_params())
+    @contextmanager
+    def _calling(self, phase: str, worker: WorkerInfo, route: RouteRequest) -> Iterator[None]:
+        """Load bookkeeping around a worker call, and its errors in gateway terms."""
         self.deps.router.on_start(worker, route)
         try:
-            future = self.deps.pool.stub(worker).Prefill.future(call)
-            self.cancelled.on_cancel(future.cancel)
-            return future.result()
-        except grpc.FutureCancelledError as e:
-            raise Cancelled() from e
+            yield
+        except StopIteration as e:
+            raise FlowError(grpc.StatusCode.INTERNAL,
+                            f"{phase} worker {worker.address} ended its stream early") from e
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and self.cancelled.is_set():
                 raise Cancelled() from e
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.deps.pool.mark_failed(worker)
-            raise _worker_error(PREFILL, worker, e) from e
+            raise _worker_error(phase, worker, e) from e
         finally:
             self.deps.router.on_finish(worker, route)
 
     def _decode(
-        self, prefill: worker_pb2.PrefillResponse
+        self, first_token: int, kv: worker_pb2.PrefillResponse
     ) -> Iterator[tuple[generation_pb2.GenerateResponse | None, int]]:
         req = self.req
         worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
         call = worker_pb2.DecodeRequest(
             request_id=req.request_id, model=req.model,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=[prefill.first_token_id],
-            sampling=req.sampling_params(), blocks=prefill.blocks,
-            kv_num_tokens=prefill.kv_num_tokens,
+            prompt_token_ids=req.prompt_token_ids, output_token_ids=[first_token],
+            sampling=req.sampling_params(), blocks=kv.blocks, kv_num_tokens=kv.kv_num_tokens,
         )
-        self.deps.router.on_start(worker, route)
-        stream = self.deps.pool.stub(worker).Decode(call)
-        self.cancelled.on_cancel(stream.cancel)
-        try:
-            for chunk in stream:
-                resp = self._emit(list(chunk.token_ids)) if chunk.token_ids else None
-                if self.text.stopped:
-                    yield resp, common_pb2.FINISH_REASON_STOP
-                    return  # leaving cancels the stream: the worker frees the request
-                yield resp, chunk.finish_reason
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and self.cancelled.is_set():
-                raise Cancelled() from e
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.deps.pool.mark_failed(worker)
-            raise _worker_error(DECODE, worker, e) from e
-        finally:
-            stream.cancel()
-            self.deps.router.on_finish(worker, route)
+        with self._calling(DECODE, worker, route):
+            stream = self.deps.pool.stub(worker).Decode(call)
+            self.cancelled.on_cancel(stream.cancel)
+            try:
+                for chunk in stream:
+                    resp = self._emit(list(chunk.token_ids)) if chunk.token_ids else None
+                    if self.text.stopped:
+                        yield resp, common_pb2.FINISH_REASON_STOP
+                        return  # the stream is cancelled below: the worker frees the request
+                    yield resp, chunk.finish_reason
+            finally:
+                stream.cancel()
 
     def _emit(self, token_ids: list[int], ttft: bool = False) -> generation_pb2.GenerateResponse:
         delta, _ = self.text.push(token_ids)

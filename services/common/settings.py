@@ -41,6 +41,7 @@ class ModelSettings:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     seed: int = 0
+    cpu_threads: int | None = None  # torch threads of a CPU worker; None -> cores / CPU workers
 
 
 @dataclass

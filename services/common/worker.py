@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,12 @@ import grpc
 from kvstore.client import KVStoreClient
 from services.common.engine_loop import EngineLoop
 from services.common.logging import get_logger
-from services.common.server import ServiceHandle, wait_for_serving
+from services.common.server import (
+    ServiceHandle,
+    run_until_signal,
+    start_server,
+    wait_for_serving,
+)
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from services.engine.block_hash import HashContext
 from splitserve.v1 import common_pb2, worker_pb2
@@ -36,10 +41,23 @@ def engine_config(model: ModelSettings) -> Any:
     )
 
 
-def build_engine(model: ModelSettings) -> Any:
+def cpu_threads(settings: ClusterSettings) -> int:
+    """Torch threads of one CPU worker: the cores shared among this host's CPU workers
+    (several workers each spinning on every core slow all of them down)."""
+    if settings.model.cpu_threads:
+        return settings.model.cpu_threads
+    workers = len(settings.prefill) + len(settings.decode)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def build_engine(settings: ClusterSettings) -> Any:
+    import torch
+
     from services.engine import LLMEngine
 
-    return LLMEngine(engine_config(model), use_tqdm=False)
+    if settings.model.device == "cpu":
+        torch.set_num_threads(cpu_threads(settings))
+    return LLMEngine(engine_config(settings.model), use_tqdm=False)
 
 
 def sampling_params(proto: common_pb2.SamplingParams) -> Any:
@@ -135,7 +153,7 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
     """Loads the model, reaches the store; the caller then marks the service ready."""
     log = get_logger(role)
     handle.set_ready(False, "loading model")
-    engine = build_engine(settings.model)
+    engine = build_engine(settings)
     log.info("model_loaded", model=settings.model.name, kv_blocks=engine.num_kv_blocks,
              block_nbytes=engine.block_nbytes)
     handle.set_ready(False, "waiting for the kv store")
@@ -174,5 +192,27 @@ class WorkerServicer:
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
         return self.ctx
 
-    def load(self, context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
+    def Abort(self, request: common_pb2.AbortRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> common_pb2.AbortResponse:
+        ctx = self.ready_ctx(context)
+        ctx.loop.abort(request.request_id)
+        ctx.store.release(request.request_id)
+        return common_pb2.AbortResponse(found=True)
+
+    def GetLoad(self, request: worker_pb2.LoadRequest,  # noqa: N802
+                context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
         return self.ready_ctx(context).load()
+
+
+def serve_worker(role: str, servicer: WorkerServicer,
+                 add_servicer: Callable[[Any, grpc.Server], None],
+                 settings: ClusterSettings, index: int) -> None:
+    """Runs one prefill or decode worker until SIGTERM: health first, then the model."""
+    endpoint = endpoint_for(settings, role, index)
+    service = worker_pb2.DESCRIPTOR.services_by_name[f"{role.capitalize()}Worker"].full_name
+    handle = start_server(role, endpoint, lambda server: add_servicer(servicer, server),
+                          [service])
+    ctx = start_worker(role, settings, endpoint, handle)
+    servicer.attach(ctx)
+    handle.set_ready(True)
+    run_until_signal(handle, drain=lambda: drain(ctx))

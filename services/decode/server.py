@@ -9,20 +9,17 @@ import grpc
 from services.common.engine_loop import EngineStopped
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
-from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
 from services.common.worker import (
     BadRequest,
     WorkerContext,
     WorkerServicer,
     check_request,
-    drain,
-    endpoint_for,
     finish_reason,
     sampling_params,
-    start_worker,
+    serve_worker,
 )
-from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("decode")
 
@@ -83,30 +80,9 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             )
         log.info("decoded", request_id=rid, tokens=n)
 
-    def Abort(self, request: common_pb2.AbortRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> common_pb2.AbortResponse:
-        ctx = self.ready_ctx(context)
-        ctx.loop.abort(request.request_id)
-        ctx.store.release(request.request_id)
-        return common_pb2.AbortResponse(found=True)
-
-    def GetLoad(self, request: worker_pb2.LoadRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
-        return self.load(context)
-
-
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 
 
 def serve(settings: ClusterSettings, index: int) -> None:
-    endpoint = endpoint_for(settings, "decode", index)
     servicer = DecodeServicer(WorkerMetrics("decode"))
-    handle = start_server(
-        "decode", endpoint,
-        lambda server: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-    )
-    ctx = start_worker("decode", settings, endpoint, handle)
-    servicer.attach(ctx)
-    handle.set_ready(True)
-    run_until_signal(handle, drain=lambda: drain(ctx))
+    serve_worker("decode", servicer, worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
+                 settings, index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -13,18 +14,15 @@ import grpc
 from services.common.engine_loop import EngineStopped
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
-from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
 from services.common.worker import (
     BadRequest,
     WorkerContext,
     WorkerServicer,
     check_request,
-    drain,
-    endpoint_for,
     finish_reason,
     sampling_params,
-    start_worker,
+    serve_worker,
 )
 from services.engine.block_hash import block_hashes
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -47,7 +45,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.metrics = metrics
 
     def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> worker_pb2.PrefillResponse:
+                context: grpc.ServicerContext) -> Iterator[worker_pb2.PrefillResponse]:
         ctx = self.ready_ctx(context)
         rid = request.request_id
         handed_over = threading.Event()
@@ -59,7 +57,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
 
         context.add_callback(on_rpc_done)
         try:
-            response = self._prefill(ctx, request)
+            yield from self._prefill(ctx, request)
+            handed_over.set()
         except BadRequest as e:
             context.abort(e.code, str(e))
         except EngineStopped as e:
@@ -68,11 +67,12 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"kv store: {e.details()}")
-        handed_over.set()
-        return response
+        finally:
+            if not handed_over.is_set():  # a put may have landed after on_rpc_done released
+                ctx.store.release(rid)
 
     def _prefill(self, ctx: WorkerContext,
-                 request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
+                 request: worker_pb2.PrefillRequest) -> Iterator[worker_pb2.PrefillResponse]:
         start = time.perf_counter()
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
@@ -81,37 +81,40 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         hashes = block_hashes(prompt, ctx.hash_ctx)
         # The last prompt token is always computed: its logits give the first token.
         usable = hashes[: (len(prompt) - 1) // bs]
-        held = ctx.store.lookup(usable) if usable else 0
-        payloads = ctx.store.get(rid, usable[:held]) if held else []
+        payloads = ctx.store.get_prefix(rid, usable)
+        held = len(payloads)
         stream = ctx.loop.submit(
             rid, prompt, replace(params, max_tokens=1),
             kv_blocks=payloads or None, kv_num_tokens=held * bs, export_kv=True,
         )
-        first, reason, local_hits = 0, None, 0
+        first = None
         for out in stream:
+            if out.finished:  # the first token goes out before the last blocks move
+                first = self._first_token(out, params, len(prompt), held * bs)
+                yield first
             self._put_blocks(ctx, rid, out)
-            if out.new_token_ids:
-                first = out.new_token_ids[0]
-            local_hits = max(local_hits, out.num_cached_tokens)
-            reason = out.finish_reason
-        cached = max(held * bs, local_hits)
-        ended = reason == "stop" or params.max_tokens == 1
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
         if len(prompt) % bs:
             refs.append(tail_ref(rid, len(prompt) % bs))
         elapsed = time.perf_counter() - start
-        self.metrics.observe_prefill(len(prompt) - cached, cached, elapsed)
-        log.info("prefilled", request_id=rid, prompt_tokens=len(prompt), cached_tokens=cached,
-                 store_blocks=held, seconds=round(elapsed, 4))
+        self.metrics.observe_prefill(first.num_computed_tokens, first.num_cached_tokens, elapsed)
+        log.info("prefilled", request_id=rid, prompt_tokens=len(prompt),
+                 cached_tokens=first.num_cached_tokens, store_blocks=held,
+                 seconds=round(elapsed, 4))
+        yield worker_pb2.PrefillResponse(request_id=rid, blocks=refs, kv_num_tokens=len(prompt),
+                                         prefill_seconds=elapsed, kv_ready=True)
+
+    @staticmethod
+    def _first_token(out: Any, params: Any, prompt_len: int,
+                     store_tokens: int) -> worker_pb2.PrefillResponse:
+        cached = max(store_tokens, out.num_cached_tokens)
+        ended = out.finish_reason == "stop" or params.max_tokens == 1
         return worker_pb2.PrefillResponse(
-            request_id=rid,
-            first_token_id=first,
-            blocks=refs,
-            kv_num_tokens=len(prompt),
+            request_id=out.request_id,
+            first_token_id=out.new_token_ids[0],
             num_cached_tokens=cached,
-            num_computed_tokens=len(prompt) - cached,
-            finish_reason=finish_reason(reason if ended else None),
-            prefill_seconds=elapsed,
+            num_computed_tokens=prompt_len - cached,
+            finish_reason=finish_reason(out.finish_reason if ended else None),
         )
 
     @staticmethod
@@ -125,30 +128,9 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         if blocks:
             ctx.store.put(rid, refs, [b.payload for b in blocks], ctx.block_nbytes)
 
-    def Abort(self, request: common_pb2.AbortRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> common_pb2.AbortResponse:
-        ctx = self.ready_ctx(context)
-        ctx.loop.abort(request.request_id)
-        ctx.store.release(request.request_id)
-        return common_pb2.AbortResponse(found=True)
-
-    def GetLoad(self, request: worker_pb2.LoadRequest,  # noqa: N802
-                context: grpc.ServicerContext) -> worker_pb2.WorkerLoad:
-        return self.load(context)
-
-
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
 
 
 def serve(settings: ClusterSettings, index: int) -> None:
-    endpoint = endpoint_for(settings, "prefill", index)
     servicer = PrefillServicer(WorkerMetrics("prefill"))
-    handle = start_server(
-        "prefill", endpoint,
-        lambda server: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-    )
-    ctx = start_worker("prefill", settings, endpoint, handle)
-    servicer.attach(ctx)
-    handle.set_ready(True)
-    run_until_signal(handle, drain=lambda: drain(ctx))
+    serve_worker("prefill", servicer, worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
+                 settings, index)

@@ -22,7 +22,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.Transport, str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "blocks", "kv_num_tokens", "num_cached_tokens", "num_computed_tokens", "finish_reason", "prefill_seconds")
+    __slots__ = ("request_id", "first_token_id", "blocks", "kv_num_tokens", "num_cached_tokens", "num_computed_tokens", "finish_reason", "prefill_seconds", "kv_ready")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class PrefillResponse(_message.Message):
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_READY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     blocks: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockRef]
@@ -39,7 +40,8 @@ class PrefillResponse(_message.Message):
     num_computed_tokens: int
     finish_reason: _common_pb2.FinishReason
     prefill_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., kv_num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    kv_ready: bool
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., kv_num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prefill_seconds: _Optional[float] = ..., kv_ready: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_token_ids", "output_token_ids", "sampling", "blocks", "kv_num_tokens", "transport")

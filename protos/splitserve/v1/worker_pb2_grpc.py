@@ -36,7 +36,7 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/splitserve.v1.PrefillWorker/Prefill',
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
@@ -58,7 +58,9 @@ class PrefillWorkerServicer:
     """
 
     def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Two messages: the first token as soon as it is sampled, then (kv_ready) the
+        blocks once they are all in the store, so that moving KV never delays TTFT.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -78,7 +80,7 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
@@ -116,7 +118,7 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/splitserve.v1.PrefillWorker/Prefill',
