@@ -2,7 +2,8 @@
 
 Starts a KV store (or uses --address), puts N MiB of blocks with an owner, gets them
 back (fresh buffers, and straight into preallocated ones, as a decode worker does),
-releases, and prints GB/s (1e9 bytes/s) for each transport.
+releases, and prints GB/s (1e9 bytes/s) for each transport. ``--floor`` adds what the
+machine itself allows (see :mod:`bench.transfer_floor`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up)")
     p.add_argument("--chunk-mib", type=float, default=None,
                    help="grpc payload bytes per stream message (default: settings)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure what this machine allows (memcpy, crc32, raw gRPC)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--log-dir", default=None, help="where the started store logs")
 
@@ -127,6 +130,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with LocalCluster(settings, config, log_dir=log_dir, roles=("kvstore",)):
                 result = _run_against(settings.kvstore.address, args, chunk)
     _print(result)
+    if args.floor:
+        from bench.transfer_floor import measure, print_floor
+
+        block = args.block_kib * 1024
+        result["floor"] = measure(max(1, args.mib * MiB // block) * block, block, chunk,
+                                  args.repeat)
+        print_floor(result["floor"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

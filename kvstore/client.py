@@ -100,13 +100,25 @@ class KVStoreClient:
     def get(self, owner: str, keys: Sequence[bytes],
             out: Sequence[Buffer] | None = None) -> list[Buffer]:
         """The bytes of every block of ``keys``, in order, pinned for ``owner`` until
-        ``release(owner)``. Returns bytes-like objects (bytes, bytearray or read-only
+        ``release(owner)``. Returns bytes-like objects (bytes, bytearray or
         memoryview), or ``out`` filled in place when given (writable buffers, one per key
         of the block's size: the bytes are copied once, straight into them). Raises
         MissingBlocksError (a KeyError and a grpc.RpcError with NOT_FOUND) when any block
         is missing; then nothing is pinned."""
         keys = list(keys)
         return self._on_transport(lambda t: t.get(owner, keys, out))
+
+    def get_prefix(self, owner: str, keys: Sequence[bytes],
+                   out: Sequence[Buffer] | None = None) -> list[Buffer]:
+        """The blocks of the longest prefix of ``keys`` the store holds, in one round trip:
+        as many buffers as blocks held (possibly none), each pinned for ``owner`` until
+        ``release(owner)``; nothing past the prefix is pinned. A block that fails its
+        checksum is a miss: the prefix ends before it. ``out`` as in ``get`` (its first
+        buffers are filled). With no keys, no call at all."""
+        keys = list(keys)
+        if not keys:
+            return []
+        return self._on_transport(lambda t: t.get(owner, keys, out, longest_prefix=True))
 
     def _on_transport(self, op):
         """Runs ``op(transport)``; when the store restarted under the transport, opens

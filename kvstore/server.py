@@ -28,6 +28,7 @@ from services.common.logging import get_logger
 from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
 from services.transfer import wire
+from services.transfer.bulk import address, copy
 from services.transfer.grpc_transport import MAX_CHUNK_BYTES
 from services.transfer.memory import tune_malloc
 from splitserve.v1 import kvstore_pb2
@@ -94,11 +95,13 @@ class KVStoreServicer:
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes)
         resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id)
-        add, nbytes = resp.slots.add, 0
-        for s in begun.slots:
-            add(key=s.key, present=s.present, offset=s.offset, length=s.length)
-            nbytes += s.length
-        STORE_BYTES.labels("shm", "put").inc(nbytes)
+        if request.packed:
+            resp.offsets.extend([-1 if s.present else s.offset for s in begun.slots])
+        else:
+            add = resp.slots.add
+            for s in begun.slots:
+                add(key=s.key, present=s.present, offset=s.offset, length=s.length)
+        STORE_BYTES.labels("shm", "put").inc(sum(s.length for s in begun.slots))
         return resp
 
     @_rpc
@@ -126,6 +129,7 @@ class KVStoreServicer:
             stored, present = self.core.commit_put(begun.put_id, ())
             return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
         views = [None if s.present else self.core.view(s) for s in begun.slots]
+        addrs = [0 if v is None else address(v) for v in views]
         crcs = [0] * len(views)
         total, got, bi, boff = nbytes * len(refs), 0, 0, 0
         committed = False
@@ -135,14 +139,12 @@ class KVStoreServicer:
                 if got + n > total:
                     raise _invalid(f"payload longer than {len(refs)} blocks x block_nbytes="
                                    f"{nbytes} = {total} bytes")
-                pos = 0
+                src, pos = address(data) if n else 0, 0
                 while pos < n:
                     take = min(nbytes - boff, n - pos)
-                    dst = views[bi]
-                    if dst is not None:
-                        piece = data[pos : pos + take]
-                        crcs[bi] = crc32(piece, crcs[bi])
-                        dst[boff : boff + take] = piece
+                    if addrs[bi]:
+                        crcs[bi] = crc32(data[pos : pos + take], crcs[bi])
+                        copy(addrs[bi] + boff, src + pos, take)
                     pos += take
                     boff += take
                     if boff == nbytes:
@@ -167,48 +169,77 @@ class KVStoreServicer:
 
     @_rpc
     def Get(self, request, context):  # noqa: N802
-        locs = self.core.get(request.owner, request.keys)
+        locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix)
         resp = kvstore_pb2.GetResponse(store_id=self.store_id)
-        add, nbytes = resp.blocks.add, 0
-        for loc in locs:
-            add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)
-            nbytes += loc.length
-        STORE_BYTES.labels("shm", "get").inc(nbytes)
+        lengths = [loc.length for loc in locs]
+        if request.packed:
+            resp.offsets.extend([loc.offset for loc in locs])
+            resp.lengths.extend(lengths)
+            resp.checksums.extend([loc.checksum for loc in locs])
+        else:
+            add = resp.blocks.add
+            for loc in locs:
+                add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)
+        STORE_BYTES.labels("shm", "get").inc(sum(lengths))
         return resp
 
     def GetBlocks(self, request, context) -> Iterator[bytes]:  # noqa: N802
         t0 = time.perf_counter()
         owner = request.owner or f"getblocks-{uuid.uuid4().hex}"
+        prefix = request.longest_prefix
         try:
-            locs = self.core.get(owner, request.keys)
+            locs = self.core.get(owner, request.keys, prefix=prefix)
         except StoreError as e:
             context.abort(_status(e), str(e))
         try:
-            yield from self._stream(locs, context)
+            yield from self._messages(owner, request.keys, locs, prefix)
+        except _Corrupt as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         finally:
             if not request.owner:
                 self.core.release(owner)
             RPC_SECONDS.labels("GetBlocks").observe(time.perf_counter() - t0)
 
-    def _stream(self, locs: list[Location], context) -> Iterator[bytes]:
+    def _messages(self, owner: str, keys, locs: list[Location], prefix: bool) -> Iterator[bytes]:
         """Packed BlockData messages of ``chunk_bytes``: the first names every block's
         length, the data runs back to back across blocks (few messages for many small
         blocks); ``length`` is set too where a message starts a block. Each block's
-        crc32 is verified before its first byte leaves."""
+        crc32 is verified before its first byte leaves; one that fails is dropped and
+        raises _Corrupt, or in a prefix stream ends the prefix there."""
         chunk = self.chunk_bytes
         out = STORE_BYTES.labels("grpc", "get")
         lengths = [loc.length for loc in locs]
         pieces: list[memoryview] = []
         size = start_i = start_off = 0
         first = True
+
+        def message() -> bytes:
+            nonlocal pieces, size, first
+            msg = wire.encode_block_data(start_i, start_off,
+                                         0 if start_off or not lengths else lengths[start_i],
+                                         pieces, lengths if first else ())
+            out.inc(size)
+            pieces, size, first = [], 0, False
+            return msg
+
         for i, loc in enumerate(locs):
             view = self.core.view(loc)
             if crc32(view) != loc.checksum:
                 self.core.drop_corrupt(loc)
                 log.warning("checksum_failure", key=loc.key.hex(), offset=loc.offset)
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"block {loc.key.hex()} failed its checksum and was dropped; "
-                              "it is a miss now (recompute it)")
+                if not prefix:
+                    raise _Corrupt(f"block {loc.key.hex()} failed its checksum and was "
+                                   "dropped; it is a miss now (recompute it)")
+                self.core.unpin(owner, keys[i : len(locs)])  # the prefix ends before it
+                if first:  # nothing sent yet: the first message names the prefix
+                    lengths = lengths[:i]
+                    if i:
+                        yield message()
+                    return
+                if pieces:
+                    yield message()
+                yield wire.encode_block_data(0, 0, 0, (), num_blocks=i)
+                return
             pos = 0
             while pos < loc.length:
                 if not size:
@@ -218,21 +249,17 @@ class KVStoreServicer:
                 size += take
                 pos += take
                 if size == chunk:
-                    yield wire.encode_block_data(start_i, start_off,
-                                                 0 if start_off else lengths[start_i],
-                                                 pieces, lengths if first else ())
-                    out.inc(size)
-                    pieces, size, first = [], 0, False
-        if pieces or first:
-            yield wire.encode_block_data(start_i, start_off,
-                                         0 if start_off or not lengths else lengths[start_i],
-                                         pieces, lengths if first else ())
-            out.inc(size)
+                    yield message()
+        if pieces or (first and not prefix):
+            yield message()
 
     @_rpc
     def Release(self, request, context):  # noqa: N802
         if not request.owner:
             raise _invalid("Release needs an owner (the request id that pinned the blocks)")
+        if request.keys:
+            return kvstore_pb2.ReleaseResponse(
+                released=self.core.unpin(request.owner, request.keys))
         return kvstore_pb2.ReleaseResponse(released=self.core.release(request.owner))
 
     @_rpc
@@ -248,6 +275,10 @@ class KVStoreServicer:
 
 def _invalid(message: str) -> StoreError:
     return InvalidArgument(message)
+
+
+class _Corrupt(Exception):
+    """A block failed its checksum while a GetBlocks stream was being built."""
 
 
 def add_to_server(servicer: KVStoreServicer, server: grpc.Server) -> None:

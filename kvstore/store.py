@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from kvstore.checksum import crc32
+from kvstore.space import Space
 from kvstore.tiers.base import Slot, Tier
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-class KVStoreCore:
+class KVStoreCore(Space):
     """Index, pins, two-phase puts and LRU eviction over a list of tiers (fastest first)."""
 
     def __init__(self, tiers: Sequence[Tier], pin_ttl_s: float = 300.0,
@@ -82,27 +83,44 @@ class KVStoreCore:
             self._s.lookup_hit_blocks += n
             return n, per_tier
 
-    def get(self, owner: str, keys: Sequence[bytes]) -> list[Location]:
+    def get(self, owner: str, keys: Sequence[bytes], *,
+            prefix: bool = False) -> list[Location]:
         """Pins every block for ``owner`` (none when empty) and says where they are.
-        All or nothing: a missing key raises NotFound and pins nothing."""
+        All or nothing: a missing key raises NotFound and pins nothing. With ``prefix``:
+        the longest held prefix of ``keys`` instead (possibly none), pinned; nothing
+        past it is pinned and a missing key raises nothing."""
         keys = [check_key(k) for k in keys]
+        blocks = self._blocks
         with self._lock:
             self._expire()
-            found = [self._blocks.get(k) for k in keys]
-            missing = [k for k, b in zip(keys, found, strict=True) if b is None]
-            self._s.hits += len(keys) - len(missing)
-            self._s.misses += len(missing)
-            if missing:
-                raise NotFound(f"{len(missing)} of {len(keys)} blocks not held: "
-                               f"{hex_keys(missing)}", missing)
-            if owner:
-                o = self._owner(owner)
-                for b in found:
-                    self._pin(o, owner, b)
+            if prefix:
+                found = []
+                for k in keys:
+                    b = blocks.get(k)
+                    if b is None:
+                        break
+                    found.append(b)
+                self._s.hits += len(found)
+                self._s.misses += len(keys) - len(found)
             else:
+                found = [blocks.get(k) for k in keys]
+                if None in found:
+                    missing = [k for k, b in zip(keys, found, strict=True) if b is None]
+                    self._s.hits += len(keys) - len(missing)
+                    self._s.misses += len(missing)
+                    raise NotFound(f"{len(missing)} of {len(keys)} blocks not held: "
+                                   f"{hex_keys(missing)}", missing)
+                self._s.hits += len(keys)
+            if owner and found:
+                o = self._owner(owner)
+                pin = self._pin
                 for b in found:
-                    if b.key in self._evictable:
-                        self._evictable.move_to_end(b.key)
+                    pin(o, owner, b)
+            elif not owner:
+                evictable = self._evictable
+                for b in found:
+                    if b.key in evictable:
+                        evictable.move_to_end(b.key)
             return [Location(b.key, b.tier.name, b.slot.offset, b.slot.length, b.checksum)
                     for b in found]
 
@@ -132,22 +150,27 @@ class KVStoreCore:
         rather than evicting pinned blocks; reserves all slots or none."""
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
-        entries = [PutEntry(check_key(r.key), int(r.num_tokens), bool(r.partial)) for r in refs]
+        entries = []
+        for r in refs:
+            k = r.key
+            if type(k) is not bytes or not 0 < len(k) <= MAX_KEY_BYTES:
+                k = check_key(k)
+            entries.append(PutEntry(k, int(r.num_tokens), bool(r.partial)))
         with self._lock:
             now = self._expire()
+            blocks = self._blocks
             protect = {e.key for e in entries}
             seen: set[bytes] = set()
             todo: list[PutEntry] = []
             for e in entries:
-                b = self._blocks.get(e.key)
-                if e.key in seen or (b is not None and not self._replaces(b, e)):
-                    if b is not None:
-                        if owner:
-                            self._pin(self._owner(owner), owner, b)
-                        elif not b.pinners:
-                            self._evictable.move_to_end(b.key)
-                else:
+                b = blocks.get(e.key)
+                if e.key not in seen and (b is None or self._replaces(b, e)):
                     todo.append(e)
+                elif b is not None:
+                    if owner:
+                        self._pin(self._owner(owner), owner, b)
+                    elif not b.pinners:
+                        self._evictable.move_to_end(b.key)
                 seen.add(e.key)
             if todo:
                 self._reserve(todo, block_nbytes, protect)
@@ -179,32 +202,37 @@ class KVStoreCore:
                     f"send that many checksums, got {len(checksums)}")
             del self._pending[put_id]
             self._expire()
-            o = self._owner(p.owner) if p.owner else None
-            stored = 0
+            owner = p.owner
+            o = self._owner(owner) if owner else None
+            blocks, evictable = self._blocks, self._evictable
+            stored = nbytes = 0
             for e, c in zip(written, sums, strict=True):
-                old = self._blocks.get(e.key)
-                if old is not None and not self._replaces(old, e):
-                    e.tier.free(e.slot)  # a racing put stored it first
-                    if o is not None:
-                        self._pin(o, p.owner, old)
-                    continue
-                if old is not None:  # a partial block grew: the new one takes the pin
-                    if o is not None and p.owner in old.pinners:
-                        old.pinners.discard(p.owner)
+                old = blocks.get(e.key)
+                if old is not None:
+                    if not self._replaces(old, e):
+                        e.tier.free(e.slot)  # a racing put stored it first
+                        if o is not None:
+                            self._pin(o, owner, old)
+                        continue
+                    # a partial block grew: the new one takes the pin
+                    if o is not None and owner in old.pinners:
+                        old.pinners.discard(owner)
                         o.pins.discard(old)
                     self._remove(old)
                 b = Block(e.key, e.tier, e.slot, int(c) & 0xFFFFFFFF, e.num_tokens,
-                          e.partial, p.owner if e.partial else "")
-                self._blocks[e.key] = b
+                          e.partial, owner if e.partial else "")
+                blocks[e.key] = b
                 stored += 1
-                self._s.blocks_stored += 1
-                self._s.bytes_stored += e.slot.length
-                if o is not None:
-                    self._pin(o, p.owner, b)
+                nbytes += e.slot.length
+                if o is not None:  # a new block: pinned by its owner only
+                    b.pinners.add(owner)
+                    o.pins.add(b)
                     if b.private_owner:
                         o.private.add(b)
                 else:
-                    self._evictable[b.key] = b
+                    evictable[b.key] = b
+            self._s.blocks_stored += stored
+            self._s.bytes_stored += nbytes
             return stored, len(p.entries) - stored
 
     def abort_put(self, put_id: str) -> bool:
@@ -238,6 +266,21 @@ class KVStoreCore:
         with self._lock:
             self._expire()
             return self._release(owner)
+
+    def unpin(self, owner: str, keys: Sequence[bytes]) -> int:
+        """Drops the pins ``owner`` holds on ``keys`` (its private blocks stay until
+        ``release``) -> pins dropped."""
+        wanted = {check_key(k) for k in keys}
+        with self._lock:
+            self._expire()
+            o = self._owners.get(owner)
+            if o is None or not wanted:
+                return 0
+            dropped = [b for b in o.pins if b.key in wanted]
+            for b in dropped:
+                o.pins.discard(b)
+                self._unpinned(b, owner)
+            return len(dropped)
 
     def expire(self) -> None:
         with self._lock:
@@ -291,92 +334,25 @@ class KVStoreCore:
             o.pins.add(b)
             self._evictable.pop(b.key, None)
 
-    def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes]) -> None:
-        need = self.tiers[0].footprint(nbytes) * len(todo)
-        free = sum(t.free_bytes for t in self.tiers)
-        room = free
-        if need > free:  # eviction needed: refuse up front what eviction cannot fix
-            room += sum(b.tier.footprint(b.slot.length)
-                        for k, b in self._evictable.items() if k not in protect)
-        if need <= free:  # one contiguous run when a hole is big enough: one call
-            for t in self.tiers:
-                run = t.allocate_run(nbytes, len(todo))
-                if run is not None:
-                    for e, slot in zip(todo, run, strict=True):
-                        e.tier, e.slot = t, slot
-                    return
-        if need <= room:
-            for i, e in enumerate(todo):
-                placed = self._place(nbytes, protect)
-                if placed is None:
-                    for done in todo[:i]:
-                        done.tier.free(done.slot)
-                        done.tier = done.slot = None
-                    break
-                e.tier, e.slot = placed
-            else:
-                return
-        self._s.puts_refused += 1
-        free = sum(t.free_bytes for t in self.tiers)
-        room = max(room, free)
-        cap = sum(t.capacity_bytes for t in self.tiers)
-        raise ResourceExhausted(
-            f"kvstore full: the put needs {need} bytes ({len(todo)} blocks of {nbytes}), "
-            f"{free} of {cap} bytes are free and {room - free} more could be evicted "
-            f"(the rest is pinned or being written); release owners or retry later")
-
-    def _place(self, nbytes: int, protect: set[bytes]) -> tuple[Tier, Slot] | None:
-        for t in self.tiers:
-            slot = t.allocate(nbytes)
-            if slot is not None:
-                return t, slot
-        for t in self.tiers:
-            while True:
-                victim = next((b for k, b in self._evictable.items()
-                               if b.tier is t and k not in protect), None)
-                if victim is None:
-                    break
-                self._remove(victim)
-                self._s.evictions += 1
-                slot = t.allocate(nbytes)
-                if slot is not None:
-                    return t, slot
-        return None
-
-    def _remove(self, b: Block) -> None:
-        """Takes a block out of the index; frees its slot now or when unpinned."""
-        if self._blocks.get(b.key) is b:
-            del self._blocks[b.key]
-        self._evictable.pop(b.key, None)
-        if b.private_owner and (o := self._owners.get(b.private_owner)) is not None:
-            o.private.discard(b)
-        if b.pinners:
-            b.dead = True
-        elif not b.dead:
-            b.dead = True
-            b.tier.free(b.slot)
-
     def _release(self, owner: str) -> int:
         o = self._owners.pop(owner, None)
         if o is None:
             return 0
         for b in o.pins:
-            b.pinners.discard(owner)
-            if b.pinners:
-                continue
-            if b.dead:
-                b.tier.free(b.slot)
-            elif b.private_owner != owner:
-                self._evictable[b.key] = b
+            self._unpinned(b, owner)
         for b in list(o.private):
             self._remove(b)
         return len(o.pins)
 
-    def _free_pending(self, p: PendingPut) -> None:
-        for e in p.entries:
-            if e.slot is not None:
-                e.tier.free(e.slot)
-                e.slot = None
+    def _unpinned(self, b: Block, owner: str) -> None:
+        """``owner`` let go of ``b``: free it when dead and unpinned, else evictable."""
+        b.pinners.discard(owner)
+        if b.pinners:
+            return
+        if b.dead:
+            b.tier.free(b.slot)
+        elif b.private_owner != owner:
+            self._evictable[b.key] = b
 
     def _expire(self) -> float:
         now = self._clock()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
+class Slot(NamedTuple):
     """One contiguous span of a tier: where one block lives."""
 
     offset: int
@@ -44,6 +43,11 @@ class Tier(ABC):
 
     @abstractmethod
     def free(self, slot: Slot) -> None: ...
+
+    def free_many(self, slots: list[Slot]) -> None:
+        """Frees several slots (an eviction's victims); a tier may merge neighbours."""
+        for slot in slots:
+            self.free(slot)
 
     @abstractmethod
     def view(self, slot: Slot) -> memoryview:

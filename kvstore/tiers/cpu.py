@@ -92,6 +92,19 @@ class CpuTier(Tier):
     def free(self, slot: Slot) -> None:
         self._alloc.free(slot.offset, slot.length)
 
+    def free_many(self, slots: list[Slot]) -> None:
+        """Neighbouring slots (blocks put together lie back to back) go in one call."""
+        rounded = self._alloc.rounded
+        start = end = -1
+        for s in sorted(slots, key=lambda s: s.offset):
+            if s.offset != end:
+                if end > start:
+                    self._alloc.free(start, end - start)
+                start = end = s.offset
+            end += rounded(s.length)
+        if end > start:
+            self._alloc.free(start, end - start)
+
     def view(self, slot: Slot) -> memoryview:
         return self._buf[slot.offset : slot.offset + slot.length]
 

@@ -152,12 +152,15 @@ class KVTransport(ABC):
         A key the store already holds is not rewritten."""
 
     @abstractmethod
-    def get(self, owner: str, keys: Sequence[bytes],
-            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+    def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
+            longest_prefix: bool = False) -> list[Buffer]:
         """The bytes of every block, pinned for ``owner`` until it is released (an empty
         owner pins only for the duration of the call). With ``out``, the bytes land in
         those writable buffers (one per key, each exactly the block's size), which are
-        returned; else fresh buffers are. Raises MissingBlocksError if any is missing."""
+        returned; else fresh buffers are. Raises MissingBlocksError if any is missing.
+        With ``longest_prefix``: the blocks of the longest prefix of ``keys`` the store
+        holds (possibly none; a block failing its checksum ends it), only those pinned,
+        and no error for a missing key; with ``out``, its first buffers are filled."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass

@@ -18,6 +18,7 @@ from services.transfer.base import (
     check_payloads,
     wrap_rpc_error,
 )
+from services.transfer.bulk import empty
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2
@@ -83,8 +84,8 @@ class GrpcTransport(KVTransport):
         self._put_bytes.inc(block_nbytes * len(views))
         return PutResult(resp.stored, resp.present)
 
-    def get(self, owner: str, keys: Sequence[bytes],
-            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+    def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
+            longest_prefix: bool = False) -> list[Buffer]:
         n = len(keys)
         if out is not None and len(out) != n:
             raise InvalidRequestError(f"{n} keys but {len(out)} output buffers")
@@ -92,10 +93,11 @@ class GrpcTransport(KVTransport):
             return []
         outs = [as_view(o, writable=True) for o in out] if out is not None else None
         t0 = time.perf_counter()
-        asm = _Assembler(n, outs)
+        asm = _Assembler(n, outs, prefix=longest_prefix)
         try:
-            for c in self._get_blocks(kvstore_pb2.GetRequest(owner=owner, keys=keys),
-                                      timeout=self.timeout_s):
+            for c in self._get_blocks(kvstore_pb2.GetRequest(
+                    owner=owner, keys=keys, longest_prefix=longest_prefix),
+                    timeout=self.timeout_s):
                 asm.add(c)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
@@ -103,23 +105,27 @@ class GrpcTransport(KVTransport):
         self._get_time.observe(time.perf_counter() - t0)
         self._get_bytes.inc(asm.total)
         if out is not None:
-            return list(out)
+            return list(out[: len(results)])
         return results
 
 
 class _Assembler:
     """Puts the blocks of a GetBlocks stream together. Packed streams (``lengths`` on
     the first message) run back to back across blocks; a block that lies whole inside
-    one message is returned as a view of it (no copy) unless ``outs`` are given."""
+    one message is returned as a view of it (no copy) unless ``outs`` are given. A
+    prefix stream (``prefix``) carries the blocks its first message's ``lengths`` name
+    (none without a message), fewer when a last message's ``num_blocks`` says so."""
 
-    def __init__(self, n: int, outs: list[memoryview] | None) -> None:
-        self.n, self.outs = n, outs
+    def __init__(self, n: int, outs: list[memoryview] | None, *,
+                 prefix: bool = False) -> None:
+        self.n, self.outs, self.prefix = n, outs, prefix
         self.results: list[Buffer | None] = [None] * n
         self.views: list[memoryview | None] = [None] * n
         self.lengths: list[int] | None = None
         self.received = [0] * n
         self.total = 0
         self.packed = False
+        self.started = False
 
     def _dst(self, i: int) -> memoryview:
         dst = self.views[i]
@@ -131,15 +137,25 @@ class _Assembler:
                     raise InvalidRequestError(
                         f"output buffer {i} has {dst.nbytes} bytes; the block has {length}")
             else:
-                dst = memoryview(bytearray(length))
+                dst = empty(length)
             self.views[i] = self.results[i] = dst
         return dst
 
     def add(self, c: wire.BlockChunk) -> None:
+        first, self.started = not self.started, True
+        if c.num_blocks and self.prefix:  # a block failed its checksum: the prefix ends
+            if first or c.num_blocks > self.n or c.data.nbytes:
+                raise ChecksumError(f"store cut a prefix of {self.n} blocks to "
+                                    f"{c.num_blocks}")
+            self.n = c.num_blocks
+            return
         if c.lengths:
-            if len(c.lengths) != self.n:
+            if len(c.lengths) != self.n and not (self.prefix and len(c.lengths) < self.n):
                 raise ChecksumError(f"store sent {len(c.lengths)} lengths for {self.n} keys")
+            self.n = len(c.lengths)
             self.lengths, self.packed = list(c.lengths), True
+        elif first and self.prefix:
+            raise ChecksumError("a prefix stream must name its blocks on its first message")
         elif not self.packed:  # one block per message; its length on its first chunk
             if self.lengths is None:
                 self.lengths = [0] * self.n
@@ -169,10 +185,11 @@ class _Assembler:
         self.total += size
 
     def finish(self) -> list[Buffer]:
+        if self.prefix and not self.started:  # no message: an empty prefix
+            self.n = 0
         lengths = self.lengths or [0] * self.n
         short = [i for i in range(self.n) if self.results[i] is None
                  or self.received[i] != lengths[i]]
         if short:
             raise ChecksumError(f"GetBlocks stream ended early: blocks {short[:8]} incomplete")
-        return [r.obj if isinstance(r, memoryview) and isinstance(r.obj, bytearray)
-                and r.nbytes == len(r.obj) else r for r in self.results]
+        return self.results[: self.n]

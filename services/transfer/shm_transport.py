@@ -2,12 +2,14 @@
 
 Put: BeginPut reserves slots -> each payload is copied straight into the arena (one
 copy) -> CommitPut with their crc32s. Get: Get pins and says where -> one copy out of
-the arena, crc32 verified. No KV bytes pass through gRPC.
+the arena, crc32 verified. No KV bytes pass through gRPC. The copies and crc32s run off
+the GIL on a couple of threads (:mod:`services.transfer.bulk`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import socket
@@ -17,7 +19,6 @@ from collections.abc import Sequence
 
 import grpc
 
-from kvstore.checksum import crc32
 from services.transfer.base import (
     Buffer,
     InvalidRequestError,
@@ -28,6 +29,7 @@ from services.transfer.base import (
     check_payloads,
     wrap_rpc_error,
 )
+from services.transfer.bulk import Copy, address, crc_copy, empty
 from services.transfer.grpc_transport import GrpcTransport
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
@@ -68,6 +70,30 @@ def _open_arena(name: str, nbytes: int, store_id: str) -> mmap.mmap:
     return mm
 
 
+def _put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[int]:
+    """Where to write each block (-1: already held), from a packed answer or slots."""
+    if begun.offsets or not begun.slots:
+        return list(begun.offsets)
+    for s in begun.slots:
+        if not s.present and s.length != block_nbytes:
+            raise InvalidRequestError(f"store reserved {s.length} bytes for a "
+                                      f"{block_nbytes}-byte block")
+    return [-1 if s.present else s.offset for s in begun.slots]
+
+
+def _locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list[int]]:
+    """(offsets, lengths, checksums) of a Get answer, packed or in ``blocks``."""
+    if resp.offsets or not resp.blocks:
+        offsets, lengths = list(resp.offsets), list(resp.lengths)
+        checksums = list(resp.checksums)
+        if not len(offsets) == len(lengths) == len(checksums):
+            raise InvalidRequestError("store answered a malformed Get")
+        return offsets, lengths, checksums
+    blocks = resp.blocks
+    return ([b.offset for b in blocks], [b.length for b in blocks],
+            [b.checksum for b in blocks])
+
+
 class ShmTransport(KVTransport):
     name = "shm"
 
@@ -79,6 +105,8 @@ class ShmTransport(KVTransport):
         tune_malloc()
         self._mm = _open_arena(describe.shm_name, describe.shm_bytes, describe.store_id)
         self._arena = memoryview(self._mm)
+        self._base_ref = ctypes.c_char.from_buffer(self._mm)  # an export: keeps the map
+        self._base = ctypes.addressof(self._base_ref)
         self.store_id = describe.store_id
         self._channel = channel
         self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
@@ -89,7 +117,7 @@ class ShmTransport(KVTransport):
         self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
 
     def _span(self, offset: int, length: int) -> memoryview:
-        if offset + length > self._arena.nbytes:
+        if offset < 0 or offset + length > self._arena.nbytes:
             raise InvalidRequestError(f"store gave a span past the arena: {offset}+{length}")
         return self._arena[offset : offset + length]
 
@@ -99,41 +127,32 @@ class ShmTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
         t0 = time.perf_counter()
-        call = self._stub.BeginPut.future(kvstore_pb2.BeginPutRequest(
-            owner=owner, blocks=refs, block_nbytes=block_nbytes), timeout=self.timeout_s)
-        # crc32s need no slots: compute them while the store reserves; the rest are
-        # computed just before each copy, which then reads the payload from cache
-        sums: list[int | None] = [None] * len(views)
         try:
-            i = 0
-            while i < len(views) and not call.done():
-                sums[i] = crc32(views[i])
-                i += 1
-        except BaseException:
-            with contextlib.suppress(grpc.RpcError):
-                self._abort(call.result().put_id)
-            raise
-        try:
-            begun = call.result()
+            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
+                owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True),
+                timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         if begun.store_id and begun.store_id != self.store_id:
             with contextlib.suppress(grpc.RpcError):
                 self._abort(begun.put_id)
             raise self._stale(begun.store_id)
-        written = 0
         try:
-            for j, (slot, v) in enumerate(zip(begun.slots, views, strict=True)):
-                if slot.present:
-                    sums[j] = 0
-                    continue
-                if sums[j] is None:
-                    sums[j] = crc32(v)
-                if slot.length != block_nbytes:
-                    raise InvalidRequestError(f"store reserved {slot.length} bytes for a "
-                                              f"{block_nbytes}-byte block")
-                self._span(slot.offset, slot.length)[:] = v
-                written += slot.length
+            offsets = _put_offsets(begun, block_nbytes)
+            if len(offsets) != len(views):
+                raise InvalidRequestError(f"store answered {len(offsets)} slots for "
+                                          f"{len(views)} blocks")
+            sums = [0] * len(views)  # present blocks: 0 (ignored)
+            copies, where = [], []
+            for j, (offset, v) in enumerate(zip(offsets, views, strict=True)):
+                if offset >= 0:  # else already held: nothing to write
+                    self._span(offset, block_nbytes)
+                    copies.append(Copy(v, address(v), self._base + offset))
+                    where.append(j)
+            # each crc32 is computed just before its copy, which then reads from cache
+            for j, crc in zip(where, crc_copy(copies), strict=True):
+                sums[j] = crc
+            written = block_nbytes * len(copies)
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
                 put_id=begun.put_id, checksums=sums), timeout=self.timeout_s)
         except BaseException as e:
@@ -155,8 +174,8 @@ class ShmTransport(KVTransport):
         self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=put_id, abort=True),
                              timeout=5.0)
 
-    def get(self, owner: str, keys: Sequence[bytes],
-            out: Sequence[Buffer] | None = None) -> list[Buffer]:
+    def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
+            longest_prefix: bool = False) -> list[Buffer]:
         n = len(keys)
         if out is not None and len(out) != n:
             raise InvalidRequestError(f"{n} keys but {len(out)} output buffers")
@@ -166,28 +185,38 @@ class ShmTransport(KVTransport):
         pin_owner = owner or f"shm-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            resp = self._stub.Get(kvstore_pb2.GetRequest(owner=pin_owner, keys=keys),
-                                  timeout=self.timeout_s)
+            resp = self._stub.Get(kvstore_pb2.GetRequest(
+                owner=pin_owner, keys=keys, longest_prefix=longest_prefix, packed=True),
+                timeout=self.timeout_s)
             if resp.store_id and resp.store_id != self.store_id:
                 raise self._stale(resp.store_id)
+            offsets, lengths, checksums = _locations(resp)
+            m = len(offsets)
+            if m > n or (m < n and not longest_prefix):
+                raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
             results: list[Buffer] = []
-            bad: list[int] = []
+            copies: list[Copy] = []
             total = 0
-            for i, loc in enumerate(resp.blocks):
-                src = self._span(loc.offset, loc.length)
-                # verify, then copy (from cache); the pin keeps the block from changing
-                if crc32(src) != loc.checksum:
-                    bad.append(i)
+            for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+                src = self._span(offset, length)
                 if outs is not None:
-                    if outs[i].nbytes != loc.length:
-                        raise InvalidRequestError(f"output buffer {i} has {outs[i].nbytes} "
-                                                  f"bytes; the block has {loc.length}")
-                    outs[i][:] = src
+                    dst = outs[i]
+                    if dst.nbytes != length:
+                        raise InvalidRequestError(f"output buffer {i} has {dst.nbytes} "
+                                                  f"bytes; the block has {length}")
                     results.append(out[i])
-                else:
-                    results.append(bytes(src))
-                total += loc.length
-            if bad:
+                else:  # uninitialized: nothing to zero, every byte is copied over
+                    dst = empty(length)
+                    results.append(dst)
+                # verified just before its copy (from cache); the pin keeps it unchanged
+                copies.append(Copy(src, self._base + offset, address(dst)))
+                total += length
+            crcs = crc_copy(copies)
+            bad = [i for i, (c, want) in enumerate(zip(crcs, checksums, strict=True))
+                   if c != want]
+            if bad and longest_prefix:
+                results = self._refetch_prefix(pin_owner, keys, m, bad[0], results, outs)
+            elif bad:
                 self._refetch(pin_owner, keys, bad, results, outs)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
@@ -210,8 +239,27 @@ class ShmTransport(KVTransport):
             else:
                 results[i] = data
 
+    def _refetch_prefix(self, owner: str, keys: Sequence[bytes], held: int, first_bad: int,
+                        results: list[Buffer], outs: list[memoryview] | None) -> list[Buffer]:
+        """A block of a prefix failed its crc32 here: the store verifies the rest of the
+        prefix itself (GetBlocks drops a corrupt block, which ends the prefix), and the
+        pins this call took past the prefix are dropped."""
+        rest = keys[first_bad:held]
+        again = GrpcTransport(self._channel).get(owner, rest, longest_prefix=True)
+        for i, data in enumerate(again, first_bad):
+            if outs is not None:
+                outs[i][:] = data
+            else:
+                results[i] = data
+        end = first_bad + len(again)
+        if end < held:
+            self._stub.Release(kvstore_pb2.ReleaseRequest(owner=owner, keys=keys[end:held]),
+                               timeout=self.timeout_s)
+        return results[:end]
+
     def close(self) -> None:
         # a view a caller still holds keeps the mapping; it goes with the process
+        self._base_ref = None
         with contextlib.suppress(BufferError):
             self._arena.release()
             self._mm.close()

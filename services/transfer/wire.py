@@ -89,16 +89,17 @@ def decode_put_chunk(raw: bytes) -> tuple[kvstore_pb2.PutChunk, memoryview]:
 class BlockChunk:
     """A parsed BlockData: ``data`` is a memoryview into the received message."""
 
-    __slots__ = ("index", "offset", "length", "data", "lengths")
+    __slots__ = ("index", "offset", "length", "data", "lengths", "num_blocks")
 
     def __init__(self, index: int, offset: int, length: int, data: memoryview,
-                 lengths: list[int] | None = None) -> None:
+                 lengths: list[int] | None = None, num_blocks: int = 0) -> None:
         self.index, self.offset, self.length, self.data = index, offset, length, data
         self.lengths = lengths or []
+        self.num_blocks = num_blocks
 
 
 def encode_block_data(index: int, offset: int, length: int, data: memoryview | Sequence[memoryview],
-                      lengths: Sequence[int] = ()) -> bytes:
+                      lengths: Sequence[int] = (), num_blocks: int = 0) -> bytes:
     """A BlockData; ``data`` may be several pieces (joined with the one copy)."""
     pieces = [data] if isinstance(data, memoryview | bytes) else list(data)
     head = bytearray()
@@ -111,13 +112,15 @@ def encode_block_data(index: int, offset: int, length: int, data: memoryview | S
     if lengths:
         packed = b"".join(varint(n) for n in lengths)
         head += b"\x2a" + varint(len(packed)) + packed
+    if num_blocks:
+        head += b"\x30" + varint(num_blocks)
     size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
     return b"".join([head, _BLOCKDATA_DATA_TAG, varint(size), *pieces])
 
 
 def decode_block_data(raw: bytes) -> BlockChunk:
     mv = memoryview(raw)
-    index = offset = length = 0
+    index = offset = length = num_blocks = 0
     data = mv[0:0]
     lengths: list[int] = []
     for fnum, wt, vstart, end, _ in _fields(mv):
@@ -131,6 +134,8 @@ def decode_block_data(raw: bytes) -> BlockChunk:
                 length = value
             elif fnum == 5:
                 lengths.append(value)
+            elif fnum == 6:
+                num_blocks = value
         elif fnum == 3 and wt == 2:
             data = mv[vstart:end]
         elif fnum == 5 and wt == 2:  # packed repeated uint64
@@ -138,7 +143,7 @@ def decode_block_data(raw: bytes) -> BlockChunk:
             while pos < end:
                 value, pos = _read_varint(mv, pos)
                 lengths.append(value)
-    return BlockChunk(index, offset, length, data, lengths)
+    return BlockChunk(index, offset, length, data, lengths, num_blocks)
 
 
 def identity(b: bytes) -> bytes:

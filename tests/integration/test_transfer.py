@@ -224,6 +224,69 @@ def test_a_corrupt_block_is_a_miss(client, stub, store):
     assert bytes(client.get("", ks[1:])[0]) == data[1]
 
 
+def test_get_prefix_pins_and_returns_the_held_prefix(client):
+    ks, data = keys(5), blocks(5, 4096)
+    client.put("", ks[:3], data[:3], 4096)  # held: 0, 1, 2 (unpinned)
+    before = client.stats()
+    o = owner()
+    got = client.get_prefix(o, ks)  # partial: 3 of 5
+    assert [bytes(g) for g in got] == data[:3]
+    during = client.stats()
+    assert during.pins - before.pins == 3  # only the returned blocks are pinned
+    assert during.owners - before.owners == 1
+    assert during.hits - before.hits == 3
+    assert [bytes(g) for g in client.get_prefix(o, ks[:3])] == data[:3]  # full
+    assert client.stats().pins - before.pins == 3  # the same pins again
+    o2 = owner()
+    assert client.get_prefix(o2, [ks[4], *ks[:3]]) == []  # none: the first is missing
+    assert (client.stats().pins, client.stats().owners) == (during.pins, during.owners)
+    outs = [np.zeros(4096, dtype=np.uint8) for _ in ks]
+    filled = client.get_prefix(o, ks, out=outs)
+    assert len(filled) == 3 and all(f is o_ for f, o_ in zip(filled, outs, strict=False))
+    assert [o_.tobytes() for o_ in outs[:3]] == data[:3]
+    assert client.release(o) == 3
+    after = client.stats()
+    assert (after.pins, after.pinned_blocks, after.owners) == (
+        before.pins, before.pinned_blocks, before.owners)
+
+
+def test_get_prefix_of_no_keys_makes_no_call():
+    with KVStoreClient("127.0.0.1:9", TransferSettings(transport="grpc")) as c:
+        assert c.get_prefix("o", []) == []  # nothing listens there: no call was made
+
+
+def test_get_prefix_without_owner_pins_only_while_it_runs(client):
+    ks = keys(3)
+    client.put("", ks[:2], blocks(2, 1024), 1024)
+    before = client.stats().pins
+    assert len(client.get_prefix("", ks)) == 2
+    assert client.stats().pins == before
+
+
+@pytest.mark.parametrize("size", [4096, 100 * 1024])  # found before / after data went out
+def test_a_corrupt_block_ends_the_prefix(client, stub, store, size):
+    ks, data = keys(4), blocks(4, size)
+    client.put("", ks, data, size)
+    describe = client.describe()
+    loc = stub.Get(kvstore_pb2.GetRequest(owner="probe", keys=[ks[2]])).blocks[0]
+    stub.Release(kvstore_pb2.ReleaseRequest(owner="probe"))
+    with open(f"/dev/shm/{describe.shm_name}", "r+b") as f:  # flip a byte behind its back
+        f.seek(loc.offset + 100)
+        b = f.read(1)
+        f.seek(loc.offset + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    before = client.stats()
+    o = owner()
+    got = client.get_prefix(o, ks)
+    assert [bytes(g) for g in got] == data[:2]
+    after = client.stats()
+    assert after.checksum_failures == before.checksum_failures + 1
+    assert after.pins - before.pins == 2  # none past the prefix
+    assert client.lookup(ks) == 2  # the corrupt block was dropped
+    assert client.release(o) == 2
+    assert bytes(client.get("", ks[3:])[0]) == data[3]
+
+
 def test_wrong_payload_sizes_are_refused(client):
     with pytest.raises(InvalidRequestError, match="block_nbytes=1024"):
         client.put("", keys(2), [b"a" * 1024, b"b" * 1000], 1024)

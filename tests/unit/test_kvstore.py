@@ -195,6 +195,47 @@ def test_a_get_with_a_missing_key_pins_nothing():
     assert (s.pins, s.owners, s.hits, s.misses) == (0, 0, 1, 1)
 
 
+def test_get_prefix_pins_only_the_longest_held_prefix():
+    core, tier, _ = make()
+    put(core, [0, 1, 2, 4])
+    locs = core.get("r", [key(0), key(1), key(3), key(4)], prefix=True)  # a hole at 3
+    assert [loc.key for loc in locs] == [key(0), key(1)]
+    assert [bytes(core.view(loc)) for loc in locs] == [payload(0), payload(1)]
+    s = core.stats()
+    assert (s.pinned_blocks, s.pins, s.owners, s.hits, s.misses) == (2, 2, 1, 2, 2)
+    assert len(core.get("r2", [key(i) for i in range(3)], prefix=True)) == 3  # all held
+    assert core.get("r3", [key(9), key(0)], prefix=True) == []  # none held
+    s = core.stats()
+    assert (s.pins, s.owners) == (5, 2)  # r3 pinned nothing and holds no state
+    assert core.release("r") == 2
+    assert core.release("r2") == 3
+    assert core.release("r3") == 0
+    assert core.stats().pins == 0
+    assert core.get("r", [], prefix=True) == []
+    with pytest.raises(InvalidArgument):  # every key is checked, past the prefix too
+        core.get("r", [key(0), b""], prefix=True)
+    assert_accounting(core, tier)
+
+
+def test_unpin_drops_only_the_named_pins():
+    core, tier, _ = make()
+    put(core, [0, 1, 2])
+    put(core, ["tail"], owner="r", partial=True)
+    core.get("r", [key(0), key(1), key(2)])
+    assert core.unpin("r", [key(1), key(2), key(7)]) == 2
+    s = core.stats()
+    assert (s.pins, s.owners) == (2, 1)  # key 0 and the private tail
+    assert core.unpin("nobody", [key(0)]) == 0
+    # an unpinned block is evictable again; a dead one is freed with its last pin
+    loc = core.get("r", [key(1)])[0]
+    core.drop_corrupt(loc)
+    assert core.unpin("r", [key(1)]) == 1
+    assert core.lookup([key("tail")])[0] == 1  # private blocks wait for release
+    assert core.release("r") == 2
+    assert core.lookup([key("tail")])[0] == 0
+    assert_accounting(core, tier)
+
+
 def test_put_with_an_owner_pins_new_and_present_blocks():
     core, _, _ = make()
     put(core, [0])
@@ -282,6 +323,18 @@ def test_lru_eviction_makes_room_and_never_evicts_pinned_blocks():
         assert core.lookup([key(p)])[0] == 1
     assert core.stats().evictions == 2
     assert read(core, ["p0", "p1"]) == [payload("p0"), payload("p1")]
+    assert_accounting(core, tier)
+
+
+def test_a_large_put_evicts_the_oldest_blocks_at_once():
+    core, tier, _ = make(blocks=8)
+    put(core, range(8))  # full, unpinned; 0 is the oldest
+    core.get("", [key(1)])  # touched: 1 is the newest now
+    assert put(core, range(10, 13)) == (3, 0)
+    assert core.stats().evictions == 3
+    held = [i for i in range(8) if core.lookup([key(i)])[0]]
+    assert held == [1, 4, 5, 6, 7]  # 0, 2 and 3 went (LRU first); 1 was touched
+    assert read(core, range(10, 13)) == [payload(i) for i in range(10, 13)]
     assert_accounting(core, tier)
 
 

@@ -103,3 +103,37 @@ def test_assembler_reads_packed_and_per_block_streams():
     asm.add(packed[0])
     with pytest.raises(Exception, match="ended early"):
         asm.finish()
+
+
+def test_block_data_num_blocks_matches_protobuf():
+    raw = wire.encode_block_data(0, 0, 0, (), num_blocks=3)
+    assert kvstore_pb2.BlockData.FromString(raw).num_blocks == 3
+    c = wire.decode_block_data(kvstore_pb2.BlockData(num_blocks=5).SerializeToString())
+    assert (c.num_blocks, c.data.nbytes, c.lengths) == (5, 0, [])
+
+
+def test_assembler_reads_prefix_streams():
+    from services.transfer.grpc_transport import _Assembler
+
+    a, b, c = b"a" * 10, b"b" * 4, b"c" * 7
+
+    def run(msgs, n=3, outs=None):
+        asm = _Assembler(n, outs, prefix=True)
+        for ch in _chunks(msgs):
+            asm.add(ch)
+        return [bytes(x) for x in asm.finish()]
+
+    assert run([]) == []  # no message: an empty prefix
+    assert run([(0, 0, 10, memoryview(a + b), [10, 4])]) == [a, b]  # 2 of 3 held
+    assert run([(0, 0, 10, memoryview(a + b + c), [10, 4, 7])]) == [a, b, c]
+    # a block failed its checksum mid-stream: a last message cuts the prefix to 1
+    cut = [(0, 0, 10, memoryview(a + b[:2]), [10, 4, 7]), (0, 0, 0, (), (), 1)]
+    assert run(cut) == [a]
+    outs = [bytearray(10), bytearray(4), bytearray(7)]
+    assert run([(0, 0, 10, memoryview(a + b), [10, 4])],
+               outs=[memoryview(o) for o in outs]) == [a, b]
+    assert outs[:2] == [bytearray(a), bytearray(b)]
+    with pytest.raises(Exception, match="lengths"):
+        run([(0, 0, 10, memoryview(a), [10, 4, 7, 1])])  # more blocks than keys
+    with pytest.raises(Exception, match="first message"):
+        run([(0, 0, 10, memoryview(a))])  # a prefix stream names its blocks

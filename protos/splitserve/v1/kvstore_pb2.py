@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/kvstore.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"j\n\x10\x44\x65scribeResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x11\n\tshm_bytes\x18\x03 \x01(\x04\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\r\n\x05tiers\x18\x05 \x03(\t\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\".\n\nTierPrefix\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"Q\n\x0eLookupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12+\n\x08per_tier\x18\x02 \x03(\x0b\x32\x19.splitserve.v1.TierPrefix\"_\n\x0f\x42\x65ginPutRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\"G\n\x07PutSlot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\"[\n\x10\x42\x65ginPutResponse\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.splitserve.v1.PutSlot\x12\x10\n\x08store_id\x18\x03 \x01(\t\"D\n\x10\x43ommitPutRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12\x11\n\tchecksums\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"4\n\x11\x43ommitPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"f\n\x08PutChunk\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\")\n\nGetRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"N\n\rBlockLocation\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"M\n\x0bGetResponse\x12,\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.BlockLocation\x12\x10\n\x08store_id\x18\x02 \x01(\t\"Y\n\tBlockData\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0f\n\x07lengths\x18\x05 \x03(\x04\"\x1f\n\x0eReleaseRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"U\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\r\"\xdf\x01\n\rStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r\x12\x15\n\rpinned_blocks\x18\x02 \x01(\r\x12\x0c\n\x04pins\x18\x03 \x01(\r\x12\x0e\n\x06owners\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x14\n\x0cputs_refused\x18\x08 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\t \x01(\x04\x12\'\n\x05tiers\x18\n \x03(\x0b\x32\x18.splitserve.v1.TierStats2\x94\x05\n\x07KVStore\x12K\n\x08\x44\x65scribe\x12\x1e.splitserve.v1.DescribeRequest\x1a\x1f.splitserve.v1.DescribeResponse\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12K\n\x08\x42\x65ginPut\x12\x1e.splitserve.v1.BeginPutRequest\x1a\x1f.splitserve.v1.BeginPutResponse\x12N\n\tCommitPut\x12\x1f.splitserve.v1.CommitPutRequest\x1a .splitserve.v1.CommitPutResponse\x12H\n\tPutBlocks\x12\x17.splitserve.v1.PutChunk\x1a .splitserve.v1.CommitPutResponse(\x01\x12<\n\x03Get\x12\x19.splitserve.v1.GetRequest\x1a\x1a.splitserve.v1.GetResponse\x12\x42\n\tGetBlocks\x12\x19.splitserve.v1.GetRequest\x1a\x18.splitserve.v1.BlockData0\x01\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12\x42\n\x05Stats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1c.splitserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/kvstore.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"j\n\x10\x44\x65scribeResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x11\n\tshm_bytes\x18\x03 \x01(\x04\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\r\n\x05tiers\x18\x05 \x03(\t\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\".\n\nTierPrefix\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"Q\n\x0eLookupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12+\n\x08per_tier\x18\x02 \x03(\x0b\x32\x19.splitserve.v1.TierPrefix\"o\n\x0f\x42\x65ginPutRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06packed\x18\x04 \x01(\x08\"G\n\x07PutSlot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\"l\n\x10\x42\x65ginPutResponse\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.splitserve.v1.PutSlot\x12\x10\n\x08store_id\x18\x03 \x01(\t\x12\x0f\n\x07offsets\x18\x04 \x03(\x03\"D\n\x10\x43ommitPutRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12\x11\n\tchecksums\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"4\n\x11\x43ommitPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"f\n\x08PutChunk\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x14\n\x0c\x62lock_nbytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Q\n\nGetRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x16\n\x0elongest_prefix\x18\x03 \x01(\x08\x12\x0e\n\x06packed\x18\x04 \x01(\x08\"N\n\rBlockLocation\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"\x82\x01\n\x0bGetResponse\x12,\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.BlockLocation\x12\x10\n\x08store_id\x18\x02 \x01(\t\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x11\n\tchecksums\x18\x05 \x03(\r\"m\n\tBlockData\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0f\n\x07lengths\x18\x05 \x03(\x04\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\"-\n\x0eReleaseRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"U\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\r\"\xdf\x01\n\rStatsResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r\x12\x15\n\rpinned_blocks\x18\x02 \x01(\r\x12\x0c\n\x04pins\x18\x03 \x01(\r\x12\x0e\n\x06owners\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x14\n\x0cputs_refused\x18\x08 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\t \x01(\x04\x12\'\n\x05tiers\x18\n \x03(\x0b\x32\x18.splitserve.v1.TierStats2\x94\x05\n\x07KVStore\x12K\n\x08\x44\x65scribe\x12\x1e.splitserve.v1.DescribeRequest\x1a\x1f.splitserve.v1.DescribeResponse\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12K\n\x08\x42\x65ginPut\x12\x1e.splitserve.v1.BeginPutRequest\x1a\x1f.splitserve.v1.BeginPutResponse\x12N\n\tCommitPut\x12\x1f.splitserve.v1.CommitPutRequest\x1a .splitserve.v1.CommitPutResponse\x12H\n\tPutBlocks\x12\x17.splitserve.v1.PutChunk\x1a .splitserve.v1.CommitPutResponse(\x01\x12<\n\x03Get\x12\x19.splitserve.v1.GetRequest\x1a\x1a.splitserve.v1.GetResponse\x12\x42\n\tGetBlocks\x12\x19.splitserve.v1.GetRequest\x1a\x18.splitserve.v1.BlockData0\x01\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12\x42\n\x05Stats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1c.splitserve.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=280
   _globals['_LOOKUPRESPONSE']._serialized_end=361
   _globals['_BEGINPUTREQUEST']._serialized_start=363
-  _globals['_BEGINPUTREQUEST']._serialized_end=458
-  _globals['_PUTSLOT']._serialized_start=460
-  _globals['_PUTSLOT']._serialized_end=531
-  _globals['_BEGINPUTRESPONSE']._serialized_start=533
-  _globals['_BEGINPUTRESPONSE']._serialized_end=624
-  _globals['_COMMITPUTREQUEST']._serialized_start=626
-  _globals['_COMMITPUTREQUEST']._serialized_end=694
-  _globals['_COMMITPUTRESPONSE']._serialized_start=696
-  _globals['_COMMITPUTRESPONSE']._serialized_end=748
-  _globals['_PUTCHUNK']._serialized_start=750
-  _globals['_PUTCHUNK']._serialized_end=852
-  _globals['_GETREQUEST']._serialized_start=854
-  _globals['_GETREQUEST']._serialized_end=895
-  _globals['_BLOCKLOCATION']._serialized_start=897
-  _globals['_BLOCKLOCATION']._serialized_end=975
-  _globals['_GETRESPONSE']._serialized_start=977
-  _globals['_GETRESPONSE']._serialized_end=1054
-  _globals['_BLOCKDATA']._serialized_start=1056
-  _globals['_BLOCKDATA']._serialized_end=1145
-  _globals['_RELEASEREQUEST']._serialized_start=1147
-  _globals['_RELEASEREQUEST']._serialized_end=1178
-  _globals['_RELEASERESPONSE']._serialized_start=1180
-  _globals['_RELEASERESPONSE']._serialized_end=1215
-  _globals['_STATSREQUEST']._serialized_start=1217
-  _globals['_STATSREQUEST']._serialized_end=1231
-  _globals['_TIERSTATS']._serialized_start=1233
-  _globals['_TIERSTATS']._serialized_end=1318
-  _globals['_STATSRESPONSE']._serialized_start=1321
-  _globals['_STATSRESPONSE']._serialized_end=1544
-  _globals['_KVSTORE']._serialized_start=1547
-  _globals['_KVSTORE']._serialized_end=2207
+  _globals['_BEGINPUTREQUEST']._serialized_end=474
+  _globals['_PUTSLOT']._serialized_start=476
+  _globals['_PUTSLOT']._serialized_end=547
+  _globals['_BEGINPUTRESPONSE']._serialized_start=549
+  _globals['_BEGINPUTRESPONSE']._serialized_end=657
+  _globals['_COMMITPUTREQUEST']._serialized_start=659
+  _globals['_COMMITPUTREQUEST']._serialized_end=727
+  _globals['_COMMITPUTRESPONSE']._serialized_start=729
+  _globals['_COMMITPUTRESPONSE']._serialized_end=781
+  _globals['_PUTCHUNK']._serialized_start=783
+  _globals['_PUTCHUNK']._serialized_end=885
+  _globals['_GETREQUEST']._serialized_start=887
+  _globals['_GETREQUEST']._serialized_end=968
+  _globals['_BLOCKLOCATION']._serialized_start=970
+  _globals['_BLOCKLOCATION']._serialized_end=1048
+  _globals['_GETRESPONSE']._serialized_start=1051
+  _globals['_GETRESPONSE']._serialized_end=1181
+  _globals['_BLOCKDATA']._serialized_start=1183
+  _globals['_BLOCKDATA']._serialized_end=1292
+  _globals['_RELEASEREQUEST']._serialized_start=1294
+  _globals['_RELEASEREQUEST']._serialized_end=1339
+  _globals['_RELEASERESPONSE']._serialized_start=1341
+  _globals['_RELEASERESPONSE']._serialized_end=1376
+  _globals['_STATSREQUEST']._serialized_start=1378
+  _globals['_STATSREQUEST']._serialized_end=1392
+  _globals['_TIERSTATS']._serialized_start=1394
+  _globals['_TIERSTATS']._serialized_end=1479
+  _globals['_STATSRESPONSE']._serialized_start=1482
+  _globals['_STATSRESPONSE']._serialized_end=1705
+  _globals['_KVSTORE']._serialized_start=1708
+  _globals['_KVSTORE']._serialized_end=2368
 # @@protoc_insertion_point(module_scope)

@@ -48,14 +48,16 @@ class LookupResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., per_tier: _Optional[_Iterable[_Union[TierPrefix, _Mapping]]] = ...) -> None: ...
 
 class BeginPutRequest(_message.Message):
-    __slots__ = ("owner", "blocks", "block_nbytes")
+    __slots__ = ("owner", "blocks", "block_nbytes", "packed")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     owner: str
     blocks: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockRef]
     block_nbytes: int
-    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class PutSlot(_message.Message):
     __slots__ = ("key", "present", "offset", "length")
@@ -70,14 +72,16 @@ class PutSlot(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., present: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class BeginPutResponse(_message.Message):
-    __slots__ = ("put_id", "slots", "store_id")
+    __slots__ = ("put_id", "slots", "store_id", "offsets")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     slots: _containers.RepeatedCompositeFieldContainer[PutSlot]
     store_id: str
-    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitPutRequest(_message.Message):
     __slots__ = ("put_id", "checksums", "abort")
@@ -110,12 +114,16 @@ class PutChunk(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("owner", "keys")
+    __slots__ = ("owner", "keys", "longest_prefix", "packed")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     owner: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, owner: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    longest_prefix: bool
+    packed: bool
+    def __init__(self, owner: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., longest_prefix: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class BlockLocation(_message.Message):
     __slots__ = ("key", "offset", "length", "checksum")
@@ -130,32 +138,42 @@ class BlockLocation(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("blocks", "store_id")
+    __slots__ = ("blocks", "store_id", "offsets", "lengths", "checksums")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
     store_id: str
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlockData(_message.Message):
-    __slots__ = ("index", "offset", "data", "length", "lengths")
+    __slots__ = ("index", "offset", "data", "length", "lengths", "num_blocks")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     index: int
     offset: int
     data: bytes
     length: int
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., length: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_blocks: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., length: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "keys")
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     owner: str
-    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, owner: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
