@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -63,12 +64,12 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              "output_token_ids must hold at least the first token")
         params = sampling_params(request.sampling)
-        keys = [b.key for b in request.blocks]
-        payloads = ctx.store.get(rid, keys) if keys else []
+        # not kept here: the engine lets go of the staging buffer once it is copied in
         stream = ctx.loop.submit(
             rid, prompt, params,
             output_token_ids=list(request.output_token_ids),
-            kv_blocks=payloads or None, kv_num_tokens=request.kv_num_tokens,
+            kv_blocks=_fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None,
+            kv_num_tokens=request.kv_num_tokens,
         )
         n = 0
         for out in stream:
@@ -80,6 +81,16 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             )
         log.info("decoded", request_id=rid, tokens=n)
 
+
+def _fetch_blocks(ctx: WorkerContext, rid: str, keys: list[bytes]) -> list[Any]:
+    """The request's blocks from the store, copied straight into the rows of one host
+    buffer (pinned for a CUDA engine), which the engine moves to the GPU in one copy."""
+    if not keys:
+        return []
+    from services.engine.kv_cache import host_rows  # torch: only where an engine runs
+
+    pinned = ctx.settings.model.device.startswith("cuda")
+    return ctx.store.get(rid, keys, out=host_rows(len(keys), ctx.block_nbytes, pinned))
 
 
 def serve(settings: ClusterSettings, index: int) -> None:

@@ -159,8 +159,12 @@ class LLMEngine:
         want = [(i, hashes[i], bs) for i in range(full)]
         if n % bs:
             want.append((full, None, n % bs))
-        payloads = self.kv_cache.export_blocks([seq.block_table[i] for i, _, _ in want])
-        blocks = [ExportedBlock(i, h, p, k) for (i, h, k), p in zip(want, payloads, strict=True)]
+        payloads, wait = self.kv_cache.export_blocks_async(
+            [seq.block_table[i] for i, _, _ in want]
+        )
+        blocks = [
+            ExportedBlock(i, h, p, k, wait) for (i, h, k), p in zip(want, payloads, strict=True)
+        ]
         out = SwappedOut(
             request_id, seq.prompt_token_ids, seq.output_token_ids, seq.params, n, blocks
         )
@@ -214,7 +218,8 @@ class LLMEngine:
         self, out: SchedulerOutput
     ) -> dict[int, tuple[list[ExportedBlock], ExportedBlock | None]]:
         """Copy out the blocks of export_kv requests that became full in this step
-        (and the tail of finished ones), with one device->host copy for all."""
+        (and the tail of finished ones), with one device->host copy for all. On CUDA
+        the copy runs on behind the step; reading a payload waits for it."""
         bs = self.block_size
         wanted: list[tuple[Sequence, int, bytes | None, int]] = []
         for s in out.scheduled:
@@ -232,11 +237,13 @@ class LLMEngine:
                 wanted.append((seq, full, None, rest))
         if not wanted:
             return {}
-        payloads = self.kv_cache.export_blocks([seq.block_table[i] for seq, i, _, _ in wanted])
+        payloads, wait = self.kv_cache.export_blocks_async(
+            [seq.block_table[i] for seq, i, _, _ in wanted]
+        )
         result: dict[int, tuple[list[ExportedBlock], ExportedBlock | None]] = {}
         for (seq, i, h, n), payload in zip(wanted, payloads, strict=True):
             full_list, tail = result.get(seq.seq_id, ([], None))
-            block = ExportedBlock(i, h, payload, n)
+            block = ExportedBlock(i, h, payload, n, wait)
             if h is None:
                 tail = block
             else:

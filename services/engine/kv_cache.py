@@ -4,12 +4,16 @@ Layout ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``: one 
 of one sequence (all layers, K and V) is one contiguous span of ``block_nbytes``
 bytes, so exporting or importing a block is a single copy. Attention works on
 the per-layer strided views returned by :meth:`KVCache.layer`.
+
+On CUDA, blocks leave through pinned host memory on a side stream (the step does
+not wait for the copy; the payload's reader does) and arrive with one pinned,
+non-blocking host->device copy per buffer they come in.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +41,38 @@ def as_uint8(payload: Any) -> torch.Tensor:
         return torch.frombuffer(mv.cast("B") if mv.format != "B" else mv, dtype=torch.uint8)
 
 
+def host_rows(num_blocks: int, block_nbytes: int, pinned: bool) -> list[torch.Tensor]:
+    """The rows of one new ``[num_blocks, block_nbytes]`` uint8 host tensor, to receive
+    blocks in place (e.g. ``KVStoreClient.get(..., out=rows)``) and hand them to
+    ``add_request(kv_blocks=rows)``: adjacent rows reach the GPU in one copy.
+    ``pinned`` (for a CUDA engine) is ignored where there is no CUDA."""
+    pin = pinned and torch.cuda.is_available()
+    staged = torch.empty((num_blocks, block_nbytes), dtype=torch.uint8, pin_memory=pin)
+    return list(staged.unbind(0))
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` starts where ``a`` ends, in the same storage."""
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.data_ptr() == a.data_ptr() + a.numel()
+    )
+
+
+def _runs(rows: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """Split flat uint8 rows of one size into runs adjacent in memory: (index of the
+    run's first row, ``[n, nbytes]`` view of the run, no copy)."""
+    runs: list[tuple[int, torch.Tensor]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or not _adjacent(rows[i - 1], rows[i]):
+            first = rows[start]
+            view = first.as_strided((i - start, first.numel()), (first.numel(), 1))
+            runs.append((start, view))
+            start = i
+    return runs
+
+
 class KVCache:
     def __init__(
         self,
@@ -56,51 +92,130 @@ class KVCache:
         # zeros, not empty: masked-out slots must not hold NaN (0 * NaN = NaN)
         self.tensor = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
         self.device = self.tensor.device  # with its index ("cuda:0"), for comparisons
+        self.as_bytes = self.tensor.view(torch.uint8).view(num_blocks, -1)  # [blocks, nbytes]
+        self.is_cuda = self.device.type == "cuda"
+        self._copy_stream: torch.cuda.Stream | None = None  # device->host copies
+        self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # host->device
 
     @property
     def block_nbytes(self) -> int:
-        return self.tensor[0].numel() * self.tensor.element_size()
+        return self.as_bytes.shape[1]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided (K, V) views of layer ``i``, each ``[num_blocks, block_size, kv_heads, dim]``."""
         return self.tensor[:, i, 0], self.tensor[:, i, 1]
 
-    # ---- moving whole blocks ----
-    def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
-        """Copy blocks out (one gather, one device->host copy). Each payload is a
-        memoryview of exactly ``block_nbytes`` bytes that owns its memory."""
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Block ids as a device tensor, without a synchronizing copy on CUDA."""
+        idx = torch.tensor(list(block_ids), dtype=torch.long, pin_memory=self.is_cuda)
+        return idx.to(self.device, non_blocking=True)
+
+    # ---- blocks out ----
+    def export_blocks_async(
+        self, block_ids: Sequence[int]
+    ) -> tuple[list[memoryview], Callable[[], None] | None]:
+        """Start copying blocks out: (payloads, wait). Each payload is a memoryview of
+        exactly ``block_nbytes`` bytes that owns its memory; its bytes are there once
+        ``wait()`` has returned (``wait`` is None when they already are). Later steps
+        may reuse the blocks at once: the gather is ordered before them."""
         if not block_ids:
-            return []
-        idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
-        host = self.tensor.index_select(0, idx).cpu().contiguous()
-        flat = host.view(torch.uint8).reshape(len(block_ids), self.block_nbytes).numpy()
-        return [memoryview(row) for row in flat]
+            return [], None
+        gathered = self.as_bytes.index_select(0, self._index(block_ids))
+        if not self.is_cuda:
+            return self._views(gathered), None
+        host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            host.copy_(gathered, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        gathered.record_stream(stream)  # not reused by the compute stream before the copy
+        return self._views(host), done.synchronize
+
+    def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
+        """Copy blocks out and wait for them (see :meth:`export_blocks_async`)."""
+        payloads, wait = self.export_blocks_async(block_ids)
+        if wait is not None:
+            wait()
+        return payloads
 
     def export_block(self, block_id: int) -> memoryview:
         return self.export_blocks([block_id])[0]
 
+    @staticmethod
+    def _views(host: torch.Tensor) -> list[memoryview]:
+        # each row's numpy base keeps ``host`` (pinned or not) alive
+        return [memoryview(row) for row in host.numpy()]
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        return self._copy_stream
+
+    # ---- blocks in ----
     def check_payload(self, payload: Any) -> None:
-        n = as_uint8(payload).numel()
-        if n != self.block_nbytes:
-            raise ValueError(f"KV block payload has {n} bytes, a block has {self.block_nbytes}")
+        self._row(payload)
+
+    def _row(self, payload: Any) -> torch.Tensor:
+        row = as_uint8(payload)
+        if row.numel() != self.block_nbytes:
+            raise ValueError(
+                f"KV block payload has {row.numel()} bytes, a block has {self.block_nbytes}"
+            )
+        return row
 
     def import_blocks(self, items: Sequence[tuple[int, Any]]) -> None:
-        """Copy payloads into blocks: [(block id, bytes-like of block_nbytes)]."""
+        """Copy payloads into blocks: [(block id, bytes-like or uint8 tensor of
+        block_nbytes)]. On CUDA, host payloads in pinned tensors are read after this
+        returns (in stream order): do not write into them afterwards. Rows of one
+        host tensor that are adjacent (e.g. from :func:`host_rows`) move in one copy."""
         if not items:
             return
-        on_device: list[tuple[int, torch.Tensor]] = []  # e.g. CUDA IPC views
-        on_host: list[tuple[int, torch.Tensor]] = []
-        for bid, payload in items:
-            self.check_payload(payload)
-            row = as_uint8(payload)
-            (on_device if row.device == self.device else on_host).append((bid, row))
-        for group in (on_host, on_device):
-            if not group:
-                continue
-            rows = torch.stack([row for _, row in group])  # one copy; host rows: one H2D
-            blocks = rows.to(self.device).view(self.dtype).view(len(group), *self.block_shape)
-            idx = torch.tensor([bid for bid, _ in group], dtype=torch.long, device=self.device)
-            self.tensor.index_copy_(0, idx, blocks)
+        ids = [bid for bid, _ in items]
+        rows = [self._row(payload) for _, payload in items]
+        if not self.is_cuda:
+            for bid, row in zip(ids, rows, strict=True):
+                self.as_bytes[bid].copy_(row)
+            return
+        host = [i for i, row in enumerate(rows) if row.device.type == "cpu"]
+        other = [i for i, row in enumerate(rows) if row.device.type != "cpu"]  # CUDA IPC views
+        if other:
+            src = torch.stack([rows[i] for i in other]).to(self.device)
+            self.as_bytes.index_copy_(0, self._index([ids[i] for i in other]), src)
+        if host:
+            self._upload([ids[i] for i in host], [rows[i] for i in host])
+
+    def _upload(self, ids: list[int], rows: list[torch.Tensor]) -> None:
+        """Host rows -> their blocks: each pinned run as it is, the rest staged into one
+        pinned buffer first; one non-blocking host->device copy per buffer."""
+        self._forget_done()
+        loose_ids: list[int] = []
+        loose: list[torch.Tensor] = []
+        for start, run in _runs(rows):
+            run_ids = ids[start : start + run.shape[0]]
+            if run.is_pinned():
+                self._upload_run(run_ids, run)
+            else:
+                loose_ids += run_ids
+                loose += list(run.unbind(0))
+        if loose:
+            staged = torch.empty((len(loose), self.block_nbytes), dtype=torch.uint8,
+                                 pin_memory=True)
+            torch.stack(loose, out=staged)
+            self._upload_run(loose_ids, staged)
+
+    def _upload_run(self, ids: list[int], run: torch.Tensor) -> None:
+        src = run.to(self.device, non_blocking=True)
+        self.as_bytes.index_copy_(0, self._index(ids), src)
+        # the host memory may not be torch's own pinned memory (which guards itself):
+        # keep it alive until the copy has read it
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._in_flight.append((done, run))
+
+    def _forget_done(self) -> None:
+        self._in_flight = [(e, t) for e, t in self._in_flight if not e.query()]
 
     def import_block(self, block_id: int, payload: Any) -> None:
         self.import_blocks([(block_id, payload)])

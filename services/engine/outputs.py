@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
 class ExportedBlock:
     """KV of one block of a request, copied out of the cache after the step.
 
-    ``payload`` is a memoryview of exactly ``LLMEngine.block_nbytes`` bytes that owns
-    its memory (valid after the engine frees or reuses the block). Full blocks
-    carry their chained ``block_hash`` and ``num_tokens == block_size``; the partial
-    tail block has ``block_hash=None`` and ``num_tokens < block_size`` (the rest
-    of its payload is garbage)."""
+    ``payload`` is a bytes-like (a memoryview) of exactly ``LLMEngine.block_nbytes``
+    bytes that owns its memory (valid after the engine frees or reuses the block).
+    Full blocks carry their chained ``block_hash`` and ``num_tokens == block_size``;
+    the partial tail block has ``block_hash=None`` and ``num_tokens < block_size``
+    (the rest of its payload is garbage).
 
-    block_index: int  # position in the request's block table (tokens [i*bs, (i+1)*bs))
-    block_hash: bytes | None
-    payload: memoryview
-    num_tokens: int
+    On a GPU the copy to host memory may still be running when the step returns:
+    the first read of ``payload`` waits for it (from any thread), so the engine
+    loop does not."""
+
+    __slots__ = ("block_index", "block_hash", "num_tokens", "_payload", "_wait")
+
+    def __init__(self, block_index: int, block_hash: bytes | None, payload: memoryview,
+                 num_tokens: int, wait: Callable[[], object] | None = None) -> None:
+        self.block_index = block_index  # position in the request's block table
+        self.block_hash = block_hash
+        self.num_tokens = num_tokens
+        self._payload = payload
+        self._wait = wait  # blocks until ``payload`` holds its bytes; None: it does
+
+    @property
+    def payload(self) -> memoryview:
+        wait = self._wait
+        if wait is not None:
+            wait()
+            self._wait = None
+        return self._payload
+
+    def __repr__(self) -> str:
+        return (f"ExportedBlock(block_index={self.block_index}, block_hash={self.block_hash!r}, "
+                f"num_tokens={self.num_tokens})")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from services.engine.kv_cache import host_rows
 from tests.fixtures.models import hf_greedy
 
 
@@ -33,7 +34,21 @@ def test_cuda_float32_matches_transformers(family: str, request: pytest.FixtureR
     assert [g["token_ids"] for g in got] == hf_greedy(model_dir, prompts, 12)
 
 
-def test_cuda_prefill_decode_split_bfloat16(tiny_llama_dir: Path) -> None:
+def _payloads(kind: str, blocks: list, block_nbytes: int) -> list:
+    """What a decode engine gets: copies, the exported views (pinned), or the rows of
+    one pinned buffer (as the decode worker stages them)."""
+    if kind == "bytes":
+        return [bytes(b.payload) for b in blocks]
+    if kind == "exported":
+        return [b.payload for b in blocks]
+    rows = host_rows(len(blocks), block_nbytes, pinned=True)
+    for row, b in zip(rows, blocks, strict=True):
+        row.numpy()[:] = b.payload
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["bytes", "exported", "staged"])
+def test_cuda_prefill_decode_split_bfloat16(kind: str, tiny_llama_dir: Path) -> None:
     cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompt = _prompts(1, seed=2)[0] + [7] * 40
@@ -53,7 +68,8 @@ def test_cuda_prefill_decode_split_bfloat16(tiny_llama_dir: Path) -> None:
             first = out.new_token_ids[0] if out.new_token_ids else first
     decode = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
     decode.add_request("r", prompt, params, output_token_ids=[first],
-                       kv_blocks=[bytes(b.payload) for b in blocks], kv_num_tokens=len(prompt))
+                       kv_blocks=_payloads(kind, blocks, prefill.block_nbytes),
+                       kv_num_tokens=len(prompt))
     got = [first]
     while decode.has_unfinished():
         got += [t for o in decode.step() for t in o.new_token_ids]
@@ -66,3 +82,71 @@ def test_dummy_qwen3_0_6b_generates_in_bfloat16() -> None:
     out = llm.generate([[1, 2, 3, 4] * 32] * 4, SamplingParams(max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert all(len(o["token_ids"]) == 8 for o in out)
+
+
+def test_cuda_export_is_async_and_outlives_block_reuse(tiny_llama_dir: Path) -> None:
+    e = LLMEngine(EngineConfig(model=str(tiny_llama_dir), device="cuda", num_kv_blocks=16),
+                  use_tqdm=False)
+    kv = e.kv_cache
+    kv.tensor.copy_(torch.randn_like(kv.tensor))
+    ids = [5, 1, 9]
+    want = kv.as_bytes[ids].cpu()
+    payloads, wait = kv.export_blocks_async(ids)
+    assert wait is not None
+    kv.tensor[ids] = 0  # the next step reuses the blocks at once
+    wait()
+    got = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads])
+    assert torch.equal(got, want)
+    assert all(len(p) == e.block_nbytes for p in payloads)
+    assert torch.frombuffer(payloads[0], dtype=torch.uint8).is_pinned()
+
+
+def test_cuda_import_from_every_kind_of_buffer(tiny_llama_dir: Path) -> None:
+    e = LLMEngine(EngineConfig(model=str(tiny_llama_dir), device="cuda", num_kv_blocks=32),
+                  use_tqdm=False)
+    kv = e.kv_cache
+    kv.tensor.copy_(torch.randn_like(kv.tensor))
+    src = list(range(8))
+    exported = kv.export_blocks(src)
+    rows = host_rows(8, e.block_nbytes, pinned=True)
+    assert rows[0].is_pinned()
+    for row, p in zip(rows, exported, strict=True):
+        row.numpy()[:] = p
+    items = [
+        (20, rows[0]), (21, rows[1]), (22, rows[2]),  # one adjacent pinned run
+        (30, rows[5]),  # a pinned row alone
+        (23, exported[3]),  # exported views: pinned, one buffer each
+        (24, bytes(exported[4])),  # pageable: staged
+        (25, kv.as_bytes[6].clone()),  # already on the device
+        (26, torch.frombuffer(bytearray(exported[7]), dtype=torch.uint8)),
+    ]
+    kv.import_blocks(items)
+    del rows, items  # the copies may still be reading: the cache keeps them alive
+    for dst, s in ((20, 0), (21, 1), (22, 2), (30, 5), (23, 3), (24, 4), (25, 6), (26, 7)):
+        assert torch.equal(kv.tensor[dst], kv.tensor[s]), (dst, s)
+
+
+def test_cuda_swap_out_and_resume(tiny_llama_dir: Path) -> None:
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", num_kv_blocks=64)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompt = _prompts(1, seed=5)[0] + [9] * 30
+    one = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    one.add_request("r", prompt, params)
+    want = []
+    while one.has_unfinished():
+        want += [t for o in one.step() for t in o.new_token_ids]
+    a = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    a.add_request("r", prompt, params)
+    got = []
+    for _ in range(4):
+        got += [t for o in a.step() for t in o.new_token_ids]
+    swapped = a.swap_out("r")
+    a.add_request("other", _prompts(1, seed=6)[0] * 2, params)  # reuses the freed blocks
+    a.step()
+    b = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    b.add_request("r", prompt, params, output_token_ids=swapped.output_token_ids,
+                  kv_blocks=[blk.payload for blk in swapped.blocks],
+                  kv_num_tokens=swapped.kv_num_tokens)
+    while b.has_unfinished():
+        got += [t for o in b.step() for t in o.new_token_ids]
+    assert got == want

@@ -14,7 +14,8 @@ import torch
 from services.engine.block_hash import HashContext, block_hashes
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.outputs import StepOutput
+from services.engine.kv_cache import _runs, host_rows
+from services.engine.outputs import ExportedBlock, StepOutput
 from services.engine.sequence import SamplingParams
 from tests.fixtures.models import hf_greedy
 
@@ -304,3 +305,58 @@ def test_swap_out_and_resume_elsewhere(tiny_llama_dir: Path) -> None:
     rest = token_ids(drain(b)["x"])
     assert got + rest == ref
     assert b.stats().num_computed_tokens == params.max_tokens - len(got)
+
+
+def test_exported_block_waits_once_on_first_read() -> None:
+    calls: list[int] = []
+    payload = memoryview(bytearray(8))
+    b = ExportedBlock(2, b"h", payload, BS, wait=lambda: calls.append(1))
+    assert calls == [] and b.block_index == 2 and b.num_tokens == BS
+    assert b.payload is payload and calls == [1]
+    assert b.payload is payload and calls == [1]
+    assert "block_index=2" in repr(b)
+    assert ExportedBlock(0, None, payload, 3).payload is payload  # no wait: ready
+
+
+def test_runs_of_adjacent_rows() -> None:
+    staged = torch.arange(5 * 4, dtype=torch.uint8).view(5, 4)
+    rows = list(staged.unbind(0))
+    other = torch.zeros(4, dtype=torch.uint8)
+    runs = _runs([rows[0], rows[1], rows[3], rows[4], other, rows[2]])
+    assert [start for start, _ in runs] == [0, 2, 4, 5]
+    assert [tuple(run.shape) for _, run in runs] == [(2, 4), (2, 4), (1, 4), (1, 4)]
+    assert runs[0][1].data_ptr() == staged.data_ptr()  # a view, not a copy
+    assert torch.equal(runs[1][1], staged[3:5])
+
+
+def test_import_from_host_rows_and_buffers(tiny_llama_dir: Path) -> None:
+    e = engine(tiny_llama_dir, num_kv_blocks=12)
+    kv = e.kv_cache
+    kv.tensor.copy_(torch.randn_like(kv.tensor))
+    payloads = kv.export_blocks([0, 1, 2, 3])
+    rows = host_rows(4, e.block_nbytes, pinned=True)  # no CUDA here: plain memory
+    for row, p in zip(rows, payloads, strict=True):
+        row.copy_(torch.frombuffer(bytearray(p), dtype=torch.uint8))
+    kv.import_blocks([(8, rows[0]), (5, rows[1]), (9, rows[3]), (4, bytes(payloads[2]))])
+    for dst, src in ((8, 0), (5, 1), (9, 3), (4, 2)):
+        assert torch.equal(kv.tensor[dst], kv.tensor[src])
+    with pytest.raises(ValueError, match="bytes"):
+        kv.import_blocks([(6, rows[0][:-1])])
+
+
+def test_decode_from_staged_host_rows(tiny_qwen3_dir: Path) -> None:
+    """The decode worker's path: blocks land in the rows of one host buffer."""
+    prompt = tokens(3 * BS + 4, 40)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    a = engine(tiny_qwen3_dir)
+    first, full, tail, _ = prefill(a, "x", prompt, params)
+    blocks = full + [tail]
+    rows = host_rows(len(blocks), a.block_nbytes, pinned=False)
+    for row, b in zip(rows, blocks, strict=True):
+        row.numpy()[:] = b.payload
+    b = engine(tiny_qwen3_dir)
+    b.add_request("x", prompt, params, output_token_ids=[first], kv_blocks=rows,
+                  kv_num_tokens=len(prompt))
+    got = [first] + token_ids(drain(b)["x"])
+    assert got == hf_greedy(tiny_qwen3_dir, [prompt], params.max_tokens)[0]
+    assert b.stats().num_computed_tokens == params.max_tokens - 1
