@@ -18,9 +18,10 @@ MODEL_NAME = "tiny-llama"
 
 
 def cluster_settings(model_dir: Path, transport: str = "auto", prefill: int = 2,
-                     decode: int = 2, **gateway: object) -> ClusterSettings:
+                     decode: int = 2, max_model_len: int = 512,
+                     **gateway: object) -> ClusterSettings:
     s = ClusterSettings(
-        model=ModelSettings(name=MODEL_NAME, path=str(model_dir), max_model_len=512,
+        model=ModelSettings(name=MODEL_NAME, path=str(model_dir), max_model_len=max_model_len,
                             num_kv_blocks=256, max_num_seqs=32, max_num_batched_tokens=512),
         prefill=[Endpoint() for _ in range(prefill)],
         decode=[Endpoint() for _ in range(decode)],

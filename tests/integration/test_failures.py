@@ -63,8 +63,8 @@ def test_gateway_serving_only_once_workers_are_ready(tiny_llama_dir: Path,
 
 @pytest.fixture
 def small_cluster(tiny_llama_dir: Path, tmp_path: Path):
-    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1, max_inflight=1,
-                                max_queue=1)
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1, max_model_len=1024,
+                                max_inflight=1, max_queue=1)
     cluster = start_cluster(settings, tmp_path)
     channel = grpc.insecure_channel(settings.gateway.address)
     try:
@@ -76,18 +76,24 @@ def small_cluster(tiny_llama_dir: Path, tmp_path: Path):
 
 def test_full_queue_is_refused_with_retry_hint(small_cluster) -> None:
     cluster, stub = small_cluster
-    long = [stub.Generate(request([1, 2, 3, 4], max_tokens=300), timeout=60) for _ in range(2)]
-    first = iter(long[0])
-    next(first)  # in flight; the second waits in the queue of one
-    time.sleep(0.3)
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(request([1, 2, 3], max_tokens=2), timeout=10))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "retry" in err.value.details()
-    metadata = dict(err.value.trailing_metadata() or ())
-    assert int(metadata["retry-after-ms"]) > 0
-    for call in long:
-        call.cancel()
+    # One slot and a queue of one: of four long requests sent at once, at least two are
+    # refused on arrival.
+    calls = [stub.Generate(request([1, 2, 3, i], max_tokens=1000), timeout=60)
+             for i in range(4)]
+    try:
+        deadline = time.monotonic() + 10
+        refused = []
+        while len(refused) < 2:
+            assert time.monotonic() < deadline, "no request was refused"
+            refused = [c for c in calls
+                       if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            time.sleep(0.01)
+        for call in refused:
+            assert "retry" in call.details()
+            assert int(dict(call.trailing_metadata())["retry-after-ms"]) > 0
+    finally:
+        for call in calls:
+            call.cancel()
 
 
 def test_killed_decode_worker_fails_requests_with_unavailable(small_cluster) -> None:
