@@ -148,6 +148,21 @@ def endpoint_for(settings: ClusterSettings, role: str, index: int) -> Endpoint:
     return endpoints[index]
 
 
+def fetch_blocks(ctx: WorkerContext, owner: str, keys: Sequence[bytes],
+                 prefix: bool = False) -> list[Any]:
+    """Blocks from the store (pinned for ``owner``), copied straight into the rows of one
+    host buffer (pinned for a CUDA engine) that the engine moves to the GPU in one copy.
+    ``prefix``: the longest held prefix of ``keys`` instead of all of them."""
+    if not keys:
+        return []
+    from services.engine.kv_cache import host_rows  # torch: only where an engine runs
+
+    rows = host_rows(len(keys), ctx.block_nbytes, ctx.settings.model.device.startswith("cuda"))
+    if prefix:
+        return rows[: len(ctx.store.get_prefix(owner, keys, out=rows))]
+    return ctx.store.get(owner, keys, out=rows)
+
+
 def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
                  handle: ServiceHandle) -> WorkerContext:
     """Loads the model, reaches the store; the caller then marks the service ready."""

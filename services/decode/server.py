@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -16,6 +15,7 @@ from services.common.worker import (
     WorkerContext,
     WorkerServicer,
     check_request,
+    fetch_blocks,
     finish_reason,
     sampling_params,
     serve_worker,
@@ -68,7 +68,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         stream = ctx.loop.submit(
             rid, prompt, params,
             output_token_ids=list(request.output_token_ids),
-            kv_blocks=_fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None,
+            kv_blocks=fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None,
             kv_num_tokens=request.kv_num_tokens,
         )
         n = 0
@@ -80,17 +80,6 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 finish_reason=finish_reason(out.finish_reason if out.finished else None),
             )
         log.info("decoded", request_id=rid, tokens=n)
-
-
-def _fetch_blocks(ctx: WorkerContext, rid: str, keys: list[bytes]) -> list[Any]:
-    """The request's blocks from the store, copied straight into the rows of one host
-    buffer (pinned for a CUDA engine), which the engine moves to the GPU in one copy."""
-    if not keys:
-        return []
-    from services.engine.kv_cache import host_rows  # torch: only where an engine runs
-
-    pinned = ctx.settings.model.device.startswith("cuda")
-    return ctx.store.get(rid, keys, out=host_rows(len(keys), ctx.block_nbytes, pinned))
 
 
 def serve(settings: ClusterSettings, index: int) -> None:

@@ -20,6 +20,7 @@ from services.common.worker import (
     WorkerContext,
     WorkerServicer,
     check_request,
+    fetch_blocks,
     finish_reason,
     sampling_params,
     serve_worker,
@@ -81,7 +82,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         hashes = block_hashes(prompt, ctx.hash_ctx)
         # The last prompt token is always computed: its logits give the first token.
         usable = hashes[: (len(prompt) - 1) // bs]
-        payloads = ctx.store.get_prefix(rid, usable)
+        payloads = fetch_blocks(ctx, rid, usable, prefix=True)
         held = len(payloads)
         stream = ctx.loop.submit(
             rid, prompt, replace(params, max_tokens=1),
