@@ -40,9 +40,11 @@ def _handlers() -> grpc.GenericRpcHandler:
         n = sum(len(m) for m in requests)
         return n.to_bytes(8, "little")
 
+    messages: dict[int, bytes] = {}
+
     def source(request, context):
         total, chunk = int.from_bytes(request[:8], "little"), int.from_bytes(request[8:], "little")
-        message = os.urandom(chunk)
+        message = messages.get(chunk) or messages.setdefault(chunk, os.urandom(chunk))
         for _ in range(total // chunk):
             yield message
 
