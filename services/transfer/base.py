@@ -121,7 +121,8 @@ def as_view(obj: Buffer, *, writable: bool = False) -> memoryview:
 
 def to_refs(refs: Sequence[common_pb2.BlockRef | bytes]) -> list[common_pb2.BlockRef]:
     """BlockRefs from refs or bare keys (a bare key is a full, shared block)."""
-    return [r if isinstance(r, common_pb2.BlockRef) else common_pb2.BlockRef(key=bytes(r))
+    ref = common_pb2.BlockRef
+    return [ref(key=r) if type(r) is bytes else r if isinstance(r, ref) else ref(key=bytes(r))
             for r in refs]
 
 

@@ -27,7 +27,8 @@ _memmove = ctypes.memmove
 
 
 class Copy(NamedTuple):
-    """One block: copy ``src`` (a byte view at address ``src_addr``) to ``dst_addr``."""
+    """One block: copy ``src`` (a byte view at address ``src_addr``; 0: look it up) to
+    ``dst_addr``."""
 
     src: memoryview
     src_addr: int
@@ -129,7 +130,7 @@ def _run(copies: Sequence[Copy], out: list[int], order: Iterator[int]) -> None:
             return
         c = copies[i]
         out[i] = crc32(c.src)
-        copy(c.dst_addr, c.src_addr, c.src.nbytes)
+        copy(c.dst_addr, c.src_addr or address(c.src), c.src.nbytes)
 
 
 def crc_copy(copies: Sequence[Copy]) -> list[int]:

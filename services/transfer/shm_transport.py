@@ -147,7 +147,7 @@ class ShmTransport(KVTransport):
             for j, (offset, v) in enumerate(zip(offsets, views, strict=True)):
                 if offset >= 0:  # else already held: nothing to write
                     self._span(offset, block_nbytes)
-                    copies.append(Copy(v, address(v), self._base + offset))
+                    copies.append(Copy(v, 0, self._base + offset))  # address: by the copier
                     where.append(j)
             # each crc32 is computed just before its copy, which then reads from cache
             for j, crc in zip(where, crc_copy(copies), strict=True):
