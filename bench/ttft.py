@@ -45,7 +45,9 @@ def _engine_times(args: argparse.Namespace, prompts: list[list[int]]) -> list[tu
 
     from services.common.worker import cpu_threads
     from services.engine import EngineConfig, LLMEngine, SamplingParams
+    from services.transfer.memory import tune_malloc
 
+    tune_malloc()  # the workers' processes run with it too
     if args.device == "cpu":  # as many threads as one worker of the cluster gets
         torch.set_num_threads(cpu_threads(_cluster_settings(args)))
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,

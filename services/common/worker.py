@@ -55,6 +55,9 @@ def build_engine(settings: ClusterSettings) -> Any:
 
     from services.engine import LLMEngine
 
+    from services.transfer.memory import tune_malloc
+
+    tune_malloc()  # activations and KV payloads reuse heap memory instead of faulting pages
     if settings.model.device == "cpu":
         torch.set_num_threads(cpu_threads(settings))
     return LLMEngine(engine_config(settings.model), use_tqdm=False)

@@ -84,14 +84,16 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         usable = hashes[: (len(prompt) - 1) // bs]
         payloads = fetch_blocks(ctx, rid, usable, prefix=True)
         held = len(payloads)
+        fetched = time.perf_counter()
         stream = ctx.loop.submit(
             rid, prompt, replace(params, max_tokens=1),
             kv_blocks=payloads or None, kv_num_tokens=held * bs, export_kv=True,
         )
-        first = None
+        first, first_at = None, 0.0
         for out in stream:
             if out.finished:  # the first token goes out before the last blocks move
-                first = self._first_token(out, params, len(prompt), held * bs)
+                first, first_at = self._first_token(out, params, len(prompt), held * bs), \
+                    time.perf_counter()
                 yield first
             self._put_blocks(ctx, rid, out)
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
@@ -101,6 +103,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.metrics.observe_prefill(first.num_computed_tokens, first.num_cached_tokens, elapsed)
         log.info("prefilled", request_id=rid, prompt_tokens=len(prompt),
                  cached_tokens=first.num_cached_tokens, store_blocks=held,
+                 fetch_s=round(fetched - start, 5), first_token_s=round(first_at - start, 5),
                  seconds=round(elapsed, 4))
         yield worker_pb2.PrefillResponse(request_id=rid, blocks=refs, kv_num_tokens=len(prompt),
                                          prefill_seconds=elapsed, kv_ready=True)
