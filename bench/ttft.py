@@ -21,7 +21,9 @@ from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-HOPS = 2  # client -> gateway -> prefill worker (the decode hop comes after the first token)
+# Round trips before the first token: client -> gateway -> prefill worker -> store (its
+# prefix fetch). The decode worker's hop comes after the first token.
+HOPS = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
