@@ -54,7 +54,6 @@ def build_engine(settings: ClusterSettings) -> Any:
     import torch
 
     from services.engine import LLMEngine
-
     from services.transfer.memory import tune_malloc
 
     tune_malloc()  # activations and KV payloads reuse heap memory instead of faulting pages
