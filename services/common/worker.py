@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from kvstore.client import KVStoreClient
-from services.common.engine_loop import EngineLoop
+from services.common.engine_loop import EngineLoop, EngineStopped
 from services.common.logging import get_logger
 from services.common.server import (
     ServiceHandle,
@@ -92,6 +93,24 @@ class BadRequest(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@contextmanager
+def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Answers a worker RPC's failures with precise statuses instead of a crash."""
+    try:
+        yield
+    except BadRequest as e:
+        context.abort(e.code, str(e))
+    except EngineStopped as e:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except KeyError as e:  # a block the request names is not in the store
+        context.abort(grpc.StatusCode.NOT_FOUND, f"kv store: {e}")
+    except ValueError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except grpc.RpcError as e:
+        code = e.code() if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+        context.abort(code, f"kv store: {e.details()}")
 
 
 def check_request(

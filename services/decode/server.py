@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.common.engine_loop import EngineStopped
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -17,6 +16,7 @@ from services.common.worker import (
     check_request,
     fetch_blocks,
     finish_reason,
+    grpc_errors,
     sampling_params,
     serve_worker,
 )
@@ -40,21 +40,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             ctx.store.release(rid)
 
         context.add_callback(on_rpc_done)
-        try:
+        with grpc_errors(context):
             yield from self._decode(ctx, request)
-        except BadRequest as e:
-            context.abort(e.code, str(e))
-        except EngineStopped as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except KeyError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"kv store: {e}")
-        except grpc.RpcError as e:
-            code = e.code()
-            if code != grpc.StatusCode.NOT_FOUND:
-                code = grpc.StatusCode.UNAVAILABLE
-            context.abort(code, f"kv store: {e.details()}")
 
     def _decode(self, ctx: WorkerContext,
                 request: worker_pb2.DecodeRequest) -> Iterator[worker_pb2.DecodeChunk]:

@@ -11,17 +11,16 @@ from typing import Any
 
 import grpc
 
-from services.common.engine_loop import EngineStopped
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
 from services.common.worker import (
-    BadRequest,
     WorkerContext,
     WorkerServicer,
     check_request,
     fetch_blocks,
     finish_reason,
+    grpc_errors,
     sampling_params,
     serve_worker,
 )
@@ -58,16 +57,9 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
 
         context.add_callback(on_rpc_done)
         try:
-            yield from self._prefill(ctx, request)
-            handed_over.set()
-        except BadRequest as e:
-            context.abort(e.code, str(e))
-        except EngineStopped as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except grpc.RpcError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"kv store: {e.details()}")
+            with grpc_errors(context):
+                yield from self._prefill(ctx, request)
+                handed_over.set()
         finally:
             if not handed_over.is_set():  # a put may have landed after on_rpc_done released
                 ctx.store.release(rid)

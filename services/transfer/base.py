@@ -141,6 +141,15 @@ def check_payloads(refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffe
     return views
 
 
+def output_views(keys: Sequence[bytes], out: Sequence[Buffer] | None) -> list[memoryview] | None:
+    """Writable views of a get's ``out`` buffers (one per key), or None without ``out``."""
+    if out is None:
+        return None
+    if len(out) != len(keys):
+        raise InvalidRequestError(f"{len(keys)} keys but {len(out)} output buffers")
+    return [as_view(o, writable=True) for o in out]
+
+
 class KVTransport(ABC):
     """Moves block bytes between this process and one store."""
 

@@ -14,8 +14,8 @@ from services.transfer.base import (
     InvalidRequestError,
     KVTransport,
     PutResult,
-    as_view,
     check_payloads,
+    output_views,
     wrap_rpc_error,
 )
 from services.transfer.bulk import empty
@@ -87,11 +87,9 @@ class GrpcTransport(KVTransport):
     def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
             longest_prefix: bool = False) -> list[Buffer]:
         n = len(keys)
-        if out is not None and len(out) != n:
-            raise InvalidRequestError(f"{n} keys but {len(out)} output buffers")
+        outs = output_views(keys, out)
         if n == 0:
             return []
-        outs = [as_view(o, writable=True) for o in out] if out is not None else None
         t0 = time.perf_counter()
         asm = _Assembler(n, outs, prefix=longest_prefix)
         try:

@@ -25,8 +25,8 @@ from services.transfer.base import (
     KVTransport,
     PutResult,
     StaleTransportError,
-    as_view,
     check_payloads,
+    output_views,
     wrap_rpc_error,
 )
 from services.transfer.bulk import Copy, address, crc_copy, empty
@@ -177,11 +177,9 @@ class ShmTransport(KVTransport):
     def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
             longest_prefix: bool = False) -> list[Buffer]:
         n = len(keys)
-        if out is not None and len(out) != n:
-            raise InvalidRequestError(f"{n} keys but {len(out)} output buffers")
+        outs = output_views(keys, out)
         if n == 0:
             return []
-        outs = [as_view(o, writable=True) for o in out] if out is not None else None
         pin_owner = owner or f"shm-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
