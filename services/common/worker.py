@@ -95,6 +95,9 @@ class BadRequest(Exception):
         self.code = code
 
 
+STORE_CODES_PASSED_ON = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 @contextmanager
 def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     """Answers a worker RPC's failures with precise statuses instead of a crash."""
@@ -108,8 +111,8 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.NOT_FOUND, f"kv store: {e}")
     except ValueError as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except grpc.RpcError as e:
-        code = e.code() if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+    except grpc.RpcError as e:  # the store's own answer where it is the caller's to act on
+        code = e.code() if e.code() in STORE_CODES_PASSED_ON else grpc.StatusCode.UNAVAILABLE
         context.abort(code, f"kv store: {e.details()}")
 
 

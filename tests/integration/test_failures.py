@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster
 from splitserve.v1 import generation_pb2_grpc
 from tests.integration.conftest import cluster_settings, collect, request, start_cluster
@@ -131,3 +132,26 @@ def test_sigterm_stops_every_service_cleanly(tiny_llama_dir: Path, tmp_path: Pat
     cluster.stop()
     assert {s.name: s.proc.returncode for s in cluster.services} == {
         s.name: 0 for s in cluster.services}
+
+
+def test_full_store_refuses_cleanly_and_leaks_nothing(tiny_llama_dir: Path,
+                                                      tmp_path: Path) -> None:
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    settings.kvstore.cpu_bytes = 96 << 10  # a dozen 8 KiB blocks
+    cluster = start_cluster(settings, tmp_path)
+    channel = grpc.insecure_channel(settings.gateway.address)
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request(list(range(3, 403)), max_tokens=2), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "kv store" in err.value.details()
+        assert collect(stub.Generate(request([1, 2, 3], max_tokens=3), timeout=30)).tokens
+        with KVStoreClient(settings.kvstore.address) as store:
+            deadline = time.monotonic() + 5
+            while (stats := store.stats()).pins or stats.owners:
+                assert time.monotonic() < deadline, f"pins left behind: {stats}"
+                time.sleep(0.1)
+    finally:
+        channel.close()
+        cluster.stop()
