@@ -98,7 +98,7 @@ class RequestFlow:
         try:
             yield from self._run()
         finally:
-            self.deps.store.release(self.req.request_id)  # idempotent; frees pins on any path
+            self.deps.store.release_quietly(self.req.request_id)  # idempotent; any way out
 
     def _run(self) -> Iterator[generation_pb2.GenerateResponse]:
         req = self.req

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.common.logging import get_logger
 from services.common.settings import TransferSettings
 from services.transfer import (
     Buffer,
@@ -25,6 +26,8 @@ from services.transfer import (
 )
 from services.transfer.base import to_refs
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+log = get_logger("kvstore-client")
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -138,6 +141,16 @@ class KVStoreClient:
         if not owner:
             raise InvalidRequestError("release needs an owner")
         return self._call(self._stub.Release, kvstore_pb2.ReleaseRequest(owner=owner)).released
+
+    def release_quietly(self, owner: str) -> bool:
+        """``release`` for cleanup paths: a store that cannot be reached is logged, not
+        raised (the owner's pins expire after the store's pin TTL anyway)."""
+        try:
+            self.release(owner)
+            return True
+        except grpc.RpcError as e:
+            log.warning("release_failed", owner=owner, code=e.code().name, error=e.details())
+            return False
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:

@@ -235,7 +235,7 @@ class WorkerServicer:
               context: grpc.ServicerContext) -> common_pb2.AbortResponse:
         ctx = self.ready_ctx(context)
         ctx.loop.abort(request.request_id)
-        ctx.store.release(request.request_id)
+        ctx.store.release_quietly(request.request_id)
         return common_pb2.AbortResponse(found=True)
 
     def GetLoad(self, request: worker_pb2.LoadRequest,  # noqa: N802

@@ -37,7 +37,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
 
         def on_rpc_done() -> None:  # finish, cancel or failure: free everything
             ctx.loop.abort(rid)
-            ctx.store.release(rid)
+            ctx.store.release_quietly(rid)
 
         context.add_callback(on_rpc_done)
         with grpc_errors(context):

@@ -53,7 +53,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         def on_rpc_done() -> None:
             if not handed_over.is_set():  # cancelled or failed: nobody will decode it
                 ctx.loop.abort(rid)
-                ctx.store.release(rid)
+                ctx.store.release_quietly(rid)
 
         context.add_callback(on_rpc_done)
         try:
@@ -62,7 +62,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 handed_over.set()
         finally:
             if not handed_over.is_set():  # a put may have landed after on_rpc_done released
-                ctx.store.release(rid)
+                ctx.store.release_quietly(rid)
 
     def _prefill(self, ctx: WorkerContext,
                  request: worker_pb2.PrefillRequest) -> Iterator[worker_pb2.PrefillResponse]:

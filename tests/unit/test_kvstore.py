@@ -450,3 +450,11 @@ def test_threads_putting_getting_and_releasing_keep_the_books_straight():
     s = core.stats()
     assert (s.pins, s.owners, s.pinned_blocks) == (0, 0, 0)
     assert_accounting(core, tier)
+
+
+def test_release_quietly_survives_an_unreachable_store() -> None:
+    from kvstore.client import KVStoreClient
+    from services.common.launcher import free_port
+
+    with KVStoreClient(f"127.0.0.1:{free_port()}", timeout_s=2.0) as client:
+        assert client.release_quietly("some-request") is False
