@@ -179,12 +179,16 @@ def fetch_blocks(ctx: WorkerContext, owner: str, keys: Sequence[bytes],
     ``prefix``: the longest held prefix of ``keys`` instead of all of them."""
     if not keys:
         return []
-    from services.engine.kv_cache import host_rows  # torch: only where an engine runs
+    from services.engine.kv_cache import host_buffer  # torch: only where an engine runs
 
-    rows = host_rows(len(keys), ctx.block_nbytes, ctx.settings.model.device.startswith("cuda"))
+    staged = host_buffer(len(keys), ctx.block_nbytes, ctx.settings.model.device.startswith("cuda"))
+    # The transport views numpy rows far faster than tensors (~10 us a tensor row).
+    views = list(staged.numpy())
     if prefix:
-        return rows[: len(ctx.store.get_prefix(owner, keys, out=rows))]
-    return ctx.store.get(owner, keys, out=rows)
+        held = len(ctx.store.get_prefix(owner, keys, out=views))
+    else:
+        held = len(ctx.store.get(owner, keys, out=views))
+    return list(staged[:held].unbind(0))
 
 
 def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,

@@ -46,9 +46,13 @@ def host_rows(num_blocks: int, block_nbytes: int, pinned: bool) -> list[torch.Te
     blocks in place (e.g. ``KVStoreClient.get(..., out=rows)``) and hand them to
     ``add_request(kv_blocks=rows)``: adjacent rows reach the GPU in one copy.
     ``pinned`` (for a CUDA engine) is ignored where there is no CUDA."""
+    return list(host_buffer(num_blocks, block_nbytes, pinned).unbind(0))
+
+
+def host_buffer(num_blocks: int, block_nbytes: int, pinned: bool) -> torch.Tensor:
+    """The ``[num_blocks, block_nbytes]`` uint8 host tensor behind :func:`host_rows`."""
     pin = pinned and torch.cuda.is_available()
-    staged = torch.empty((num_blocks, block_nbytes), dtype=torch.uint8, pin_memory=pin)
-    return list(staged.unbind(0))
+    return torch.empty((num_blocks, block_nbytes), dtype=torch.uint8, pin_memory=pin)
 
 
 def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
