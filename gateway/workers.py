@@ -13,9 +13,6 @@ from services.common.settings import ClusterSettings
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("gateway")
-# The thread that reads a worker's stream polls for its messages itself: no hand-off
-# from gRPC's channel thread per message (a wake-up on the first token's path).
-CHANNEL_OPTIONS = [("grpc.experimental.single_threaded_unary_stream", 1)]
 
 
 @dataclass
@@ -38,7 +35,7 @@ class WorkerPool:
             for ep in endpoints:
                 info = WorkerInfo(worker_id=f"{role}/{ep.address}", address=ep.address,
                                   role=role, model=self.model, healthy=False)
-                channel = grpc.insecure_channel(ep.address, options=CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(ep.address)
                 self.handles[info.worker_id] = WorkerHandle(info, channel, stub_cls(channel))
         self._poll_s = poll_s
         self._stop = threading.Event()
