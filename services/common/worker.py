@@ -14,6 +14,7 @@ import grpc
 from kvstore.client import KVStoreClient
 from services.common.engine_loop import EngineLoop, EngineStopped
 from services.common.logging import get_logger
+from services.common.metrics import WorkerMetrics
 from services.common.server import (
     ServiceHandle,
     run_until_signal,
@@ -224,8 +225,9 @@ def drain(ctx: WorkerContext, grace_s: float = 10.0) -> None:
 class WorkerServicer:
     """Base of the worker servicers: refuses work until the model is loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: WorkerMetrics) -> None:
         self.ctx: WorkerContext | None = None
+        self.metrics = metrics
 
     def attach(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

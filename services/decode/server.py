@@ -26,10 +26,6 @@ log = get_logger("decode")
 
 
 class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        super().__init__()
-        self.metrics = metrics
-
     def Decode(self, request: worker_pb2.DecodeRequest,  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[worker_pb2.DecodeChunk]:
         ctx = self.ready_ctx(context)

@@ -40,10 +40,6 @@ def tail_ref(request_id: str, num_tokens: int) -> common_pb2.BlockRef:
 
 
 class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        super().__init__()
-        self.metrics = metrics
-
     def Prefill(self, request: worker_pb2.PrefillRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> Iterator[worker_pb2.PrefillResponse]:
         ctx = self.ready_ctx(context)
