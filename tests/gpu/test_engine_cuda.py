@@ -47,16 +47,22 @@ def _payloads(kind: str, blocks: list, block_nbytes: int) -> list:
     return rows
 
 
+def _one_engine_tokens(cfg: dict, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The tokens one engine generates for ``prompt``: the reference of a split run."""
+    engine = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    engine.add_request("r", prompt, params)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    return tokens
+
+
 @pytest.mark.parametrize("kind", ["bytes", "exported", "staged"])
 def test_cuda_prefill_decode_split_bfloat16(kind: str, tiny_llama_dir: Path) -> None:
     cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompt = _prompts(1, seed=2)[0] + [7] * 40
-    one = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
-    one.add_request("r", prompt, params)
-    want = []
-    while one.has_unfinished():
-        want += [t for o in one.step() for t in o.new_token_ids]
+    want = _one_engine_tokens(cfg, prompt, params)
 
     prefill = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
     prefill.add_request("r", prompt, SamplingParams(max_tokens=1, ignore_eos=True),
@@ -130,11 +136,7 @@ def test_cuda_swap_out_and_resume(tiny_llama_dir: Path) -> None:
     cfg = dict(model=str(tiny_llama_dir), device="cuda", num_kv_blocks=64)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompt = _prompts(1, seed=5)[0] + [9] * 30
-    one = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
-    one.add_request("r", prompt, params)
-    want = []
-    while one.has_unfinished():
-        want += [t for o in one.step() for t in o.new_token_ids]
+    want = _one_engine_tokens(cfg, prompt, params)
     a = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
     a.add_request("r", prompt, params)
     got = []
