@@ -205,17 +205,22 @@ def test_a_full_store_refuses_a_put(client):
     assert client.put("", keys(2), blocks(2, size), size) == (2, 0)  # room again
 
 
-def test_a_corrupt_block_is_a_miss(client, stub, store):
-    ks, data = keys(2), blocks(2, 4096)
-    client.put("", ks, data, 4096)
-    describe = client.describe()
-    loc = stub.Get(kvstore_pb2.GetRequest(owner="probe", keys=[ks[0]])).blocks[0]
+def _flip_a_byte(client, stub, key: bytes) -> None:
+    """Corrupts a stored block in the shared arena, behind the store's back."""
+    shm_name = client.describe().shm_name
+    loc = stub.Get(kvstore_pb2.GetRequest(owner="probe", keys=[key])).blocks[0]
     stub.Release(kvstore_pb2.ReleaseRequest(owner="probe"))
-    with open(f"/dev/shm/{describe.shm_name}", "r+b") as f:  # flip a byte behind its back
+    with open(f"/dev/shm/{shm_name}", "r+b") as f:
         f.seek(loc.offset + 100)
         b = f.read(1)
         f.seek(loc.offset + 100)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_corrupt_block_is_a_miss(client, stub, store):
+    ks, data = keys(2), blocks(2, 4096)
+    client.put("", ks, data, 4096)
+    _flip_a_byte(client, stub, ks[0])
     failures = client.stats().checksum_failures
     with pytest.raises(MissingBlocksError, match="checksum"):
         client.get(owner(), ks)
@@ -267,14 +272,7 @@ def test_get_prefix_without_owner_pins_only_while_it_runs(client):
 def test_a_corrupt_block_ends_the_prefix(client, stub, store, size):
     ks, data = keys(4), blocks(4, size)
     client.put("", ks, data, size)
-    describe = client.describe()
-    loc = stub.Get(kvstore_pb2.GetRequest(owner="probe", keys=[ks[2]])).blocks[0]
-    stub.Release(kvstore_pb2.ReleaseRequest(owner="probe"))
-    with open(f"/dev/shm/{describe.shm_name}", "r+b") as f:  # flip a byte behind its back
-        f.seek(loc.offset + 100)
-        b = f.read(1)
-        f.seek(loc.offset + 100)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _flip_a_byte(client, stub, ks[2])
     before = client.stats()
     o = owner()
     got = client.get_prefix(o, ks)
