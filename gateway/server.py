@@ -18,7 +18,13 @@ from gateway.workers import WorkerPool
 from kvstore.client import KVStoreClient
 from services.common.logging import get_logger
 from services.common.metrics import GatewayMetrics
-from services.common.server import ServiceHandle, run_until_signal, start_server, wait_for_serving
+from services.common.server import (
+    ServiceHandle,
+    run_until_signal,
+    start_server,
+    wait_for_serving,
+    wait_until,
+)
 from services.common.settings import ClusterSettings
 from services.engine.config import load_model_config
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -139,9 +145,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def drain(self, grace_s: float = 10.0) -> None:
         """SIGTERM: refuse new requests, let running ones finish, then cancel the rest."""
         self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.num_active and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not self.num_active, grace_s)
         with self._lock:
             scopes = list(self._active.values())
         for scope in scopes:
@@ -153,12 +157,11 @@ def _wait_for_peers(settings: ClusterSettings, pool: WorkerPool, handle: Service
     if not wait_for_serving(settings.kvstore.address, settings.ready_timeout_s):
         raise RuntimeError(f"kv store at {settings.kvstore.address} not reachable")
     handle.set_ready(False, "waiting for prefill and decode workers")
-    deadline = time.monotonic() + settings.ready_timeout_s
-    while not pool.all_roles_healthy():
-        if time.monotonic() > deadline or handle.stopping.is_set():
-            raise RuntimeError("no healthy prefill and decode workers within "
-                               f"{settings.ready_timeout_s}s")
-        time.sleep(0.1)
+    ready = wait_until(lambda: pool.all_roles_healthy() or handle.stopping.is_set(),
+                       settings.ready_timeout_s, poll_s=0.1)
+    if not ready or handle.stopping.is_set():
+        raise RuntimeError("no healthy prefill and decode workers within "
+                           f"{settings.ready_timeout_s}s")
 
 
 def serve(settings: ClusterSettings, index: int = 0) -> None:

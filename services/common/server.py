@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -99,19 +100,26 @@ def run_until_signal(handle: ServiceHandle, drain: Callable[[], None] | None = N
     log.info("stopped")
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Polls ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def wait_for_serving(address: str, timeout_s: float, service: str = "") -> bool:
     """Polls a peer's grpc.health.v1 until SERVING or the timeout."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
             except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    return False
+                return False
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+        return wait_until(serving, timeout_s, poll_s=0.1)

@@ -20,6 +20,7 @@ from services.common.server import (
     run_until_signal,
     start_server,
     wait_for_serving,
+    wait_until,
 )
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from services.engine.block_hash import HashContext
@@ -212,12 +213,8 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
 
 def drain(ctx: WorkerContext, grace_s: float = 10.0) -> None:
     """SIGTERM: take no new work, let running requests finish for a while, abort the rest."""
-    import time
-
     ctx.loop.stop_accepting()
-    deadline = time.monotonic() + grace_s
-    while ctx.loop.num_active and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not ctx.loop.num_active, grace_s)
     ctx.loop.stop()
     ctx.store.close()
 
