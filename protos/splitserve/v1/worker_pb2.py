@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\xab\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12+\n\ttransport\x18\x05 \x01(\x0e\x32\x18.splitserve.v1.Transport\"\x94\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x15\n\rkv_num_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x10\n\x08kv_ready\x18\t \x01(\x08\"\x84\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x15\n\rkv_num_tokens\x18\x07 \x01(\r\x12+\n\ttransport\x18\x08 \x01(\x0e\x32\x18.splitserve.v1.Transport\"T\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\"\r\n\x0bLoadRequest\"\x98\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\r2\xe1\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad2\xda\x01\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1a.splitserve.v1.DecodeChunk0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\xd4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12+\n\ttransport\x18\x05 \x01(\x0e\x32\x18.splitserve.v1.Transport\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\r\"\x94\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x15\n\rkv_num_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x32\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x10\n\x08kv_ready\x18\t \x01(\x08\"\xad\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x15\n\rkv_num_tokens\x18\x07 \x01(\r\x12+\n\ttransport\x18\x08 \x01(\x0e\x32\x18.splitserve.v1.Transport\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\r\"T\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\"\r\n\x0bLoadRequest\"\x98\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\r2\xe1\x01\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad2\xda\x01\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1a.splitserve.v1.DecodeChunk0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12@\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.worker_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=74
-  _globals['_PREFILLREQUEST']._serialized_end=245
-  _globals['_PREFILLRESPONSE']._serialized_start=248
-  _globals['_PREFILLRESPONSE']._serialized_end=524
-  _globals['_DECODEREQUEST']._serialized_start=527
-  _globals['_DECODEREQUEST']._serialized_end=787
-  _globals['_DECODECHUNK']._serialized_start=789
-  _globals['_DECODECHUNK']._serialized_end=873
-  _globals['_LOADREQUEST']._serialized_start=875
-  _globals['_LOADREQUEST']._serialized_end=888
-  _globals['_WORKERLOAD']._serialized_start=891
-  _globals['_WORKERLOAD']._serialized_end=1043
-  _globals['_PREFILLWORKER']._serialized_start=1046
-  _globals['_PREFILLWORKER']._serialized_end=1271
-  _globals['_DECODEWORKER']._serialized_start=1274
-  _globals['_DECODEWORKER']._serialized_end=1492
+  _globals['_PREFILLREQUEST']._serialized_end=286
+  _globals['_PREFILLRESPONSE']._serialized_start=289
+  _globals['_PREFILLRESPONSE']._serialized_end=565
+  _globals['_DECODEREQUEST']._serialized_start=568
+  _globals['_DECODEREQUEST']._serialized_end=869
+  _globals['_DECODECHUNK']._serialized_start=871
+  _globals['_DECODECHUNK']._serialized_end=955
+  _globals['_LOADREQUEST']._serialized_start=957
+  _globals['_LOADREQUEST']._serialized_end=970
+  _globals['_WORKERLOAD']._serialized_start=973
+  _globals['_WORKERLOAD']._serialized_end=1125
+  _globals['_PREFILLWORKER']._serialized_start=1128
+  _globals['_PREFILLWORKER']._serialized_end=1353
+  _globals['_DECODEWORKER']._serialized_start=1356
+  _globals['_DECODEWORKER']._serialized_end=1574
 # @@protoc_insertion_point(module_scope)
