@@ -85,6 +85,8 @@ class ClusterSettings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     redis_url: str | None = None
+    # internal calls (gateway/worker/store) carry it; env SPLITSERVE_CLUSTER_SECRET overrides
+    cluster_secret: str | None = None
     log_level: str = "info"
     ready_timeout_s: float = 120.0
 
