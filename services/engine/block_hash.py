@@ -5,6 +5,10 @@ A full block of ``block_size`` tokens is named by a chained digest:
 The engine's prefix cache, the KV store's keys and the gateway's router all
 call this module, so a hash names the same KV bytes everywhere. Partial (last)
 blocks have no hash and are never shared. Pure Python: no torch here.
+
+A tenant's ``cache_salt`` replaces the all-zero root of the chain, so the same
+tokens under different salts share no block anywhere (engine cache, store,
+router); the empty salt gives the unsalted hashes.
 """
 
 from __future__ import annotations
@@ -30,23 +34,35 @@ class HashContext:
         return f"{self.model_id}|{self.block_size}|{self.dtype}".encode()
 
 
-def hash_block(parent: bytes | None, tokens: Sequence[int], ctx: HashContext) -> bytes:
-    """Digest of one full block, chained on its parent's digest (None for the first)."""
+def chain_root(cache_salt: str = "") -> bytes:
+    """The parent of a chain's first block: all zeros, or a digest of the salt."""
+    if not cache_salt:
+        return ROOT_PARENT
+    return hashlib.blake2b(cache_salt.encode(), digest_size=DIGEST_BYTES,
+                           person=b"splitserve-salt").digest()
+
+
+def hash_block(parent: bytes | None, tokens: Sequence[int], ctx: HashContext,
+               cache_salt: str = "") -> bytes:
+    """Digest of one full block, chained on its parent's digest (None for the first,
+    whose parent is the root of ``cache_salt``)."""
     if len(tokens) != ctx.block_size:
         raise ValueError(f"a hashed block holds exactly {ctx.block_size} tokens, got {len(tokens)}")
     h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"splitserve-kv1")
-    h.update(parent if parent is not None else ROOT_PARENT)
+    h.update(parent if parent is not None else chain_root(cache_salt))
     h.update(ctx.salt())
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
     return h.digest()
 
 
 def block_hashes(
-    tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None
+    tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None, cache_salt: str = ""
 ) -> list[bytes]:
     """Chained digests of every full block of ``tokens`` (the partial tail gets none)."""
     out: list[bytes] = []
     bs = ctx.block_size
+    if parent is None:
+        parent = chain_root(cache_salt)
     for start in range(0, len(tokens) - bs + 1, bs):
         parent = hash_block(parent, tokens[start : start + bs], ctx)
         out.append(parent)

@@ -85,7 +85,8 @@ class BlockManager:
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, seq.block_tokens(i, bs), self.hash_ctx))
+            hashes.append(hash_block(parent, seq.block_tokens(i, bs), self.hash_ctx,
+                                     seq.cache_salt))
         return hashes[:num_blocks]
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:

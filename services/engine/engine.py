@@ -78,6 +78,7 @@ class LLMEngine:
         kv_blocks: Seq[Any] | None = None,
         kv_num_tokens: int = 0,
         export_kv: bool = False,
+        cache_salt: str = "",
     ) -> None:
         """Queue a request.
 
@@ -87,6 +88,7 @@ class LLMEngine:
         per block (the last may be partial); only the rest is computed.
         ``export_kv``: report each full block as it completes (and the partial
         tail at the end) in ``StepOutput.exported_blocks`` / ``tail_block``.
+        ``cache_salt``: prefix-cache hits only between requests of the same salt.
         """
         params = params or SamplingParams()
         cfg = self.config
@@ -133,6 +135,7 @@ class LLMEngine:
             kv_blocks=list(kv_blocks) if kv_blocks else None,
             kv_num_tokens=kv_num_tokens,
             export_kv=export_kv,
+            cache_salt=cache_salt,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

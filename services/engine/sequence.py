@@ -64,6 +64,7 @@ class Sequence:
         kv_blocks: list[Any] | None = None,
         kv_num_tokens: int = 0,
         export_kv: bool = False,
+        cache_salt: str = "",
     ) -> None:
         self.seq_id = next(_counter)
         self.request_id = request_id
@@ -75,6 +76,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, found in the prefix cache (not computed)
         self.block_table: list[int] = []
+        self.cache_salt = cache_salt  # prefix-cache hits only between equal salts
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, lazily
         self.num_committed_blocks = 0  # full computed blocks offered to the prefix cache
         # KV handed in with the request: payloads copied into blocks on admission
