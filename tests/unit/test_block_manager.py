@@ -225,3 +225,44 @@ def test_bookkeeping_modules_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cache_salt_separates_prefix_hits() -> None:
+    bm = BlockManager(16, BS, CTX)
+    prefix = list(range(8))
+    run_prefill(bm, seq(prefix + [50], cache_salt="tenant-a"))
+    assert bm.admission_computed_tokens(seq(prefix + [60], cache_salt="tenant-b")) == 0
+    assert bm.admission_computed_tokens(seq(prefix + [60])) == 0
+    assert bm.admission_computed_tokens(seq(prefix + [60], cache_salt="tenant-a")) == 8
+
+
+def test_empty_salt_keeps_the_unsalted_chain() -> None:
+    tokens = list(range(12))
+    assert block_hashes(tokens, CTX, cache_salt="") == block_hashes(tokens, CTX)
+    salted = block_hashes(tokens, CTX, cache_salt="t")
+    assert not set(salted) & set(block_hashes(tokens, CTX))
+    s = seq(tokens, cache_salt="t")
+    run_prefill(BlockManager(16, BS, CTX), s)
+    assert s.block_hashes == salted
+
+
+def test_engine_cached_tokens_only_under_the_same_salt(tiny_llama_dir) -> None:
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+
+    e = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64), use_tqdm=False)
+    prompt = list(range(1, 50))  # three full blocks of 16 and a tail
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def cached(rid: str, salt: str) -> int:
+        e.add_request(rid, prompt, params, cache_salt=salt)
+        last = None
+        while e.has_unfinished():
+            last = next((o for o in e.step() if o.finished), last)
+        return last.num_cached_tokens
+
+    assert cached("a1", "tenant-a") == 0
+    assert cached("b1", "tenant-b") == 0  # a's prompt is invisible to b
+    assert cached("b2", "tenant-b") == 48  # b reuses its own
+    assert cached("a2", "tenant-a") == 48
+    assert cached("n1", "") == 0
