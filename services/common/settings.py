@@ -60,6 +60,13 @@ class GatewaySettings(Endpoint):
     routing: str = "round_robin"  # round_robin | least_loaded | kv_aware
     max_queue: int = 256  # requests waiting for a slot; beyond -> RESOURCE_EXHAUSTED
     max_inflight: int = 64  # requests being served at once
+    max_prompt_bytes: int = 1 * MiB  # UTF-8 bytes of prompt text / chat contents, before tokenizing
+    max_chat_messages: int = 1024  # messages of one chat request
+    max_request_s: float = 600.0  # the deadline of a request that sets no deadline_ms
+    tokenizer_threads: int = 2  # threads tokenizing prompts (off the serving event loop)
+    # API keys the gateway accepts (metadata "x-api-key" or "authorization: Bearer KEY");
+    # empty -> no key needed. A key names its tenant: its requests, aborts and cache salt.
+    api_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
