@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.common.auth import secret_metadata_from_env, with_metadata
 from services.common.logging import get_logger
 from services.common.settings import TransferSettings
 from services.transfer import (
@@ -36,15 +37,21 @@ CHANNEL_OPTIONS = [
 
 
 class KVStoreClient:
-    """A client of one KV store at ``address`` (host:port)."""
+    """A client of one KV store at ``address`` (host:port). ``metadata`` goes with every
+    call (``services.common.auth.call_metadata(settings)``: the cluster secret); None
+    sends the secret of ``SPLITSERVE_CLUSTER_SECRET`` if it is set."""
 
     def __init__(self, address: str, transfer: TransferSettings | None = None, *,
-                 timeout_s: float = 30.0, transfer_timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 30.0, transfer_timeout_s: float = 120.0,
+                 metadata: Sequence[tuple[str, str]] | None = None) -> None:
         self.address = address
         self.transfer = transfer or TransferSettings()
         self.timeout_s = timeout_s
         self.transfer_timeout_s = transfer_timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._raw_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if metadata is None:
+            metadata = secret_metadata_from_env()
+        self._channel = with_metadata(self._raw_channel, metadata)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._lock = threading.Lock()
         self._describe: kvstore_pb2.DescribeResponse | None = None
@@ -158,7 +165,7 @@ class KVStoreClient:
             transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> KVStoreClient:
         return self

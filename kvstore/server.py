@@ -24,6 +24,7 @@ from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
 from kvstore.checksum import crc32
 from kvstore.store import InvalidArgument, KVStoreCore, Location, ResourceExhausted, StoreError
 from kvstore.tiers.cpu import CpuTier
+from services.common.auth import server_interceptors
 from services.common.logging import get_logger
 from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
@@ -361,7 +362,7 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
         collector = StoreCollector(core)
         REGISTRY.register(collector)
         handle = start_server("kvstore", ks, lambda s: add_to_server(servicer, s),
-                              [SERVICE_NAME])
+                              [SERVICE_NAME], interceptors=server_interceptors(settings))
 
         def expire_loop() -> None:  # pins of dead owners go even when nobody calls
             interval = max(0.05, min(1.0, ks.pin_ttl_s / 4))

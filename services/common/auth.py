@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
+from services.common.logging import get_logger
 from services.common.settings import ClusterSettings
 
 SECRET_ENV = "SPLITSERVE_CLUSTER_SECRET"
@@ -32,6 +33,42 @@ def call_metadata(settings: ClusterSettings) -> tuple[tuple[str, str], ...]:
     """gRPC metadata that proves cluster membership on an internal call."""
     secret = cluster_secret(settings)
     return ((SECRET_METADATA_KEY, secret),) if secret else ()
+
+
+def secret_metadata_from_env() -> tuple[tuple[str, str], ...]:
+    """``call_metadata`` for a process that has no settings at hand: the env's secret."""
+    secret = os.environ.get(SECRET_ENV)
+    return ((SECRET_METADATA_KEY, secret),) if secret else ()
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to every call of a channel."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def _with_metadata(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_metadata(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_metadata(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # noqa: ANN001, ANN201
+        return continuation(self._with_metadata(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # noqa: ANN001, ANN201
+        return continuation(self._with_metadata(details), requests)
+
+
+def with_metadata(channel: grpc.Channel, metadata: Sequence[tuple[str, str]]) -> grpc.Channel:
+    """``channel`` sending ``metadata`` (e.g. ``call_metadata(settings)``) on every call."""
+    if not metadata:
+        return channel
+    return grpc.intercept_channel(channel, _MetadataInterceptor(metadata))
 
 
 def _refusal_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -55,9 +92,8 @@ def _refusal_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class SecretInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health/reflection that lacks the cluster secret."""
 
-    def __init__(self, secret: str, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, secret: str) -> None:
         self._secret = secret.encode()
-        self._on_refused = on_refused
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -67,8 +103,6 @@ class SecretInterceptor(grpc.ServerInterceptor):
             return handler
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
-        if self._on_refused is not None:
-            self._on_refused(method)
         return _refusal_handler(handler)
 
     def _authorized(self, metadata: Any) -> bool:
@@ -79,9 +113,13 @@ class SecretInterceptor(grpc.ServerInterceptor):
         return False
 
 
-def server_interceptors(settings: ClusterSettings,
-                        on_refused: Callable[[str], None] | None = None
-                        ) -> list[grpc.ServerInterceptor]:
-    """The interceptors an internal server installs: none when the cluster has no secret."""
+def server_interceptors(settings: ClusterSettings) -> list[grpc.ServerInterceptor]:
+    """The interceptors an internal server installs: none (and a warning) when the
+    cluster has no secret."""
     secret = cluster_secret(settings)
-    return [SecretInterceptor(secret, on_refused)] if secret else []
+    if not secret:
+        get_logger("auth").warning(
+            "no_cluster_secret", detail=f"internal RPCs are open to anyone who can reach "
+            f"this port; set cluster_secret in the config or {SECRET_ENV}")
+        return []
+    return [SecretInterceptor(secret)]

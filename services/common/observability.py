@@ -1,10 +1,16 @@
-"""The HTTP side of every service: /metrics, /healthz, /readyz."""
+"""The HTTP side of every service: /metrics, /healthz, /readyz.
+
+A connection that sends nothing is closed after ``IDLE_TIMEOUT_S``, and at most
+``MAX_HTTP_THREADS`` connections are served at once; one more is answered 503 at
+once, so idle or slow clients cannot grow the service's threads without bound.
+"""
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
@@ -22,8 +28,16 @@ class Readiness:
             self.ready, self.reason = ready, reason
 
 
+IDLE_TIMEOUT_S = 5.0
+MAX_HTTP_THREADS = 16
+BUSY_REPLY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
+              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+
 def _handler(readiness: Readiness, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT_S  # socket timeout: an idle or slow client is dropped
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -50,10 +64,42 @@ def _handler(readiness: Readiness, registry: CollectorRegistry) -> type[BaseHTTP
     return Handler
 
 
+class BoundedHTTPServer(HTTPServer):
+    """One daemon thread per connection, at most ``max_threads`` at once."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 max_threads: int = MAX_HTTP_THREADS) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        threading.Thread(target=self._serve_one, args=(request, client_address),
+                         name="http-conn", daemon=True).start()
+
+    def _serve_one(self, request: socket.socket, client_address: object) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 (a broken connection is logged by the base class)
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        try:
+            request.settimeout(1.0)
+            request.sendall(BUSY_REPLY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+
 def start_http(
     host: str, port: int, readiness: Readiness, registry: CollectorRegistry = REGISTRY
-) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _handler(readiness, registry))
-    server.daemon_threads = True
+) -> HTTPServer:
+    server = BoundedHTTPServer((host, port), _handler(readiness, registry))
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

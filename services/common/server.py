@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.logging import get_logger
 from services.common.observability import Readiness, start_http
+from services.common.rpc_guard import GuardInterceptor
 from services.common.settings import Endpoint
 
 GRPC_OPTIONS = [
@@ -33,7 +34,7 @@ class ServiceHandle:
     readiness: Readiness
     health: health.HealthServicer
     service_names: Sequence[str]
-    http: ThreadingHTTPServer | None = None
+    http: HTTPServer | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
@@ -60,9 +61,13 @@ def start_server(
     register: Callable[[grpc.Server], None],
     service_names: Sequence[str],
     max_workers: int = 64,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> ServiceHandle:
-    """Starts gRPC (NOT_SERVING until ``set_ready``) and the HTTP port of one service."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    """Starts gRPC (NOT_SERVING until ``set_ready``) and the HTTP port of one service.
+    ``interceptors`` (e.g. the cluster-secret check) run inside the guard that answers
+    malformed bytes INVALID_ARGUMENT and counts every refusal."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                         interceptors=[GuardInterceptor(), *interceptors])
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 
 from kvstore.client import KVStoreClient
+from services.common.auth import call_metadata, server_interceptors
+from services.common.deadline import DeadlineExceeded
 from services.common.engine_loop import EngineLoop, EngineStopped
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
@@ -107,6 +109,8 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except BadRequest as e:
         context.abort(e.code, str(e))
+    except DeadlineExceeded as e:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
     except EngineStopped as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     except KeyError as e:  # a block the request names is not in the store
@@ -204,7 +208,8 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
     handle.set_ready(False, "waiting for the kv store")
     if not wait_for_serving(settings.kvstore.address, settings.ready_timeout_s):
         raise RuntimeError(f"kv store at {settings.kvstore.address} not reachable")
-    store = KVStoreClient(settings.kvstore.address, settings.transfer)
+    store = KVStoreClient(settings.kvstore.address, settings.transfer,
+                          metadata=call_metadata(settings))
     log.info("store_connected", address=settings.kvstore.address,
              transport=store.transport_name)
     return WorkerContext(role, settings, endpoint, EngineLoop(engine, role), store,
@@ -253,7 +258,7 @@ def serve_worker(role: str, servicer: WorkerServicer,
     endpoint = endpoint_for(settings, role, index)
     service = worker_pb2.DESCRIPTOR.services_by_name[f"{role.capitalize()}Worker"].full_name
     handle = start_server(role, endpoint, lambda server: add_servicer(servicer, server),
-                          [service])
+                          [service], interceptors=server_interceptors(settings))
     ctx = start_worker(role, settings, endpoint, handle)
     servicer.attach(ctx)
     handle.set_ready(True)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from services.common.deadline import RequestDeadline
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -37,10 +38,10 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
 
         context.add_callback(on_rpc_done)
         with grpc_errors(context):
-            yield from self._decode(ctx, request)
+            yield from self._decode(ctx, request, RequestDeadline.of(request.deadline_ms, context))
 
-    def _decode(self, ctx: WorkerContext,
-                request: worker_pb2.DecodeRequest) -> Iterator[worker_pb2.DecodeChunk]:
+    def _decode(self, ctx: WorkerContext, request: worker_pb2.DecodeRequest,
+                deadline: RequestDeadline) -> Iterator[worker_pb2.DecodeChunk]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
         if not request.output_token_ids:
@@ -48,20 +49,22 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                              "output_token_ids must hold at least the first token")
         params = sampling_params(request.sampling)
         # not kept here: the engine lets go of the staging buffer once it is copied in
+        kv_blocks = fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None
+        deadline.check()
         stream = ctx.loop.submit(
-            rid, prompt, params,
-            output_token_ids=list(request.output_token_ids),
-            kv_blocks=fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None,
-            kv_num_tokens=request.kv_num_tokens,
+            rid, prompt, params, output_token_ids=list(request.output_token_ids),
+            kv_blocks=kv_blocks, kv_num_tokens=request.kv_num_tokens,
+            cache_salt=request.cache_salt,
         )
         n = 0
-        for out in stream:
-            n += len(out.new_token_ids)
-            self.metrics.observe_decoded(len(out.new_token_ids))
-            yield worker_pb2.DecodeChunk(
-                token_ids=out.new_token_ids,
-                finish_reason=finish_reason(out.finish_reason if out.finished else None),
-            )
+        with deadline.enforced(lambda: ctx.loop.abort(rid)):
+            for out in stream:
+                n += len(out.new_token_ids)
+                self.metrics.observe_decoded(len(out.new_token_ids))
+                yield worker_pb2.DecodeChunk(
+                    token_ids=out.new_token_ids,
+                    finish_reason=finish_reason(out.finish_reason if out.finished else None),
+                )
         log.info("decoded", request_id=rid, tokens=n)
 
 

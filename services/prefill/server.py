@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from services.common.deadline import RequestDeadline
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -54,36 +55,39 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         context.add_callback(on_rpc_done)
         try:
             with grpc_errors(context):
-                yield from self._prefill(ctx, request)
+                deadline = RequestDeadline.of(request.deadline_ms, context)
+                yield from self._prefill(ctx, request, deadline)
                 handed_over.set()
         finally:
             if not handed_over.is_set():  # a put may have landed after on_rpc_done released
                 ctx.store.release_quietly(rid)
 
-    def _prefill(self, ctx: WorkerContext,
-                 request: worker_pb2.PrefillRequest) -> Iterator[worker_pb2.PrefillResponse]:
+    def _prefill(self, ctx: WorkerContext, request: worker_pb2.PrefillRequest,
+                 deadline: RequestDeadline) -> Iterator[worker_pb2.PrefillResponse]:
         start = time.perf_counter()
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
         params = sampling_params(request.sampling)
         bs = ctx.block_size
-        hashes = block_hashes(prompt, ctx.hash_ctx)
+        hashes = block_hashes(prompt, ctx.hash_ctx, cache_salt=request.cache_salt)
         # The last prompt token is always computed: its logits give the first token.
         usable = hashes[: (len(prompt) - 1) // bs]
         payloads = fetch_blocks(ctx, rid, usable, prefix=True)
         held = len(payloads)
         fetched = time.perf_counter()
+        deadline.check()
         stream = ctx.loop.submit(
-            rid, prompt, replace(params, max_tokens=1),
-            kv_blocks=payloads or None, kv_num_tokens=held * bs, export_kv=True,
+            rid, prompt, replace(params, max_tokens=1), kv_blocks=payloads or None,
+            kv_num_tokens=held * bs, export_kv=True, cache_salt=request.cache_salt,
         )
         first, first_at = None, 0.0
-        for out in stream:
-            if out.finished:  # the first token goes out before the last blocks move
-                first, first_at = self._first_token(out, params, len(prompt), held * bs), \
-                    time.perf_counter()
-                yield first
-            self._put_blocks(ctx, rid, out)
+        with deadline.enforced(lambda: ctx.loop.abort(rid)):
+            for out in stream:
+                if out.finished:  # the first token goes out before the last blocks move
+                    first, first_at = self._first_token(out, params, len(prompt), held * bs), \
+                        time.perf_counter()
+                    yield first
+                self._put_blocks(ctx, rid, out)
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
         if len(prompt) % bs:
             refs.append(tail_ref(rid, len(prompt) % bs))

@@ -1,0 +1,78 @@
+"""A worker request's deadline: the sooner of its ``deadline_ms`` and the gRPC call's own.
+
+When it passes the engine request is aborted (a timer, no polling) and the
+request's stream ends with ``DeadlineExceeded``, which the worker answers
+``DEADLINE_EXCEEDED``; the RPC's done-callback then releases the store pins.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.engine_loop import EngineStopped
+
+NO_DEADLINE_S = 1e6  # grpc reports a huge time_remaining() for calls without a deadline
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past its deadline."""
+
+
+@dataclass
+class RequestDeadline:
+    at: float | None  # time.monotonic() when the request must be over; None: never
+    budget_ms: float = 0.0
+    expired: bool = False
+
+    @classmethod
+    def of(cls, deadline_ms: int, context: grpc.ServicerContext) -> RequestDeadline:
+        limits = [deadline_ms / 1000] if deadline_ms else []
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < NO_DEADLINE_S:
+            limits.append(remaining)
+        if not limits:
+            return cls(None)
+        budget = min(limits)
+        return cls(time.monotonic() + budget, budget * 1000)
+
+    def remaining_s(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() >= self.at:
+            self.expired = True
+            raise self.error()
+
+    def error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request's deadline of {self.budget_ms:.0f} ms passed "
+                                "before it finished; raise deadline_ms or ask for fewer tokens")
+
+    @contextmanager
+    def enforced(self, abort: Callable[[], None]) -> Iterator[None]:
+        """Calls ``abort`` (of the engine request) when the deadline passes; the engine
+        stream that ends then raises DeadlineExceeded instead of EngineStopped."""
+        if self.at is None:
+            yield
+            return
+
+        def expire() -> None:
+            self.expired = True
+            abort()
+
+        timer = threading.Timer(self.remaining_s() or 0.0, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except EngineStopped:
+            if self.expired:
+                raise self.error() from None
+            raise
+        finally:
+            timer.cancel()
