@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="default: max-input + max-output"
     )
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument(
+        "--profile", action="store_true",
+        help="print where each step's time goes (syncs the GPU per section)",
+    )
     g.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -117,6 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or args.max_input + args.max_output,
         enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         seed=args.seed,
     )
     t0 = time.perf_counter()
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     while engine.has_unfinished():
         engine.step()
     base = engine.stats()
+    engine.runner.profiler.enabled = args.profile
 
     for i, (prompt, n_out) in enumerate(reqs):
         engine.add_request(f"req-{i}", prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
@@ -203,6 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"decode steps {decode_steps} at {result['mean_decode_step_ms']:.2f} ms "
         f"({result['decode_tokens_per_s']:.1f} tok/s); preemptions {result['preemptions']}"
     )
+    if args.profile:
+        prof = engine.runner.profiler
+        result["profile_s"] = dict(prof.seconds)
+        print(prof.table(result["steps"]))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,25 +145,40 @@ def load_model_config(model: str) -> ModelConfig:
     return parse_model_config(json.loads(cfg_file.read_text()))
 
 
-@dataclass
-class EngineConfig:
-    """Everything the engine needs to know; validated and completed by ``finalize``."""
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
-    model: str  # a local HF directory or "dummy:<shape>"
-    model_id: str | None = None  # served name (part of every block hash); default derived
+
+@dataclass(kw_only=True)
+class EngineOptions:
+    """The engine's tunables: defined once here, set from the cluster YAML (the
+    ``model`` section) or by keyword. Defaults work on a laptop and on a GPU."""
+
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb / free GPU memory
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb / measured memory
     kv_cache_memory_gb: float | None = None
-    gpu_memory_utilization: float = 0.90  # CUDA, num_kv_blocks and kv_cache_memory_gb unset
+    gpu_memory_utilization: float = 0.90  # share of the GPU for weights, activations, KV
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # auto (triton on CUDA, torch elsewhere) | torch | triton. The default stays on the
+    # torch path, verified on a GPU, until the Triton kernels and CUDA graphs are too.
     attention_backend: str = "torch"
-    enforce_eager: bool = True  # CUDA graphs are not implemented yet
+    enforce_eager: bool = True  # no CUDA graphs for decode steps (they need triton)
     seed: int = 0
+
+
+ENGINE_OPTION_NAMES = tuple(f.name for f in fields(EngineOptions))
+
+
+@dataclass
+class EngineConfig(EngineOptions):
+    """Everything the engine needs to know; validated and completed by ``finalize``."""
+
+    model: str  # a local HF directory or "dummy:<shape>"
+    model_id: str | None = None  # served name (part of every block hash); default derived
     model_config: ModelConfig | None = field(default=None, repr=False)
 
     def finalize(self) -> EngineConfig:
@@ -176,6 +191,17 @@ class EngineConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.attention_backend == "auto":
+            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.model_config is None:

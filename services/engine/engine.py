@@ -181,13 +181,16 @@ class LLMEngine:
     # ---- the step ----
     def step(self) -> list[StepOutput]:
         """Schedule, run the model once, sample; report what happened to each request."""
-        out = self.scheduler.schedule()
+        prof = self.runner.profiler
+        with prof.section("schedule"):
+            out = self.scheduler.schedule()
         if out.is_empty:
             if out.kv_imports:
                 self.kv_cache.import_blocks(out.kv_imports)
             return []
         sampled = self.runner.execute(out)
-        finished = self.scheduler.postprocess(out, sampled)
+        with prof.section("postprocess"):
+            finished = self.scheduler.postprocess(out, sampled)
         self._steps += 1
         self._computed += out.num_batched_tokens
         self._generated += len(sampled)

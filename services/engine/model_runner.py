@@ -1,7 +1,10 @@
 """Runs one scheduled step: KV imports, input preparation, forward, sampling.
 
 The batch is flattened: decodes (one new token each) first, then prefill
-chunks. CUDA graphs are not implemented yet (``enforce_eager``).
+chunks, all in one forward. Inputs are built with numpy and moved in one copy
+(``StepInputs``); pure-decode steps replay a CUDA graph on CUDA unless
+``enforce_eager``. On CUDA the KV cache takes what a profiling forward at the
+largest step leaves under ``gpu_memory_utilization``.
 """
 
 from __future__ import annotations
@@ -10,34 +13,41 @@ import logging
 
 import torch
 
-from services.engine.attention import AttentionMetadata, PrefillChunk
 from services.engine.block_manager import cdiv
 from services.engine.config import EngineConfig
+from services.engine.cuda_graphs import DecodeGraphs, graph_memory_estimate
 from services.engine.kv_cache import DTYPE_BY_NAME, KVCache, block_nbytes_for
 from services.engine.loader import load_model
+from services.engine.profiler import StepProfiler
 from services.engine.sampler import Sampler
 from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+from services.engine.sequence import SamplingParams, Sequence
+from services.engine.step_inputs import StepBatch, StepInputs
 
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GB = 1.0  # upper bound of the default KV cache on the CPU
 
 
-def num_kv_blocks(config: EngineConfig, block_nbytes: int) -> int:
-    """Blocks of the KV cache: given, from a memory size, or from free GPU memory."""
+def num_kv_blocks(config: EngineConfig, block_nbytes: int, reserved_bytes: int = 0) -> int:
+    """Blocks of the KV cache: given, from a memory size, or from free GPU memory
+    less ``reserved_bytes`` (activations and graphs, measured by profiling)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory_gb is not None:
         n = int(config.kv_cache_memory_gb * (1 << 30)) // block_nbytes
     elif config.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        budget = free - (1.0 - config.gpu_memory_utilization) * total
+        budget = config.gpu_memory_utilization * total - (total - free) - reserved_bytes
         n = int(budget) // block_nbytes
     else:
         useful = config.max_num_seqs * cdiv(config.max_model_len, config.block_size) + 1
         n = min(int(CPU_KV_CACHE_GB * (1 << 30)) // block_nbytes, useful)
     if n < 1:
-        raise ValueError(f"no memory left for the KV cache (block of {block_nbytes} bytes)")
+        raise ValueError(
+            f"no memory left for the KV cache (block of {block_nbytes} bytes); lower "
+            f"max_num_batched_tokens or max_num_seqs, or raise gpu_memory_utilization"
+        )
     return n
 
 
@@ -47,96 +57,139 @@ class ModelRunner:
         self.config = config
         mc = config.model_config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.block_size = config.block_size
         self.model = load_model(config, use_tqdm=use_tqdm)
+        self.attention_backend = self.model.attention_backend
+        self.profiler = StepProfiler()
+        if self.device.type == "cuda":
+            self.profiler.sync = lambda: torch.cuda.synchronize(self.device)
+        self.inputs = StepInputs(
+            max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            max_seqs=config.max_num_seqs,
+            max_blocks=cdiv(config.max_model_len, config.block_size),
+            block_size=config.block_size,
+            device=self.device,
+        )
+        self.sampler = Sampler(config.seed, self.device)
+        self.graphs: DecodeGraphs | None = None
         nbytes = block_nbytes_for(
             mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, config.dtype
         )
-        self.kv_cache = KVCache(
-            num_kv_blocks(config, nbytes),
-            mc.num_layers,
-            config.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
-            DTYPE_BY_NAME[config.dtype],
-            self.device,
-        )
+        self.kv_cache = self._new_cache(num_kv_blocks(config, nbytes, self._reserved_bytes()))
         log.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB",
             self.kv_cache.num_blocks,
             config.block_size,
             self.kv_cache.num_blocks * nbytes / (1 << 20),
         )
-        self.sampler = Sampler(config.seed, self.device)
+        if self._use_graphs():
+            self.graphs = DecodeGraphs(self)
 
-    def _tensor(self, data: list[int]) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.long, device=self.device)
+    def _new_cache(self, blocks: int) -> KVCache:
+        mc = self.config.model_config
+        return KVCache(blocks, mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
+                       DTYPE_BY_NAME[self.config.dtype], self.device)
 
-    def prepare(
-        self, scheduled: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """(input ids, positions, attention metadata, index of each sampling row's
-        last token). ``scheduled`` must be ordered decodes first."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []
-        slot_offsets: list[int] = []
-        sample_idx: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        for s in scheduled:
-            seq, start, n = s.seq, s.start, s.num_new_tokens
-            token_start = len(ids)
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            for p in range(start, start + n):
-                slot_blocks.append(table[p // bs])
-                slot_offsets.append(p % bs)
-            ctx = start + n
-            if n == 1:
-                assert not prefills, "decodes must come before prefill chunks"
-                decode_tables.append(table[: cdiv(ctx, bs)])
-                decode_lens.append(ctx)
-            else:
-                prefills.append(
-                    PrefillChunk(token_start, n, ctx, self._tensor(table[: cdiv(ctx, bs)]))
-                )
-            if s.samples:
-                sample_idx.append(len(ids) - 1)
-        meta = AttentionMetadata(
-            slot_block_ids=self._tensor(slot_blocks),
-            slot_offsets=self._tensor(slot_offsets),
-            num_decodes=len(decode_lens),
-            prefills=prefills,
+    def _use_graphs(self) -> bool:
+        return (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and getattr(self.attention_backend, "supports_cuda_graphs", False)
         )
-        if decode_lens:
-            width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = self._tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables]
+
+    # ---- memory ----
+    def _reserved_bytes(self) -> int:
+        """On CUDA with the KV cache sized from free memory: the peak activation memory
+        of the largest step (measured) plus the decode graphs' pool (estimated)."""
+        cfg = self.config
+        sized = cfg.num_kv_blocks is None and cfg.kv_cache_memory_gb is None
+        if self.device.type != "cuda" or not sized:
+            return 0
+        peak = self._profile_peak_bytes()
+        graphs = 0
+        if self._use_graphs():
+            mc = cfg.model_config
+            graphs = graph_memory_estimate(
+                cfg.max_num_seqs, mc.num_heads, mc.head_dim, mc.hidden_size,
+                mc.intermediate_size, DTYPE_BY_NAME[cfg.dtype].itemsize,
             )
-            meta.decode_context_lens = self._tensor(decode_lens)
-        return self._tensor(ids), self._tensor(positions), meta, sample_idx
+        log.info("profiled step: %.0f MiB of activations, %.0f MiB kept for CUDA graphs",
+                 peak / (1 << 20), graphs / (1 << 20))
+        return peak + graphs
+
+    @torch.inference_mode()
+    def _profile_peak_bytes(self) -> int:
+        """Run the largest step the scheduler can make (max_num_batched_tokens over
+        max_num_seqs sequences, every one sampling with top-p) on a scratch cache."""
+        cfg = self.config
+        seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        tokens = min(cfg.max_num_batched_tokens, seqs * cfg.max_model_len)
+        lengths = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
+        cache_blocks = sum(cdiv(n, self.block_size) for n in lengths)
+        saved = getattr(self, "kv_cache", None)
+        self.kv_cache = self._new_cache(cache_blocks)
+        params = SamplingParams(temperature=1.0, top_p=0.9)
+        scheduled, next_block = [], 0
+        for i, n in enumerate(lengths):
+            seq = Sequence(f"profile-{i}", [1] * n, params)
+            seq.block_table = list(range(next_block, next_block + cdiv(n, self.block_size)))
+            next_block += len(seq.block_table)
+            scheduled.append(ScheduledSeq(seq, n, 0))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._run(scheduled)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self.kv_cache = saved
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- steps ----
+    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states of the step, rows that sample or None for all rows)."""
+        n = len(scheduled)
+        size = self.graphs.bucket(n) if self.graphs is not None else None
+        if size is not None and all(s.num_new_tokens == 1 for s in scheduled):
+            with self.profiler.section("prepare"):
+                self.inputs.fill_decode(scheduled, size)
+            with self.profiler.section("forward"):
+                hidden = self.graphs.replay(size)[:n]
+            rows = [i for i, s in enumerate(scheduled) if s.samples]
+            if len(rows) == n:
+                return hidden, None
+            return hidden, torch.tensor(rows, device=self.device)
+        with self.profiler.section("prepare"):
+            batch: StepBatch = self.inputs.fill_general(scheduled)
+        with self.profiler.section("forward"):
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        return hidden, batch.sample_rows
+
+    def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
+        hidden, rows = self._forward(scheduled)
+        samplers = [s for s in scheduled if s.samples]
+        if not samplers:
+            return []
+        with self.profiler.section("sample"):
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+            return self.sampler(
+                logits,
+                [s.seq.params for s in samplers],
+                [s.seq.num_output_tokens for s in samplers],
+            )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[int, int]:
         """Run one step; returns seq_id -> sampled token for the sequences that sample."""
         if out.kv_imports:
-            self.kv_cache.import_blocks(out.kv_imports)
+            with self.profiler.section("kv_import"):
+                self.kv_cache.import_blocks(out.kv_imports)
         if not out.scheduled:
             return {}
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # stable
-        input_ids, positions, meta, sample_idx = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        tokens = self._run(scheduled)
         samplers = [s for s in scheduled if s.samples]
-        if not samplers:
-            return {}
-        logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
-        tokens = self.sampler(
-            logits,
-            [s.seq.params for s in samplers],
-            [s.seq.num_output_tokens for s in samplers],
-        )
         return {s.seq.seq_id: t for s, t in zip(samplers, tokens, strict=True)}

@@ -24,12 +24,18 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(rng.randint(4, 70))] for _ in range(n)]
 
 
+FAST = dict(attention_backend="triton", enforce_eager=False)  # Triton kernels + CUDA graphs
+REFERENCE = dict(attention_backend="torch", enforce_eager=True)
+
+
+@pytest.mark.parametrize("path", [FAST, REFERENCE], ids=["triton-graphs", "torch-eager"])
 @pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen3_dir"])
-def test_cuda_float32_matches_transformers(family: str, request: pytest.FixtureRequest) -> None:
+def test_cuda_float32_matches_transformers(family: str, path: dict,
+                                           request: pytest.FixtureRequest) -> None:
     model_dir: Path = request.getfixturevalue(family)
     prompts = _prompts(8, seed=1)
     llm = LLM(model=str(model_dir), device="cuda", dtype="float32", num_kv_blocks=128,
-              use_tqdm=False)
+              use_tqdm=False, **path)
     got = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [g["token_ids"] for g in got] == hf_greedy(model_dir, prompts, 12)
 
@@ -57,9 +63,11 @@ def _one_engine_tokens(cfg: dict, prompt: list[int], params: SamplingParams) -> 
     return tokens
 
 
+@pytest.mark.parametrize("path", [FAST, REFERENCE], ids=["triton-graphs", "torch-eager"])
 @pytest.mark.parametrize("kind", ["bytes", "exported", "staged"])
-def test_cuda_prefill_decode_split_bfloat16(kind: str, tiny_llama_dir: Path) -> None:
-    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64)
+def test_cuda_prefill_decode_split_bfloat16(kind: str, path: dict, tiny_llama_dir: Path) -> None:
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64,
+               **path)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompt = _prompts(1, seed=2)[0] + [7] * 40
     want = _one_engine_tokens(cfg, prompt, params)
@@ -152,3 +160,66 @@ def test_cuda_swap_out_and_resume(tiny_llama_dir: Path) -> None:
     while b.has_unfinished():
         got += [t for o in b.step() for t in o.new_token_ids]
     assert got == want
+
+
+def _greedy_tokens(engine_kwargs: dict, prompts: list[list[int]], n: int) -> list[list[int]]:
+    llm = LLM(use_tqdm=False, **engine_kwargs)
+    out = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+    return [o["token_ids"] for o in out]
+
+
+def test_cuda_graph_replay_equals_eager(tiny_qwen3_dir: Path) -> None:
+    """Batches of 1..13 decodes (padded to graph buckets) give the eager tokens."""
+    cfg = dict(model=str(tiny_qwen3_dir), device="cuda", dtype="bfloat16", num_kv_blocks=256,
+               max_num_seqs=16, attention_backend="triton")
+    prompts = _prompts(13, seed=7)
+    eager = _greedy_tokens({**cfg, "enforce_eager": True}, prompts, 20)
+    graphs = _greedy_tokens({**cfg, "enforce_eager": False}, prompts, 20)
+    assert graphs == eager
+
+
+def test_triton_backend_equals_torch_backend_in_float32(tiny_llama_dir: Path) -> None:
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="float32", num_kv_blocks=256,
+               max_num_batched_tokens=64)  # chunked prefill mixed with decodes
+    prompts = _prompts(10, seed=11)
+    want = _greedy_tokens({**cfg, **REFERENCE}, prompts, 16)
+    assert _greedy_tokens({**cfg, **FAST}, prompts, 16) == want
+
+
+def test_seeded_sampling_split_equals_one_engine_on_cuda(tiny_llama_dir: Path) -> None:
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64,
+               **FAST)
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=42,
+                            ignore_eos=True)
+    prompt = _prompts(1, seed=9)[0] + [3] * 20
+    want = _one_engine_tokens(cfg, prompt, params)
+    prefill = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    prefill.add_request("r", prompt, SamplingParams(**{**params.__dict__, "max_tokens": 1}),
+                        export_kv=True)
+    blocks, first = [], None
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            blocks += out.exported_blocks + ([out.tail_block] if out.tail_block else [])
+            first = out.new_token_ids[0] if out.new_token_ids else first
+    decode = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    decode.add_request("r", prompt, params, output_token_ids=[first],
+                       kv_blocks=[b.payload for b in blocks], kv_num_tokens=len(prompt))
+    got = [first]
+    while decode.has_unfinished():
+        got += [t for o in decode.step() for t in o.new_token_ids]
+    assert got == want
+
+
+def test_8k_prompt_at_default_memory_settings() -> None:
+    """The KV cache is sized after a profiling step: an 8K-token prompt in one step
+    (max_num_batched_tokens 8192) at gpu_memory_utilization 0.9 does not run out of memory."""
+    engine = LLMEngine(EngineConfig(model="dummy:llama-3.1-8b", device="cuda",
+                                    dtype="bfloat16", max_model_len=8192 + 16,
+                                    max_num_batched_tokens=8192, **FAST), use_tqdm=False)
+    engine.add_request("long", list(range(1, 8193)), SamplingParams(max_tokens=2,
+                                                                    ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    assert len(tokens) == 2
+    assert engine.stats().num_steps == 2

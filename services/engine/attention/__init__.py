@@ -2,7 +2,10 @@
 
 A backend is a class built with ``(num_heads, num_kv_heads, head_dim, scale)``
 whose ``forward(q, k, v, k_cache, v_cache, meta)`` writes the new K/V into the
-paged cache and returns the attention output. A Triton backend registers here.
+paged cache and returns the attention output; ``supports_cuda_graphs`` says
+whether its decode path may be captured. ``torch`` runs anywhere (the reference),
+``triton`` on CUDA; ``auto`` (resolved by ``EngineConfig.finalize``) is triton
+on CUDA, torch elsewhere.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ def _torch() -> type:
     return TorchAttention
 
 
+def _triton() -> type:
+    from services.engine.attention.triton_backend import TritonAttention
+
+    return TritonAttention
+
+
 register_backend("torch", _torch)
+register_backend("triton", _triton)
 
 
 def get_attention_backend(name: str) -> Any:

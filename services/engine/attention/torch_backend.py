@@ -1,4 +1,5 @@
-"""Reference paged attention in plain torch; runs on CPU and CUDA.
+"""Reference paged attention in plain torch; runs on CPU and CUDA (the oracle of
+the Triton kernels).
 
 Keys and values are gathered from the block-major cache through the block
 tables. Grouped-query attention is done without repeating K/V: the query heads
@@ -11,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.attention.metadata import AttentionMetadata, PrefillChunk
+from services.engine.block_manager import cdiv
 
 
 class TorchAttention:
     name = "torch"
+    supports_cuda_graphs = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         if num_heads % num_kv_heads:
@@ -34,23 +37,23 @@ class TorchAttention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        k_cache[meta.slot_block_ids, meta.slot_offsets] = k
-        v_cache[meta.slot_block_ids, meta.slot_offsets] = v
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for chunk in meta.prefills:
             s = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-            out[s] = self._prefill(q[s], k_cache, v_cache, chunk)
+            out[s] = self._prefill(q[s], k_cache, v_cache, meta, chunk)
         return out
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        n = q.shape[0]
-        tables = meta.decode_block_tables
-        length = tables.shape[1] * k_cache.shape[1]
+        n, bs = q.shape[0], k_cache.shape[1]
+        width = cdiv(meta.decode_max_seq_len, bs)
+        tables = meta.decode_block_tables[:, :width]
+        length = width * bs
         # [n, blocks, bs, KVH, D] -> [n, KVH, L, D]
         flat = tables.reshape(-1)
         shape = (n, length, self.num_kv_heads, self.head_dim)
@@ -58,16 +61,21 @@ class TorchAttention:
         v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         pos = torch.arange(length, device=q.device)
-        mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
+        mask = (pos[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
         return o.reshape(n, self.num_heads, self.head_dim)
 
     def _prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        chunk: PrefillChunk,
     ) -> torch.Tensor:
         n, ctx = chunk.num_tokens, chunk.context_len
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
-        table = chunk.block_table
+        table = meta.prefill_block_tables[chunk.index, : cdiv(ctx, k_cache.shape[1])]
         k = k_cache.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)  # [KVH, L, D]
         v = v_cache.index_select(0, table).view(-1, kvh, d)[:ctx].transpose(0, 1)
         # [n, KVH, G, D] -> [KVH, G * n, D]
@@ -77,3 +85,21 @@ class TorchAttention:
         mask = (k_pos[None, :] <= q_pos[:, None]).expand(g, n, ctx).reshape(g * n, ctx)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
         return o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, self.num_heads, d)
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """New K/V of every token into its slot (slots < 0 are skipped)."""
+    bs = k_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    blocks, offsets = slots // bs, slots % bs
+    k_cache[blocks, offsets] = k
+    v_cache[blocks, offsets] = v

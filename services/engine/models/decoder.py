@@ -14,7 +14,13 @@ from torch import nn
 from services.engine.attention import AttentionMetadata, get_attention_backend
 from services.engine.config import ModelConfig
 from services.engine.kv_cache import KVCache
-from services.engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from services.engine.models.layers import (
+    Embedding,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+)
 
 
 class Attention(nn.Module):
@@ -46,8 +52,9 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:  # per head: rows of head_dim
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache.layer(self.layer_idx)
         o = self.attn.forward(q, k, v, k_cache, v_cache, meta)
@@ -59,10 +66,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(mc.hidden_size, 2 * mc.intermediate_size, bias=mc.mlp_bias)
         self.down_proj = Linear(mc.intermediate_size, mc.hidden_size, bias=mc.mlp_bias)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.fused))
 
 
 class DecoderLayer(nn.Module):
@@ -73,9 +80,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.mlp = MLP(mc)
 
-    def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it is added): the add is
+        fused into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -95,9 +117,14 @@ class DecoderForCausalLM(nn.Module):
         backend = get_attention_backend(attention_backend)(
             mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.head_dim**-0.5
         )
+        self.attention_backend = backend
         self.model = DecoderModel(mc, backend)
         self.lm_head = None if mc.tie_word_embeddings else Linear(mc.hidden_size, mc.vocab_size)
         self.rope = RotaryEmbedding(mc, max_len, device)
+        fused = backend.name == "triton"  # the Triton elementwise kernels come with it
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = fused
 
     def forward(
         self,
@@ -107,9 +134,10 @@ class DecoderForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

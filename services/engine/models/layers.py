@@ -1,8 +1,14 @@
-"""Small building blocks with uninitialised parameters (the loader fills them)."""
+"""Small building blocks with uninitialised parameters (the loader fills them).
+
+With ``fused`` set (the model does it when its attention backend is ``triton``)
+the norm, the activation and RoPE run as fused Triton kernels (``triton_ops``);
+otherwise as the plain torch code below, which is the reference.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +36,44 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+def _triton_ops():  # imported on first CUDA use: CPU installs need no Triton
+    from services.engine.models import triton_ops
+
+    return triton_ops
+
+
 class RMSNorm(nn.Module):
-    """As in HF Llama: normalise in float32, cast back, then scale."""
+    """As in HF Llama: normalise in float32, cast back, then scale. With ``residual``:
+    ``residual = x + residual`` first, and both the norm and the sum are returned."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if self.fused and x.dim() == 2:
+            out = _triton_ops().rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+def silu_and_mul(x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x = [gate | up]``."""
+    if fused:
+        return _triton_ops().silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -77,10 +108,17 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_len, head_dim] fp32
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.fused = False
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k) of [T, heads, D]; on CUDA rotated in place."""
+        if self.fused and q.stride(-1) == 1 and k.stride(-1) == 1:
+            ops = _triton_ops()
+            ops.rope_inplace(q, positions, self.cos, self.sin)
+            ops.rope_inplace(k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
