@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +46,62 @@ def role_endpoints(settings: ClusterSettings, role: str) -> list[Endpoint]:
     raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``signum`` when the process that started it dies,
+    however it dies (SIGKILL included), and exits at once if that already happened."""
+
+    # resolved here: dlopen between fork and exec may deadlock in a threaded parent
+    prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signum)
+
+    return preexec
+
+
 def spawn(role: str, index: int, config_path: Path, log_dir: Path | None) -> subprocess.Popen:
+    """One service in its own process group, which gets SIGTERM when this process dies."""
     cmd = [sys.executable, "-m", "services.cli", "serve", role, "--config", str(config_path)]
     cmd += ["--index", str(index)]
     out = open(log_dir / f"{role}-{index}.log", "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+    finally:
+        if log_dir:
+            out.close()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(settings: ClusterSettings, roles: tuple[str, ...] = ROLES) -> list[str]:
+    """Every port of the config that another process holds, said for a person."""
+    taken = []
+    for role in roles:
+        for i, ep in enumerate(role_endpoints(settings, role)):
+            for kind, port in (("grpc", ep.port), ("http", ep.http_port)):
+                if port and port_in_use(ep.host, port):
+                    taken.append(f"{role}-{i} {kind} port {ep.host}:{port}")
+    return taken
+
+
+class PortsTaken(RuntimeError):
+    """Ports of the config are held by other processes; nothing was started."""
 
 
 @dataclass
@@ -63,6 +115,10 @@ class LocalCluster:
     services: list[ServiceProcess] = field(default_factory=list)
 
     def start(self) -> LocalCluster:
+        taken = taken_ports(self.settings, self.roles)
+        if taken:
+            raise PortsTaken("already in use (another cluster, or a service left running?): "
+                             + "; ".join(taken) + ". Stop it or change the ports in the config.")
         try:
             for role in self.roles:
                 started = [self._start_one(role, i, ep)

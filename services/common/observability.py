@@ -67,6 +67,8 @@ def _handler(readiness: Readiness, registry: CollectorRegistry) -> type[BaseHTTP
 class BoundedHTTPServer(HTTPServer):
     """One daemon thread per connection, at most ``max_threads`` at once."""
 
+    request_queue_size = 128  # listen backlog: a burst of probes is accepted, then refused
+
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  max_threads: int = MAX_HTTP_THREADS) -> None:
         super().__init__(address, handler)
