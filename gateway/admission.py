@@ -20,6 +20,7 @@ Usage, from any thread::
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 import math
@@ -89,6 +90,7 @@ class Ticket:
         "rejection",
         "_key",
         "_event",
+        "_waker",
     )
 
     def __init__(self, priority: int, deadline: float | None, seq: int, now: float) -> None:
@@ -102,6 +104,12 @@ class Ticket:
         self.rejection: AdmissionRejected | None = None
         self._key: tuple[float, ...] = ()
         self._event = threading.Event()  # set when the state leaves WAITING
+        self._waker: Callable[[], None] | None = None  # called then too (wait_async)
+
+    def _leave_waiting(self) -> None:
+        self._event.set()
+        if self._waker is not None:
+            self._waker()
 
     @property
     def admitted(self) -> bool:
@@ -222,6 +230,28 @@ class AdmissionController:
             raise rejection
         raise AdmissionCancelled("the request was cancelled while waiting for admission")
 
+    async def wait_async(self, ticket: Ticket) -> Ticket:
+        """Awaits admission of ``ticket`` on the running event loop, without a thread or
+        polling. Cancelling the awaiting task leaves the ticket to the caller's release.
+        Raises AdmissionRejected (pushed out) or AdmissionCancelled like :meth:`wait`."""
+        loop = asyncio.get_running_loop()
+        admitted = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: admitted.done() or admitted.set_result(None))
+
+        with self._lock:
+            if ticket.state == WAITING:
+                ticket._waker = wake
+            else:
+                admitted.set_result(None)
+        await admitted
+        if ticket.state == ADMITTED:
+            return ticket
+        if ticket.state == REJECTED and ticket.rejection is not None:
+            raise ticket.rejection
+        raise AdmissionCancelled("the request was cancelled while waiting for admission")
+
     # -- the non-blocking interface ----------------------------------------------------------
 
     def try_admit(
@@ -314,14 +344,14 @@ class AdmissionController:
         t.admitted_at = now
         self._inflight += 1
         self._admitted_total += 1
-        t._event.set()
+        t._leave_waiting()
 
     def _remove(self, t: Ticket, state: str) -> None:
         i = bisect.bisect_left(self._waiting, t._key, key=lambda e: e[0])
         if i < len(self._waiting) and self._waiting[i][1] is t:
             del self._waiting[i]
         t.state = state
-        t._event.set()
+        t._leave_waiting()
 
     def _release_locked(self, t: Ticket, state: str) -> None:
         now = self._clock()

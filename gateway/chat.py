@@ -8,6 +8,7 @@ helpers ``raise_exception`` and ``strftime_now`` that real templates call.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -17,6 +18,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 4096
+# Stands for message i's content while rendering (private-use characters: no template
+# or tokenizer gives them meaning), so the template's own text can be told apart.
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class ChatError(ValueError):
@@ -95,6 +100,36 @@ def render_chat(
     Raises :class:`ChatError` for bad roles, a model without a chat template, or a
     template that rejects the conversation (``raise_exception``) or fails to render."""
     msgs = normalize_messages(messages)
+    return _render(msgs, template, bos_token, eos_token, add_generation_prompt, model)
+
+
+def render_chat_parts(
+    messages: Sequence[_MessageLike | Mapping[str, Any]],
+    template: str | None,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    add_generation_prompt: bool = True,
+    model: str = "",
+) -> list[tuple[str, bool]]:
+    """The rendered chat as ``(text, is_message_content)`` pieces in order: the
+    template's own text (which may hold special tokens) apart from the messages'
+    contents (which must be tokenized as plain text). A content the template
+    transforms (trims, splits) is given verbatim."""
+    msgs = normalize_messages(messages)
+    marked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(msgs)]
+    text = _render(marked, template, bos_token, eos_token, add_generation_prompt, model)
+    parts: list[tuple[str, bool]] = []
+    for i, piece in enumerate(_PLACEHOLDER_RE.split(text)):
+        if i % 2:
+            parts.append((msgs[int(piece)]["content"], True))
+        elif piece:
+            parts.append((piece, False))
+    return parts
+
+
+def _render(msgs: list[dict[str, str]], template: str | None, bos_token: str | None,
+            eos_token: str | None, add_generation_prompt: bool, model: str) -> str:
     who = f"model {model!r}" if model else "this model"
     if not template:
         raise ChatError(

@@ -1,7 +1,8 @@
 """``splitserve generate "prompt"``: stream one answer from a gateway to the terminal.
 
 Text deltas go to stdout as they arrive; usage, finish reason and TTFT go to
-stderr. A gRPC error prints ``error: CODE: message`` and exits non-zero.
+stderr. A gRPC error prints ``error: CODE: message`` and exits non-zero, as does
+an aborted answer; with no gateway listening it says how to start one.
 """
 
 from __future__ import annotations
@@ -151,11 +152,23 @@ def run(
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         print(f"\nerror: {code.name if code else 'UNKNOWN'}: {details}", file=err)
+        if code == grpc.StatusCode.UNAVAILABLE and _no_listener(details):
+            print(f"hint: no gateway is listening at {args.address}; start a local cluster "
+                  "with `splitserve up` (or pass --address HOST:PORT)", file=err)
         return 1
     out.write("\n")
     out.flush()
     _print_summary(err, last, ttft, elapsed, ids if args.show_ids else None)
+    if last is None or last.finish_reason == common_pb2.FINISH_REASON_ABORT:
+        print("error: the request was aborted", file=err)
+        return 1
     return 0
+
+
+def _no_listener(details: str | None) -> bool:
+    text = (details or "").lower()
+    return any(s in text for s in ("failed to connect", "connection refused",
+                                   "connect failed"))
 
 
 def _print_summary(

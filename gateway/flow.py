@@ -1,33 +1,39 @@
 """One request through the split path: prefill worker, then decode worker, streamed.
 
-Yields ``GenerateResponse`` messages. Raises :class:`FlowError` with the gRPC
-status to answer when a worker fails; cancellation (the client left, or Abort)
-cancels the worker calls, whose servers then free the request's blocks.
+:meth:`RequestFlow.run` sends ``GenerateResponse`` messages through ``send`` and
+raises :class:`FlowError` with the gRPC status to answer when a worker fails.
+Every worker call carries the request's remaining time as its gRPC timeout and as
+``deadline_ms``, the tenant's cache salt, and the cluster secret. Cancellation (the
+client left, Abort, the deadline, a worker found dead) cancels the serving task;
+the worker calls are cancelled with it and their servers free the request's blocks.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import grpc
 
 from gateway.detokenizer import TextStream
+from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
 from gateway.tokenizer import Tokenizer
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
-from kvstore.client import KVStoreClient
 from services.common.logging import get_logger
 from services.common.metrics import GatewayMetrics
-from splitserve.v1 import common_pb2, generation_pb2, worker_pb2
+from splitserve.v1 import common_pb2, generation_pb2, kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 
 log = get_logger("gateway")
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
+RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
+
+Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
 
 class FlowError(Exception):
@@ -36,143 +42,151 @@ class FlowError(Exception):
         self.code = code
 
 
-class Cancelled(Exception):
-    """The client went away or aborted the request."""
-
-
-class CancelScope:
-    """Set once when a request is cancelled; runs the registered cancel hooks then."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._set = False
-        self._hooks: list[Callable[[], object]] = []
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def cancel(self) -> None:
-        with self._lock:
-            if self._set:
-                return
-            self._set = True
-            hooks, self._hooks = self._hooks, []
-        for hook in hooks:
-            hook()
-
-    def on_cancel(self, hook: Callable[[], object]) -> None:
-        with self._lock:
-            if not self._set:
-                self._hooks.append(hook)
-                return
-        hook()
-
-
 @dataclass
 class FlowDeps:
     pool: WorkerPool
     router: Router
-    store: KVStoreClient
+    store: kvstore_pb2_grpc.KVStoreStub  # on the serving loop's channel
     tokenizer: Tokenizer
     metrics: GatewayMetrics
     block_size: int
+    metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
+    _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def release_pins(self, owner: str) -> asyncio.Task[None]:
+        """Drops the store pins of ``owner`` in a task of its own (a cleanup must not be
+        cancelled with the request's task)."""
+        task = asyncio.get_running_loop().create_task(self._release(owner))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def _release(self, owner: str) -> None:
+        try:
+            await self.store.Release(kvstore_pb2.ReleaseRequest(owner=owner),
+                                     metadata=self.metadata, timeout=RELEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:  # the store's pin TTL frees them anyway
+            log.warning("release_failed", owner=owner, code=e.code().name, error=e.details())
 
 
-def _worker_error(phase: str, worker: WorkerInfo, e: grpc.RpcError) -> FlowError:
+def _worker_error(phase: str, worker: WorkerInfo, e: grpc.RpcError,
+                  lifecycle: RequestLifecycle) -> FlowError:
     code = e.code()
     if code in CLIENT_CODES:
         return FlowError(code, e.details() or code.name)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and lifecycle.remaining_s() <= 0.05:
+        return FlowError(code, f"the request's deadline passed during {phase}")
     return FlowError(grpc.StatusCode.UNAVAILABLE,
                      f"{phase} worker {worker.address} failed: {code.name}: {e.details()}")
 
 
 class RequestFlow:
-    def __init__(self, deps: FlowDeps, req: ValidatedRequest, cancelled: CancelScope,
-                 arrival: float) -> None:
-        self.deps, self.req, self.cancelled, self.arrival = deps, req, cancelled, arrival
+    def __init__(self, deps: FlowDeps, req: ValidatedRequest, lifecycle: RequestLifecycle,
+                 cache_salt: str = "") -> None:
+        self.deps, self.req, self.lifecycle = deps, req, lifecycle
+        self.cache_salt = cache_salt
+        self.arrival = time.monotonic() - lifecycle.elapsed_s()
         self.text = TextStream(deps.tokenizer, req.stop, req.prompt_token_ids)
         self.num_output = 0
+        self.num_cached = 0
         self.first_token_at: float | None = None
+        lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
 
-    def run(self) -> Iterator[generation_pb2.GenerateResponse]:
-        try:
-            yield from self._run()
-        finally:
-            self.deps.store.release_quietly(self.req.request_id)  # idempotent; any way out
-
-    def _run(self) -> Iterator[generation_pb2.GenerateResponse]:
-        req = self.req
+    async def run(self, send: Send) -> None:
+        req, lc = self.req, self.lifecycle
+        lc.phase = Phase.PREFILL
         worker, route = self._route(PREFILL, len(req.prompt_token_ids))
-        call = worker_pb2.PrefillRequest(request_id=req.request_id, model=req.model,
-                                         prompt_token_ids=req.prompt_token_ids,
-                                         sampling=req.sampling_params())
-        with self._calling(PREFILL, worker, route):
-            stream = self.deps.pool.stub(worker).Prefill(call)
-            self.cancelled.on_cancel(stream.cancel)
-            first = next(stream)
-            yield self._emit([first.first_token_id], ttft=True)
-            # Read on to kv_ready even when the request is over: the worker is then done
-            # putting blocks, and the release below cannot race with a late put.
-            kv = next(m for m in stream if m.kv_ready)
-        cached = first.num_cached_tokens
-        self.deps.metrics.cached_tokens.inc(cached)
+        call_req = worker_pb2.PrefillRequest(
+            request_id=lc.internal_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling_params(), cache_salt=self.cache_salt,
+            deadline_ms=lc.remaining_ms())
+        async with self._calling(PREFILL, worker, route):
+            call = self.deps.pool.stub(worker).Prefill(
+                call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+            try:
+                first = await self._read(call, PREFILL, worker)
+                self.num_cached = first.num_cached_tokens
+                await send(self._emit([first.first_token_id], ttft=True))
+                # Read on to kv_ready even when the request is over: the worker is then done
+                # putting blocks, and the release cannot race with a late put.
+                kv = first
+                while not kv.kv_ready:
+                    kv = await self._read(call, PREFILL, worker)
+                # The worker hands the blocks over only when its stream ends: read to the end.
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            except BaseException:
+                call.cancel()  # the worker then drops the request and its blocks
+                raise
+        self.deps.metrics.cached_tokens.inc(self.num_cached)
         reason = first.finish_reason
         if self.text.stopped:
             reason = common_pb2.FINISH_REASON_STOP
         if not reason:
-            for chunk_resp, chunk_reason in self._decode(first.first_token_id, kv):
-                if chunk_resp is not None:
-                    yield chunk_resp
-                reason = chunk_reason or reason
-        yield self._final(reason, cached)
+            reason = await self._decode(first.first_token_id, kv, send)
+        await send(self.final(reason))
+
+    @staticmethod
+    async def _read(call: grpc.aio.UnaryStreamCall, phase: str, worker: WorkerInfo):
+        msg = await call.read()
+        if msg is grpc.aio.EOF:
+            raise FlowError(grpc.StatusCode.UNAVAILABLE,
+                            f"{phase} worker {worker.address} ended its stream early")
+        return msg
 
     def _route(self, phase: str, num_tokens: int) -> tuple[WorkerInfo, RouteRequest]:
-        route = RouteRequest(request_id=self.req.request_id, model=self.req.model,
+        route = RouteRequest(request_id=self.lifecycle.internal_id, model=self.req.model,
                              num_tokens=num_tokens, block_size=self.deps.block_size,
                              priority=self.req.priority, phase=phase)
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
         return worker, route
 
-    @contextmanager
-    def _calling(self, phase: str, worker: WorkerInfo, route: RouteRequest) -> Iterator[None]:
-        """Load bookkeeping around a worker call, and its errors in gateway terms."""
+    @asynccontextmanager
+    async def _calling(self, phase: str, worker: WorkerInfo,
+                       route: RouteRequest) -> AsyncIterator[None]:
+        """Load and liveness bookkeeping around a worker call, and its errors in
+        gateway terms."""
         self.deps.router.on_start(worker, route)
+        untrack = self.deps.pool.track(worker, self.lifecycle)
         try:
             yield
-        except StopIteration as e:
-            raise FlowError(grpc.StatusCode.INTERNAL,
-                            f"{phase} worker {worker.address} ended its stream early") from e
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and self.cancelled.is_set():
-                raise Cancelled() from e
+        except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.deps.pool.mark_failed(worker)
-            raise _worker_error(phase, worker, e) from e
+            raise _worker_error(phase, worker, e, self.lifecycle) from e
         finally:
+            untrack()
             self.deps.router.on_finish(worker, route)
 
-    def _decode(
-        self, first_token: int, kv: worker_pb2.PrefillResponse
-    ) -> Iterator[tuple[generation_pb2.GenerateResponse | None, int]]:
-        req = self.req
+    async def _decode(self, first_token: int, kv: worker_pb2.PrefillResponse,
+                      send: Send) -> int:
+        """Streams the decode worker's tokens; returns the finish reason."""
+        req, lc = self.req, self.lifecycle
+        lc.phase = Phase.DECODE
         worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
-        call = worker_pb2.DecodeRequest(
-            request_id=req.request_id, model=req.model,
+        call_req = worker_pb2.DecodeRequest(
+            request_id=lc.internal_id, model=req.model,
             prompt_token_ids=req.prompt_token_ids, output_token_ids=[first_token],
             sampling=req.sampling_params(), blocks=kv.blocks, kv_num_tokens=kv.kv_num_tokens,
-        )
-        with self._calling(DECODE, worker, route):
-            stream = self.deps.pool.stub(worker).Decode(call)
-            self.cancelled.on_cancel(stream.cancel)
+            cache_salt=self.cache_salt, deadline_ms=lc.remaining_ms())
+        reason = 0
+        async with self._calling(DECODE, worker, route):
+            call = self.deps.pool.stub(worker).Decode(
+                call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
             try:
-                for chunk in stream:
-                    resp = self._emit(list(chunk.token_ids)) if chunk.token_ids else None
+                async for chunk in call:
+                    if chunk.token_ids:
+                        await send(self._emit(list(chunk.token_ids)))
                     if self.text.stopped:
-                        yield resp, common_pb2.FINISH_REASON_STOP
-                        return  # the stream is cancelled below: the worker frees the request
-                    yield resp, chunk.finish_reason
+                        return common_pb2.FINISH_REASON_STOP  # cancelling frees it on the worker
+                    reason = chunk.finish_reason or reason
             finally:
-                stream.cancel()
+                call.cancel()
+        if not reason:
+            raise FlowError(grpc.StatusCode.UNAVAILABLE,
+                            f"decode worker {worker.address} ended its stream without "
+                            "a finish reason")
+        return reason
 
     def _emit(self, token_ids: list[int], ttft: bool = False) -> generation_pb2.GenerateResponse:
         delta, _ = self.text.push(token_ids)
@@ -185,7 +199,9 @@ class RequestFlow:
             self.deps.metrics.ttft.observe(resp.ttft_seconds)
         return resp
 
-    def _final(self, reason: int, cached: int) -> generation_pb2.GenerateResponse:
+    def final(self, reason: int) -> generation_pb2.GenerateResponse:
+        """The last message: finish reason, usage, any text held back."""
+        cached = self.num_cached
         end = time.monotonic()
         m = self.deps.metrics
         m.e2e.observe(end - self.arrival)

@@ -1,139 +1,221 @@
-"""The public `splitserve.v1.Generation` service."""
+"""The public `splitserve.v1.Generation` service, on ``grpc.aio``.
+
+One event loop serves every stream: a waiting or streaming request costs a task,
+not a thread, so admission (``max_inflight`` + ``max_queue``) is the only bound
+and everything past it is refused at once. Each request's phases, ticket,
+deadline, cancellation and cleanup live in one :class:`RequestLifecycle`.
+Requests arrive as raw bytes and are parsed here, so malformed bytes are a
+client error (INVALID_ARGUMENT), not an INTERNAL deserializing failure.
+Tokenizing runs in a small thread pool (large prompts in their own), never on
+the loop.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
-from gateway.admission import AdmissionCancelled, AdmissionController, AdmissionRejected
-from gateway.flow import Cancelled, CancelScope, FlowDeps, FlowError, RequestFlow
-from gateway.router import NoHealthyWorkerError, make_router
-from gateway.tokenizer import load_tokenizer
-from gateway.validation import RequestError, ServedModel, ValidatedRequest, validate_request
-from gateway.workers import WorkerPool
-from kvstore.client import KVStoreClient
+from gateway.admission import AdmissionController, AdmissionRejected
+from gateway.flow import FlowDeps, FlowError, RequestFlow
+from gateway.identity import Client, ClientIdentifier, effective_cache_salt
+from gateway.lifecycle import Phase, RequestLifecycle
+from gateway.router import NoHealthyWorkerError
+from gateway.validation import (
+    InputLimits,
+    Prechecked,
+    RequestError,
+    ServedModel,
+    complete,
+    precheck,
+    tokenize,
+)
 from services.common.logging import get_logger
 from services.common.metrics import GatewayMetrics
-from services.common.server import (
-    ServiceHandle,
-    run_until_signal,
-    start_server,
-    wait_for_serving,
-    wait_until,
-)
 from services.common.settings import ClusterSettings
-from services.engine.config import load_model_config
-from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from splitserve.v1 import common_pb2, generation_pb2
 
 log = get_logger("gateway")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+LARGE_PROMPT_BYTES = 64 << 10  # tokenized on a thread of their own: small ones never wait
+ABORTED = "aborted by an Abort call"
 
 
-def served_model(settings: ClusterSettings) -> ServedModel:
-    """The model's limits, read from its config without loading weights."""
-    mc = load_model_config(settings.model.path)
-    max_len = settings.model.max_model_len or mc.max_position_embeddings
-    tokenizer = load_tokenizer(settings.model)
-    return ServedModel(settings.model.name, max_len, mc.vocab_size, tokenizer)
+class Refusal(Exception):
+    """End the call with ``code``/``message`` (and trailing metadata)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.code, self.message, self.trailing = code, message, trailing
 
 
-class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+def parse(cls: type[Message], raw: bytes) -> Message:
+    try:
+        return cls.FromString(raw)
+    except (DecodeError, ValueError) as e:
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid {cls.DESCRIPTOR.full_name} "
+                      f"message ({e}); send a serialized {cls.DESCRIPTOR.name}") from e
+
+
+class GenerationServicer:
     def __init__(self, settings: ClusterSettings, model: ServedModel) -> None:
-        self.settings, self.model = settings, model
         gw = settings.gateway
+        self.settings, self.model = settings, model
         self.admission = AdmissionController(gw.max_inflight, gw.max_queue)
+        self.limits = InputLimits(gw.max_prompt_bytes, gw.max_chat_messages)
+        self.identifier = ClientIdentifier(gw.api_keys)
         self.deps: FlowDeps | None = None  # set once the peers are reachable
+        self.metrics = GatewayMetrics()
+        self.metrics.queued.set_function(lambda: self.admission.waiting)
+        self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.accepting = True
-        self._active: dict[str, CancelScope] = {}
-        self._lock = threading.Lock()
+        self.active: dict[tuple[str, str], RequestLifecycle] = {}  # (owner, id) ->
+        self._small = ThreadPoolExecutor(max(1, gw.tokenizer_threads), "tokenize")
+        self._large = ThreadPoolExecutor(1, "tokenize-large")
 
     def attach(self, deps: FlowDeps) -> None:
         self.deps = deps
 
-    @property
-    def num_active(self) -> int:
-        return len(self._active)
+    # -- Generate -------------------------------------------------------------------------
 
-    def _ready_deps(self, context: grpc.ServicerContext) -> FlowDeps:
+    async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        outcome = "error"
+        try:
+            outcome = await self._generate(raw, context)
+        except Refusal as r:
+            outcome = r.code.name.lower()
+            if r.trailing:
+                context.set_trailing_metadata(r.trailing)
+            await context.abort(r.code, r.message)
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the client went away
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+
+    def _client(self, context: grpc.aio.ServicerContext) -> Client:
+        try:
+            return self.identifier.identify(context.invocation_metadata(), context.peer())
+        except RequestError as e:
+            raise Refusal(e.code, e.message) from e
+
+    def _ready_deps(self) -> FlowDeps:
         if self.deps is None or not self.accepting:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
+            raise Refusal(grpc.StatusCode.UNAVAILABLE,
                           "the gateway is not serving (starting or shutting down)")
         return self.deps
 
-    def Generate(self, request: generation_pb2.GenerateRequest,  # noqa: N802
-                 context: grpc.ServicerContext) -> Iterator[generation_pb2.GenerateResponse]:
-        arrival = time.monotonic()
-        deps = self._ready_deps(context)
+    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> str:
+        """Serves one request; returns its outcome ("ok", "aborted"), raises Refusal."""
+        req = parse(generation_pb2.GenerateRequest, raw)
+        deps = self._ready_deps()
+        client = self._client(context)
         try:
-            req = validate_request(request, [self.model])
+            pre = precheck(req, [self.model], self.limits)
         except RequestError as e:
-            context.abort(e.code, e.message)
-        scope = CancelScope()
-        with self._lock:
-            if req.request_id in self._active:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                              f"request_id {req.request_id!r} is already being served")
-            self._active[req.request_id] = scope
-        context.add_callback(scope.cancel)
-        deps.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
-        outcome = "ok"
+            raise Refusal(e.code, e.message) from e
+        deadline_s = (req.deadline_ms / 1000 if req.deadline_ms
+                      else self.settings.gateway.max_request_s)
+        lc = RequestLifecycle(req.request_id, client.owner, deadline_s)
+        self._register(lc)
+        task = asyncio.current_task()
+        lc.on_cancel(task.cancel)
+        flow: RequestFlow | None = None
         try:
-            with self._admitted(req, scope, deps.metrics):
-                yield from RequestFlow(deps, req, scope, arrival).run()
-        except AdmissionRejected as e:
-            outcome = "rejected"
-            context.set_trailing_metadata(e.trailing_metadata())
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except (AdmissionCancelled, Cancelled):
-            outcome = "cancelled"
-            log.info("cancelled", request_id=req.request_id)
+            ids = await self._admit_and_tokenize(lc, pre, deps)
+            vreq = dataclasses.replace(complete(pre, ids), request_id=lc.public_id)
+            deps.metrics.prompt_tokens.inc(len(ids))
+            await self._wait_for_slot(lc)
+            flow = RequestFlow(deps, vreq, lc, effective_cache_salt(client, req.cache_salt))
+            await flow.run(context.write)
+            return "ok"
+        except asyncio.CancelledError:
+            if lc.stop is None:
+                raise  # the client went away: nobody to answer
+            task.uncancel()
+            log.info("stopped", request_id=lc.public_id, code=lc.stop.code.name,
+                     phase=lc.phase.value, reason=lc.stop.message)
+            if lc.stop.message != ABORTED:
+                raise Refusal(lc.stop.code, lc.stop.message) from None
+            # Aborted: the stream ends normally, its last message says FINISH_REASON_ABORT.
+            await context.write(flow.final(common_pb2.FINISH_REASON_ABORT) if flow else
+                                generation_pb2.GenerateResponse(
+                                    request_id=lc.public_id,
+                                    finish_reason=common_pb2.FINISH_REASON_ABORT))
+            return "aborted"
+        except RequestError as e:
+            raise Refusal(e.code, e.message) from e
         except NoHealthyWorkerError as e:
-            outcome = "unavailable"
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(e)) from e
         except FlowError as e:
-            outcome = "failed"
-            log.warning("failed", request_id=req.request_id, code=e.code.name, error=str(e))
-            context.abort(e.code, str(e))
+            log.warning("failed", request_id=lc.public_id, code=e.code.name, error=str(e))
+            raise Refusal(e.code, str(e)) from e
         finally:
-            deps.metrics.requests.labels(outcome).inc()
-            with self._lock:
-                self._active.pop(req.request_id, None)
+            lc.release()
+            await lc.wait_released()
 
-    @contextmanager
-    def _admitted(self, req: ValidatedRequest, scope: CancelScope,
-                  metrics: GatewayMetrics) -> Iterator[None]:
-        """Waits for an admission slot (gauges kept), holds it for the body."""
-        deadline = req.deadline_ms / 1000 if req.deadline_ms else None
-        metrics.queued.inc()
-        waiting = True
+    def _register(self, lc: RequestLifecycle) -> None:
+        key = (lc.owner, lc.public_id)
+        if key in self.active:  # only the same client can collide with itself
+            raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                          f"request_id {lc.public_id!r} is already in flight for you; "
+                          "use a fresh request_id (or none: the gateway assigns one)")
+        self.active[key] = lc
+        lc.on_release(lambda: self.active.pop(key, None))
+
+    async def _admit_and_tokenize(self, lc: RequestLifecycle, pre: Prechecked,
+                                  deps: FlowDeps) -> list[int]:
+        """Takes a place (refused at once when there is none), then tokenizes off the
+        loop while the place waits for its slot."""
         try:
-            with self.admission.slot(req.priority, scope, deadline=deadline):
-                metrics.queued.dec()
-                waiting = False
-                metrics.inflight.inc()
-                try:
-                    yield
-                finally:
-                    metrics.inflight.dec()
-        finally:
-            if waiting:
-                metrics.queued.dec()
+            ticket = self.admission.try_admit(pre.priority, deadline=lc.remaining_s())
+        except AdmissionRejected as e:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message,
+                          e.trailing_metadata()) from e
+        lc.on_release(lambda: self.admission.release(ticket))
+        lc.ticket = ticket
+        lc.phase = Phase.QUEUED
+        size = pre.request.ByteSize()
+        pool = self._large if size > LARGE_PROMPT_BYTES else self._small
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, tokenize, pre, self.model.tokenizer)
 
-    def Abort(self, request: common_pb2.AbortRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> common_pb2.AbortResponse:
-        with self._lock:
-            scope = self._active.get(request.request_id)
-        if scope is not None:
-            scope.cancel()
-        return common_pb2.AbortResponse(found=scope is not None)
+    async def _wait_for_slot(self, lc: RequestLifecycle) -> None:
+        try:
+            await self.admission.wait_async(lc.ticket)
+        except AdmissionRejected as e:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message,
+                          e.trailing_metadata()) from e
 
-    def ListModels(self, request: generation_pb2.ListModelsRequest,  # noqa: N802
-                   context: grpc.ServicerContext) -> generation_pb2.ListModelsResponse:
-        deps = self._ready_deps(context)
+    # -- Abort, ListModels ------------------------------------------------------------------
+
+    async def abort(self, raw: bytes,
+                    context: grpc.aio.ServicerContext) -> common_pb2.AbortResponse:
+        """Stops the caller's own request; an unknown id and another client's id get
+        the same answer."""
+        try:
+            req = parse(common_pb2.AbortRequest, raw)
+            client = self._client(context)
+        except Refusal as r:
+            await context.abort(r.code, r.message)
+        lc = self.active.get((client.owner, req.request_id))
+        if lc is not None:
+            lc.cancel(grpc.StatusCode.CANCELLED, ABORTED)
+        return common_pb2.AbortResponse(found=lc is not None)
+
+    async def list_models(self, raw: bytes,
+                          context: grpc.aio.ServicerContext
+                          ) -> generation_pb2.ListModelsResponse:
+        try:
+            parse(generation_pb2.ListModelsRequest, raw)
+            deps = self._ready_deps()
+        except Refusal as r:
+            await context.abort(r.code, r.message)
         info = generation_pb2.ModelInfo(
             id=self.model.name, max_model_len=self.model.max_model_len,
             block_size=deps.block_size,
@@ -142,42 +224,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
         return generation_pb2.ListModelsResponse(models=[info])
 
-    def drain(self, grace_s: float = 10.0) -> None:
-        """SIGTERM: refuse new requests, let running ones finish, then cancel the rest."""
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """The service's methods, taking raw request bytes."""
+        ser = {"response_serializer": lambda m: m.SerializeToString()}
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Generate": grpc.unary_stream_rpc_method_handler(self.generate, **ser),
+            "Abort": grpc.unary_unary_rpc_method_handler(self.abort, **ser),
+            "ListModels": grpc.unary_unary_rpc_method_handler(self.list_models, **ser),
+        })
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def drain(self, grace_s: float = 10.0) -> None:
+        """SIGTERM: refuse new requests, let running ones finish, then stop the rest."""
         self.accepting = False
-        wait_until(lambda: not self.num_active, grace_s)
-        with self._lock:
-            scopes = list(self._active.values())
-        for scope in scopes:
-            scope.cancel()
-
-
-def _wait_for_peers(settings: ClusterSettings, pool: WorkerPool, handle: ServiceHandle) -> None:
-    handle.set_ready(False, "waiting for the kv store")
-    if not wait_for_serving(settings.kvstore.address, settings.ready_timeout_s):
-        raise RuntimeError(f"kv store at {settings.kvstore.address} not reachable")
-    handle.set_ready(False, "waiting for prefill and decode workers")
-    ready = wait_until(lambda: pool.all_roles_healthy() or handle.stopping.is_set(),
-                       settings.ready_timeout_s, poll_s=0.1)
-    if not ready or handle.stopping.is_set():
-        raise RuntimeError("no healthy prefill and decode workers within "
-                           f"{settings.ready_timeout_s}s")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace_s
+        while self.active and loop.time() < end:
+            await asyncio.sleep(0.05)
+        for lc in list(self.active.values()):
+            lc.cancel(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry")
+        self._small.shutdown(wait=False, cancel_futures=True)
+        self._large.shutdown(wait=False, cancel_futures=True)
 
 
 def serve(settings: ClusterSettings, index: int = 0) -> None:
-    servicer = GenerationServicer(settings, served_model(settings))
-    handle = start_server(
-        "gateway", settings.gateway,
-        lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),
-        [SERVICE_NAME],
-    )
-    pool = WorkerPool(settings).start()
-    _wait_for_peers(settings, pool, handle)
-    store = KVStoreClient(settings.kvstore.address, settings.transfer)
-    servicer.attach(FlowDeps(pool, make_router(settings.gateway.routing), store,
-                             servicer.model.tokenizer, GatewayMetrics(),
-                             settings.model.block_size))
-    handle.set_ready(True)
-    run_until_signal(handle, drain=servicer.drain)
-    pool.close()
-    store.close()
+    """`splitserve serve gateway`: runs until SIGTERM."""
+    from gateway.bootstrap import serve as run  # the bootstrap imports this module
+
+    run(settings, index)

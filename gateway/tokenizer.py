@@ -10,6 +10,8 @@ bos/eos tokens, and the eos ids (``generation_config.json`` / ``config.json``
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,11 @@ class Tokenizer:
                 ids.append(int(i))
         self._eos_token_ids = tuple(ids)
         self._vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        specials = sorted((t.content for t in hf.get_added_tokens_decoder().values()
+                           if t.special), key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._as_text: tokenizers.Tokenizer | None = None  # made on first use
+        self._as_text_lock = threading.Lock()
 
     # -- construction -----------------------------------------------------------------
 
@@ -157,6 +164,22 @@ class Tokenizer:
         post-processor (e.g. Llama's leading bos); pass False for text that a chat
         template rendered, which already carries its special tokens."""
         return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def has_special_text(self, text: str) -> bool:
+        """Whether ``text`` spells one of the special tokens (``</s>``, ``<|im_start|>``...)."""
+        return self._special_text is not None and self._special_text.search(text) is not None
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token spellings tokenized as plain text:
+        for user content, which must never become a control token."""
+        if not self.has_special_text(text):
+            return self.encode(text, add_special_tokens=False)
+        with self._as_text_lock:
+            if self._as_text is None:
+                clone = tokenizers.Tokenizer.from_str(self._hf.to_str())
+                clone.encode_special_tokens = True
+                self._as_text = clone
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; an incomplete UTF-8 character at the end comes out as U+FFFD."""

@@ -3,7 +3,10 @@
 Every problem raises :class:`RequestError` with the gRPC status the server should
 answer and a message that names the field and says what to fix, e.g.
 ``sampling.top_p must be in (0, 1], got 1.5``. The prompt is tokenized here
-(:func:`prepare_prompt`), so length limits see real token counts.
+(:func:`prepare_prompt`), so length limits see real token counts. The server runs
+the checks in two steps: :func:`precheck` (every field, and the input's size against
+:class:`InputLimits`, all before any tokenizing) and, once tokenized off the event
+loop, :func:`complete`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from gateway.chat import ChatError, render_chat
+from gateway.chat import ChatError, render_chat, render_chat_parts
 from gateway.tokenizer import Tokenizer
 from splitserve.v1 import common_pb2, generation_pb2
 
@@ -26,6 +29,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 64
 MAX_ID_CHARS = 128
+MAX_CACHE_SALT_CHARS = 256
 PRIORITY_NORMAL = common_pb2.PRIORITY_CLASS_NORMAL
 
 
@@ -85,6 +89,7 @@ class ValidatedRequest:
     session_id: str = ""
     input_kind: str = "prompt"  # "prompt" | "prompt_token_ids" | "chat"
     request_id_assigned: bool = False  # True when the client sent none
+    cache_salt: str = ""  # as the client sent it (the tenant's salt is added by the server)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -226,44 +231,120 @@ def prepare_prompt(
         ids = tokenizer.encode(req.prompt, add_special_tokens=True)
     else:
         try:
-            text = render_chat(
-                req.chat.messages,
-                tokenizer.chat_template,
-                bos_token=tokenizer.bos_token,
-                eos_token=tokenizer.eos_token,
-                model=model_name,
-            )
+            ids = encode_chat(req.chat.messages, tokenizer, model_name)
         except ChatError as e:
             raise invalid(str(e)) from e
-        ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise invalid(f"{kind} tokenizes to no tokens")
     return ids
 
 
-def validate_request(
-    req: generation_pb2.GenerateRequest,
-    models: ModelLike | Sequence[ModelLike],
-    tokenizer: Tokenizer | None = None,
-) -> ValidatedRequest:
-    """Checks every field of ``req`` against the served ``models``; tokenizes with
-    ``tokenizer`` (default: the model's own ``tokenizer`` attribute, if any).
-    Raises :class:`RequestError` (INVALID_ARGUMENT or NOT_FOUND)."""
-    check_id(req.request_id, "request_id")
-    check_id(req.session_id, "session_id")
-    model = resolve_model(req.model, models)
-    priority = _check_priority(req.priority)
-    sampling = _check_sampling(req.sampling, model.vocab_size)
-    limit = int(model.max_model_len)
+def encode_chat(messages: Sequence[generation_pb2.ChatMessage], tokenizer: Tokenizer,
+                model_name: str = "") -> list[int]:
+    """Token ids of a chat: special tokens only where the chat template puts them.
+    A content that spells a special token (``</s>``, ``<|im_start|>``...) is tokenized
+    as plain text, so a user cannot forge role boundaries."""
+    template = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                "model": model_name}
+    if not any(tokenizer.has_special_text(m.content) for m in messages):
+        text = render_chat(messages, tokenizer.chat_template, **template)
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    for text, is_content in render_chat_parts(messages, tokenizer.chat_template, **template):
+        ids += (tokenizer.encode_as_text(text) if is_content
+                else tokenizer.encode(text, add_special_tokens=False))
+    return ids
 
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = prepare_prompt(req, tok, vocab_size=model.vocab_size, model_name=model.name)
-    n = len(ids)
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on a request's input, checked before any tokenizing (GatewaySettings)."""
+
+    max_prompt_bytes: int = 1 << 20
+    max_chat_messages: int = 1024
+
+
+def _too_big(what: str, size: int, limit: int, setting: str, fix: str) -> RequestError:
+    return invalid(f"{what} is {size} bytes, over the gateway's limit of {limit} bytes "
+                   f"(gateway.{setting}); {fix}")
+
+
+def check_input_size(req: generation_pb2.GenerateRequest, limits: InputLimits,
+                     max_model_len: int) -> None:
+    """Refuses an input too large to tokenize, by bytes and message counts only."""
+    kind = req.WhichOneof("input")
+    limit = limits.max_prompt_bytes
+    if kind == "prompt":
+        # More characters than bytes allowed cannot fit; else count the UTF-8 bytes.
+        size = len(req.prompt) if len(req.prompt) > limit else len(req.prompt.encode())
+        if size > limit:
+            raise _too_big("prompt", size, limit, "max_prompt_bytes", "shorten the prompt")
+    elif kind == "chat":
+        n = len(req.chat.messages)
+        if n > limits.max_chat_messages:
+            raise invalid(f"chat.messages has {n} messages, over the gateway's limit of "
+                          f"{limits.max_chat_messages} (gateway.max_chat_messages); "
+                          "send fewer messages")
+        size = 0
+        for m in req.chat.messages:
+            size += len(m.content) if len(m.content) > limit else len(m.content.encode())
+            if size > limit:
+                raise _too_big("chat (message contents)", size, limit, "max_prompt_bytes",
+                               "shorten the conversation")
+    elif kind == "prompt_token_ids" and len(req.prompt_token_ids.ids) >= max_model_len:
+        _check_prompt_len(len(req.prompt_token_ids.ids), max_model_len)
+
+
+def _check_prompt_len(n: int, limit: int) -> None:
     if n >= limit:
         raise invalid(
             f"prompt is {n} tokens, which leaves no room to generate within the model's "
             f"max_model_len of {limit} tokens; shorten the prompt to at most {limit - 1} tokens"
         )
+
+
+@dataclass(frozen=True)
+class Prechecked:
+    """A request whose fields passed every check that needs no tokenizer."""
+
+    request: generation_pb2.GenerateRequest
+    model: ModelLike
+    priority: int
+    sampling: dict[str, Any]
+
+
+def precheck(
+    req: generation_pb2.GenerateRequest,
+    models: ModelLike | Sequence[ModelLike],
+    limits: InputLimits | None = None,
+) -> Prechecked:
+    """Every check short of tokenizing: ids, model, priority, sampling, input size.
+    Raises :class:`RequestError` (INVALID_ARGUMENT or NOT_FOUND)."""
+    check_id(req.request_id, "request_id")
+    check_id(req.session_id, "session_id")
+    if len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise invalid(f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters, "
+                      f"got {len(req.cache_salt)}")
+    model = resolve_model(req.model, models)
+    priority = _check_priority(req.priority)
+    sampling = _check_sampling(req.sampling, model.vocab_size)
+    check_input_size(req, limits or InputLimits(), int(model.max_model_len))
+    return Prechecked(req, model, priority, sampling)
+
+
+def tokenize(pre: Prechecked, tokenizer: Tokenizer | None = None) -> list[int]:
+    """The prompt's token ids (``tokenizer``, else the model's own)."""
+    tok = tokenizer if tokenizer is not None else getattr(pre.model, "tokenizer", None)
+    return prepare_prompt(pre.request, tok, vocab_size=pre.model.vocab_size,
+                          model_name=pre.model.name)
+
+
+def complete(pre: Prechecked, ids: list[int]) -> ValidatedRequest:
+    """The checks that need the token count; the request with its defaults filled in."""
+    req = pre.request
+    limit = int(pre.model.max_model_len)
+    n = len(ids)
+    _check_prompt_len(n, limit)
     max_tokens = req.sampling.max_tokens
     if max_tokens == 0:
         max_tokens = min(DEFAULT_MAX_TOKENS, limit - n)
@@ -273,17 +354,29 @@ def validate_request(
             f"exceeds the model's max_model_len of {limit} tokens; "
             f"set sampling.max_tokens to at most {limit - n} or shorten the prompt"
         )
-
-    request_id = req.request_id or uuid.uuid4().hex
     return ValidatedRequest(
-        request_id=request_id,
-        model=model.name,
+        request_id=req.request_id or uuid.uuid4().hex,
+        model=pre.model.name,
         prompt_token_ids=ids,
         max_tokens=max_tokens,
-        priority=priority,
+        priority=pre.priority,
         deadline_ms=req.deadline_ms or None,
         session_id=req.session_id,
         input_kind=req.WhichOneof("input") or "",
         request_id_assigned=not req.request_id,
-        **sampling,
+        cache_salt=req.cache_salt,
+        **pre.sampling,
     )
+
+
+def validate_request(
+    req: generation_pb2.GenerateRequest,
+    models: ModelLike | Sequence[ModelLike],
+    tokenizer: Tokenizer | None = None,
+    limits: InputLimits | None = None,
+) -> ValidatedRequest:
+    """Checks every field of ``req`` against the served ``models``; tokenizes with
+    ``tokenizer`` (default: the model's own ``tokenizer`` attribute, if any).
+    Raises :class:`RequestError` (INVALID_ARGUMENT or NOT_FOUND)."""
+    pre = precheck(req, models, limits)
+    return complete(pre, tokenize(pre, tokenizer))

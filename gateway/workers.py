@@ -1,32 +1,49 @@
-"""The gateway's view of its workers: stubs, health and load, refreshed in the background."""
+"""The gateway's view of its workers: stubs, health and load, polled on the event loop.
+
+Every ``poll_s`` each worker is asked ``GetLoad`` with a ``poll_timeout_s`` deadline.
+A worker that refuses connections is down at once; one that stops answering (hung,
+SIGSTOPped) is down after ``failures_to_down`` polls in a row time out, and then
+every request in flight on it is stopped with UNAVAILABLE instead of hanging.
+``on_change`` is called whenever the set of healthy workers changes (readiness).
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.lifecycle import RequestLifecycle
 from gateway.router import DECODE, PREFILL, WorkerInfo
 from services.common.logging import get_logger
+from services.common.server import GRPC_OPTIONS
 from services.common.settings import ClusterSettings
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("gateway")
+ROLES = (PREFILL, DECODE)
 
 
 @dataclass
 class WorkerHandle:
     info: WorkerInfo
-    channel: grpc.Channel
+    channel: grpc.aio.Channel
     stub: worker_pb2_grpc.PrefillWorkerStub | worker_pb2_grpc.DecodeWorkerStub
+    failures: int = 0  # polls in a row that got no answer
+    inflight: set[RequestLifecycle] = field(default_factory=set)
 
 
 class WorkerPool:
-    """Prefill and decode workers from the config; GetLoad polled every ``poll_s``."""
+    """Prefill and decode workers from the config. Create it on the serving loop."""
 
-    def __init__(self, settings: ClusterSettings, poll_s: float = 0.25) -> None:
+    def __init__(self, settings: ClusterSettings, metadata: Sequence[tuple[str, str]] = (),
+                 *, poll_s: float = 0.25, poll_timeout_s: float = 1.0,
+                 failures_to_down: int = 2) -> None:
         self.model = settings.model.name
+        self.metadata = tuple(metadata)
         self.handles: dict[str, WorkerHandle] = {}
         for role, endpoints, stub_cls in (
             (PREFILL, settings.prefill, worker_pb2_grpc.PrefillWorkerStub),
@@ -35,17 +52,19 @@ class WorkerPool:
             for ep in endpoints:
                 info = WorkerInfo(worker_id=f"{role}/{ep.address}", address=ep.address,
                                   role=role, model=self.model, healthy=False)
-                channel = grpc.insecure_channel(ep.address)
+                channel = grpc.aio.insecure_channel(ep.address, options=GRPC_OPTIONS)
                 self.handles[info.worker_id] = WorkerHandle(info, channel, stub_cls(channel))
-        self._poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll_forever, name="worker-poll",
-                                        daemon=True)
+        self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
+        self.failures_to_down = failures_to_down
+        self.on_change: Callable[[], None] = lambda: None
+        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> WorkerPool:
-        self.refresh()
-        self._thread.start()
+    async def start(self) -> WorkerPool:
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll_forever(), name="worker-poll")
         return self
+
+    # -- what the router and the flow use -----------------------------------------------
 
     def workers(self, role: str) -> list[WorkerInfo]:
         return [h.info for h in self.handles.values() if h.info.role == role]
@@ -53,33 +72,72 @@ class WorkerPool:
     def stub(self, info: WorkerInfo) -> worker_pb2_grpc.PrefillWorkerStub:
         return self.handles[info.worker_id].stub
 
+    def missing_roles(self) -> list[str]:
+        """The roles with no healthy worker: while any, the gateway cannot serve."""
+        return [r for r in ROLES if not any(w.healthy for w in self.workers(r))]
+
     def all_roles_healthy(self) -> bool:
-        return all(any(w.healthy for w in self.workers(r)) for r in (PREFILL, DECODE))
+        return not self.missing_roles()
+
+    def track(self, info: WorkerInfo, lifecycle: RequestLifecycle) -> Callable[[], None]:
+        """``lifecycle`` has a call on ``info``: stopped if the worker goes down.
+        Returns the function that stops tracking it."""
+        inflight = self.handles[info.worker_id].inflight
+        inflight.add(lifecycle)
+        return lambda: inflight.discard(lifecycle)
 
     def mark_failed(self, info: WorkerInfo) -> None:
-        """A call to it just failed: skip it until a poll finds it alive again."""
-        info.healthy = False
+        """A call to it just failed to connect: skip it until a poll finds it alive."""
+        self._set_down(self.handles[info.worker_id], "UNAVAILABLE", strand=False)
 
-    def refresh(self) -> None:
-        futures = [(h, h.stub.GetLoad.future(worker_pb2.LoadRequest(), timeout=1.0))
-                   for h in self.handles.values()]
-        for handle, future in futures:
-            info = handle.info
+    # -- polling ------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._poll(h) for h in self.handles.values()))
+
+    async def _poll(self, handle: WorkerHandle) -> None:
+        try:
+            load = await handle.stub.GetLoad(worker_pb2.LoadRequest(), metadata=self.metadata,
+                                             timeout=self.poll_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            handle.failures += 1
+            if (e.code() == grpc.StatusCode.UNAVAILABLE
+                    or handle.failures >= self.failures_to_down):
+                self._set_down(handle, e.code().name)
+            return
+        handle.failures = 0
+        handle.info.update_load(load)
+        if not handle.info.healthy:
+            log.info("worker_up", worker=handle.info.worker_id)
+            handle.info.healthy = True
+            self.on_change()
+
+    def _set_down(self, handle: WorkerHandle, why: str, strand: bool = True) -> None:
+        info = handle.info
+        if info.healthy:
+            log.warning("worker_down", worker=info.worker_id, error=why)
+            info.healthy = False
+            self.on_change()
+        if not strand:  # its other calls see the failure themselves
+            return
+        stranded, handle.inflight = handle.inflight, set()
+        for lifecycle in stranded:
+            lifecycle.cancel(grpc.StatusCode.UNAVAILABLE,
+                             f"{info.role} worker {info.address} stopped answering ({why}); "
+                             "retry the request")
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
             try:
-                info.update_load(future.result())
-                if not info.healthy:
-                    log.info("worker_up", worker=info.worker_id)
-                info.healthy = True
-            except grpc.RpcError as e:
-                if info.healthy:
-                    log.warning("worker_down", worker=info.worker_id, error=e.code().name)
-                info.healthy = False
+                await self.refresh()
+            except Exception as e:  # the poll must outlive any surprise
+                log.error("worker_poll_failed", error=repr(e))
 
-    def _poll_forever(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            self.refresh()
-
-    def close(self) -> None:
-        self._stop.set()
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for h in self.handles.values():
-            h.channel.close()
+            await h.channel.close()

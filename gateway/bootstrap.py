@@ -1,0 +1,151 @@
+"""The gateway process: the ``grpc.aio`` server, its health, readiness and shutdown.
+
+Health (``grpc.health.v1``) and ``/readyz`` say SERVING only while every role the
+gateway needs (prefill and decode) has a healthy worker: they follow the worker
+poll, back and forth. ``/metrics``, ``/healthz`` and ``/readyz`` are served by
+their own HTTP thread, so they answer however busy the event loop is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.flow import FlowDeps
+from gateway.router import make_router
+from gateway.server import SERVICE_NAME, GenerationServicer
+from gateway.tokenizer import load_tokenizer
+from gateway.validation import ServedModel
+from gateway.workers import WorkerPool
+from services.common.auth import call_metadata
+from services.common.logging import get_logger
+from services.common.observability import Readiness, start_http
+from services.common.server import GRPC_OPTIONS
+from services.common.settings import ClusterSettings
+from services.engine.config import load_model_config
+from splitserve.v1 import kvstore_pb2_grpc
+
+log = get_logger("gateway")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def served_model(settings: ClusterSettings) -> ServedModel:
+    """The model's limits, read from its config without loading weights."""
+    mc = load_model_config(settings.model.path)
+    max_len = settings.model.max_model_len or mc.max_position_embeddings
+    return ServedModel(settings.model.name, max_len, mc.vocab_size,
+                       load_tokenizer(settings.model))
+
+
+class GatewayHealth:
+    """gRPC health and /readyz, set together."""
+
+    def __init__(self, servicer: health_async.HealthServicer, readiness: Readiness) -> None:
+        self.servicer, self.readiness = servicer, readiness
+
+    async def set(self, ready: bool, reason: str = "") -> None:
+        if ready != self.readiness.ready or reason != self.readiness.reason:
+            log.info("readiness", ready=ready, reason=reason)
+        self.readiness.set(ready, reason)
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, SERVING if ready else NOT_SERVING)
+
+    async def follow(self, pool: WorkerPool) -> None:
+        missing = pool.missing_roles()
+        await self.set(not missing, f"no healthy {' or '.join(missing)} worker" if missing else "")
+
+
+async def _store_serving(address: str, timeout_s: float) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while loop.time() < end:
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if resp.status == SERVING:
+                    return True
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    return False
+
+
+async def _wait_for_peers(settings: ClusterSettings, pool: WorkerPool, gh: GatewayHealth,
+                          stopping: asyncio.Event) -> None:
+    await gh.set(False, "waiting for the kv store")
+    if not await _store_serving(settings.kvstore.address, settings.ready_timeout_s):
+        raise RuntimeError(f"kv store at {settings.kvstore.address} not reachable")
+    await gh.set(False, "waiting for prefill and decode workers")
+    await pool.start()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + settings.ready_timeout_s
+    while not pool.all_roles_healthy() and not stopping.is_set():
+        if loop.time() >= end:
+            raise RuntimeError("no healthy prefill and decode workers within "
+                               f"{settings.ready_timeout_s}s")
+        await asyncio.sleep(0.1)
+
+
+def _start_grpc(settings: ClusterSettings, servicer: GenerationServicer,
+                health_servicer: health_async.HealthServicer) -> grpc.aio.Server:
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((servicer.handlers(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    gw = settings.gateway
+    if server.add_insecure_port(gw.address) == 0:
+        raise OSError(f"gateway: cannot listen on {gw.address} (port in use?)")
+    return server
+
+
+async def serve_async(settings: ClusterSettings) -> None:
+    servicer = GenerationServicer(settings, served_model(settings))
+    health_servicer = health_async.HealthServicer()
+    server = _start_grpc(settings, servicer, health_servicer)
+    await server.start()
+    readiness = Readiness()
+    gh = GatewayHealth(health_servicer, readiness)
+    await gh.set(False, "starting")
+    gw = settings.gateway
+    http = start_http(gw.host, gw.http_port, readiness) if gw.http_port else None
+    log.info("listening", grpc_port=gw.port, http_port=gw.http_port)
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    metadata = call_metadata(settings)
+    pool = WorkerPool(settings, metadata)
+    store_channel = grpc.aio.insecure_channel(settings.kvstore.address, options=GRPC_OPTIONS)
+    try:
+        await _wait_for_peers(settings, pool, gh, stopping)
+        servicer.attach(FlowDeps(pool, make_router(gw.routing),
+                                 kvstore_pb2_grpc.KVStoreStub(store_channel),
+                                 servicer.model.tokenizer, servicer.metrics,
+                                 settings.model.block_size, metadata))
+        pool.on_change = lambda: loop.create_task(gh.follow(pool))
+        await gh.follow(pool)
+        await stopping.wait()
+        log.info("signal")
+        await gh.set(False, "draining")
+        await servicer.drain()
+    finally:
+        pool.on_change = lambda: None
+        await server.stop(5)
+        if http is not None:
+            http.shutdown()
+        await pool.close()
+        await store_channel.close()
+    log.info("stopped")
+
+
+def serve(settings: ClusterSettings, index: int = 0) -> None:
+    asyncio.run(serve_async(settings))
