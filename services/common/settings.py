@@ -14,6 +14,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from services.engine.config import EngineOptions
+
 MiB = 1 << 20
 
 
@@ -28,19 +30,16 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
-@dataclass
-class ModelSettings:
+@dataclass(kw_only=True)
+class ModelSettings(EngineOptions):
+    """The served model, and every engine option (``EngineOptions``: dtype, device,
+    block_size, max_model_len, num_kv_blocks, max_num_seqs, max_num_batched_tokens,
+    attention_backend, enforce_eager, gpu_memory_utilization, kv_cache_memory_gb,
+    enable_prefix_caching, seed) with the engine's own defaults."""
+
     name: str = "tiny-llama"  # the model id clients ask for
     path: str = "dummy:tiny-llama"  # a local HF directory or dummy:<shape>
     tokenizer: str | None = None  # tokenizer.json; None -> beside the weights / built in
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    max_model_len: int | None = 1024
-    num_kv_blocks: int | None = 512
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    seed: int = 0
     cpu_threads: int | None = None  # torch threads of a CPU worker; None -> cores / CPU workers
 
 

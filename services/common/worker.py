@@ -30,20 +30,10 @@ from splitserve.v1 import common_pb2, worker_pb2
 
 
 def engine_config(model: ModelSettings) -> Any:
-    from services.engine import EngineConfig
+    from services.engine.config import ENGINE_OPTION_NAMES, EngineConfig
 
-    return EngineConfig(
-        model=model.path,
-        model_id=model.name,
-        dtype=model.dtype,
-        device=model.device,
-        block_size=model.block_size,
-        num_kv_blocks=model.num_kv_blocks,
-        max_num_seqs=model.max_num_seqs,
-        max_num_batched_tokens=model.max_num_batched_tokens,
-        max_model_len=model.max_model_len,
-        seed=model.seed,
-    )
+    options = {name: getattr(model, name) for name in ENGINE_OPTION_NAMES}
+    return EngineConfig(model=model.path, model_id=model.name, **options)
 
 
 def cpu_threads(settings: ClusterSettings) -> int:
