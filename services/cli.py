@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from services.common.logging import configure_logging
-from services.common.settings import SettingsError, load_settings
+from services.common.settings import ClusterSettings, Endpoint, SettingsError, load_settings
 
 # role -> "module:function"; each function is serve(settings, index) and blocks until SIGTERM.
 SERVE_TARGETS = {
@@ -24,8 +24,20 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def own_endpoint(settings: ClusterSettings, role: str, index: int) -> Endpoint:
+    """The config entry of the service ``role`` number ``index``."""
+    if role in ("prefill", "decode"):
+        entries = getattr(settings, role)
+        if not 0 <= index < len(entries):
+            raise SettingsError(f"--index {index}: the config has {len(entries)} {role} entries")
+        return entries[index]
+    return getattr(settings, role)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if args.bind:  # containers: listen on every interface, peers still dial the config's name
+        own_endpoint(settings, args.role, args.index).host = args.bind
     configure_logging(settings.log_level)
     _load(SERVE_TARGETS[args.role])(settings, args.index)
     return 0
@@ -52,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("role", choices=sorted(SERVE_TARGETS))
     serve.add_argument("--config", default=None, help="cluster YAML (default: embedded)")
     serve.add_argument("--index", type=int, default=0, help="which prefill/decode entry")
+    serve.add_argument(
+        "--bind", default=None,
+        help="listen on this address instead of the config's host (e.g. 0.0.0.0 in a "
+             "container, where the config names the service as its peers reach it)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start a whole cluster on this machine")
