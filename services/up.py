@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="splitserve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(settings, log_dir)
-    # _ensure_secret(settings)  # once the gateway sends call_metadata
+    _ensure_secret(settings)
     print(f"starting {settings.model.name} ({settings.model.path}); logs in {log_dir}", flush=True)
     cluster = LocalCluster(settings, config_path, log_dir)
     _stop_on_signals()
