@@ -8,6 +8,7 @@ an aborted answer; with no gateway listening it says how to start one.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import TextIO
@@ -17,6 +18,7 @@ import grpc
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+API_KEY_ENV = "SPLITSERVE_API_KEY"
 PRIORITIES = {
     "batch": common_pb2.PRIORITY_CLASS_BATCH,
     "normal": common_pb2.PRIORITY_CLASS_NORMAL,
@@ -58,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-ms", type=int, default=0, help="answer wanted within (0: none)")
     parser.add_argument("--show-ids", action="store_true", help="print token ids to stderr")
     parser.add_argument("--timeout", type=float, default=None, help="RPC timeout in seconds")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"the gateway's API key, if it needs one (default: ${API_KEY_ENV})")
+    parser.add_argument("--cache-salt", default="", help="share cached prefixes only with "
+                        "requests of the same salt")
 
 
 def build_request(
@@ -81,6 +87,7 @@ def build_request(
         request_id=args.request_id,
         session_id=args.session_id,
         deadline_ms=args.deadline_ms,
+        cache_salt=args.cache_salt,
     )
     if args.chat:
         msgs = []
@@ -121,16 +128,18 @@ def run(
     try:
         with grpc.insecure_channel(args.address) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
+            metadata = (("x-api-key", args.api_key),) if args.api_key else ()
             model = args.model
             if not model:
-                models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=args.timeout)
+                models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=args.timeout,
+                                         metadata=metadata)
                 if not models.models:
                     print("error: the gateway serves no model", file=err)
                     return 1
                 model = models.models[0].id
             req = build_request(args, model, prompt)
             start = time.monotonic()
-            call = stub.Generate(req, timeout=args.timeout)
+            call = stub.Generate(req, timeout=args.timeout, metadata=metadata)
             last = None
             ttft = None
             ids: list[int] = []
