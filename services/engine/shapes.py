@@ -24,7 +24,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "vocab_size": 512,
+        "vocab_size": 259,  # = byte_tokenizer.VOCAB_SIZE: every sampled id decodes
         "max_position_embeddings": 1024,
         "rope_theta": 10000.0,
         "rms_norm_eps": 1e-6,
@@ -40,7 +40,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "vocab_size": 512,
+        "vocab_size": 259,  # = byte_tokenizer.VOCAB_SIZE: every sampled id decodes
         "max_position_embeddings": 1024,
         "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6,

@@ -100,6 +100,7 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
             [sys.executable, "-m", "services.cli", "generate", "--address", gateway,
              "--max-tokens", "5", "Hello"], capture_output=True, text=True, timeout=60)
         assert gen.returncode == 0, gen.stderr
+        assert gen.stdout.strip(), "generate printed no text"  # random weights, random text
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
         assert wait_until(lambda: not any(_alive(p) for p in services), timeout_s=10), \
