@@ -24,9 +24,8 @@ OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
 def cluster_secret(settings: ClusterSettings) -> str | None:
-    """The secret of this cluster: the environment overrides the config; '' means none."""
-    secret = os.environ.get(SECRET_ENV, settings.cluster_secret)
-    return secret or None
+    """The secret of this cluster: a non-empty environment value overrides the config."""
+    return os.environ.get(SECRET_ENV) or settings.cluster_secret or None
 
 
 def call_metadata(settings: ClusterSettings) -> tuple[tuple[str, str], ...]:

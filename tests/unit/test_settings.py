@@ -38,3 +38,12 @@ def test_bad_files_name_the_problem(tmp_path: Path, text: str, needle: str) -> N
 def test_missing_file() -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings("/nonexistent/cluster.yaml")
+
+
+def test_cluster_secret_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster_secret: s3cret\n")
+    assert load_settings(path).cluster_secret == "s3cret"
+    path.write_text("cluster_secret: 42\n")
+    with pytest.raises(SettingsError, match="cluster_secret"):
+        load_settings(path)
