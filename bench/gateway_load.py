@@ -1,6 +1,6 @@
 """Load on the gateway: many concurrent streams, what they end with, what they cost it.
 
-    python -m bench.gateway_load --streams 2000 --requests 2000 --max-tokens 16
+    splitserve bench gateway_load --streams 2000 --requests 2000 --max-tokens 16
     python -m bench.gateway_load --address 127.0.0.1:50051 --streams 64 --requests 640
 
 Without ``--address`` it starts a local cluster (dummy tiny-llama, 1 prefill and
@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -157,9 +158,7 @@ def start_local_cluster(streams: int, workdir: Path):
     return LocalCluster(s, config, workdir).start()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.gateway_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="a running gateway (default: start one)")
     p.add_argument("--gateway-pid", type=int, default=None, help="its pid, for CPU and RSS")
     p.add_argument("--streams", type=int, default=64, help="concurrent clients")
@@ -170,13 +169,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request RPC timeout")
     p.add_argument("--rss-every", type=int, default=0, help="sample gateway RSS every N")
     p.add_argument("--json", default=None, help="write the report here")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`splitserve bench gateway_load`: prints and returns the report."""
     args.requests = args.requests or args.streams
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     cluster = None
     pid = args.gateway_pid
     if args.address is None:
@@ -184,14 +181,22 @@ def main(argv: list[str] | None = None) -> int:
         args.address = cluster.settings.gateway.address
         pid = cluster.find("gateway").proc.pid
     try:
-        report = asyncio.run(Load(args, pid).run())
+        report = asdict(asyncio.run(Load(args, pid).run()))
     finally:
         if cluster is not None:
             cluster.stop()
-    text = json.dumps(asdict(report), indent=1)
+    text = json.dumps(report, indent=1)
     if args.json:
         Path(args.json).write_text(text)
     print(text)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.gateway_load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
     return 0
 
 
