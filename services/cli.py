@@ -35,6 +35,9 @@ def own_endpoint(settings: ClusterSettings, role: str, index: int) -> Endpoint:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from services.common.launcher import die_with_parent
+
+    die_with_parent()  # when `splitserve up` (or a test) started this service
     settings = load_settings(args.config)
     if args.bind:  # containers: listen on every interface, peers still dial the config's name
         own_endpoint(settings, args.role, args.index).host = args.bind

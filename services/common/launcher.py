@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,22 +46,20 @@ def role_endpoints(settings: ClusterSettings, role: str) -> list[Endpoint]:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_ENV = "SPLITSERVE_DIE_WITH_PARENT"  # the pid of the launcher a service dies with
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets ``signum`` when the process that started it dies,
-    however it dies (SIGKILL included), and exits at once if that already happened."""
-
-    # resolved here: dlopen between fork and exec may deadlock in a threaded parent
-    prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signum)
-
-    return preexec
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a service a launcher started: get ``signum`` when the launcher dies, however it
+    dies (SIGKILL included); exit at once if it already has. Done here, after exec, not
+    in a ``preexec_fn``: forking a process that runs gRPC threads can abort the child."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signum)
 
 
 def spawn(role: str, index: int, config_path: Path, log_dir: Path | None) -> subprocess.Popen:
@@ -70,10 +67,10 @@ def spawn(role: str, index: int, config_path: Path, log_dir: Path | None) -> sub
     cmd = [sys.executable, "-m", "services.cli", "serve", role, "--config", str(config_path)]
     cmd += ["--index", str(index)]
     out = open(log_dir / f"{role}-{index}.log", "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
     try:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+                                start_new_session=True)
     finally:
         if log_dir:
             out.close()
