@@ -50,6 +50,7 @@ class StepInputs:
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(size, dtype=torch.int32, device=device) if cuda else self.host
         self._copied: torch.cuda.Event | None = None
+        self.tables = BlockTableRows(4 * max_seqs, max_blocks)
 
     # ---- the fixed decode layout ----
     def decode_views(self, rows: int) -> StepBatch:
@@ -85,9 +86,7 @@ class StepInputs:
         h[3 * s + n : 3 * s + rows] = 0
         h[2 * s + n : 2 * s + rows] = -1
         tables = h[4 * s : 4 * s + s * w].reshape(s, w)
-        for i, x in enumerate(scheduled):
-            table = x.seq.block_table
-            tables[i, : len(table)] = table
+        tables[:n] = self.tables.gather(scheduled)
         blocks = tables[np.arange(n), pos // bs].astype(np.int64)
         h[2 * s : 2 * s + n] = blocks * bs + pos % bs
         self._upload(4 * s + n * w)
@@ -112,10 +111,7 @@ class StepInputs:
         )
         ctx = starts + counts
         w = int((ctx.max() + bs - 1) // bs)
-        tables = np.zeros((n, w), dtype=np.int32)
-        for i, x in enumerate(scheduled):
-            table = x.seq.block_table[:w]
-            tables[i, : len(table)] = table
+        tables = self.tables.gather(scheduled)[:, :w]
         slots = tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         samples = np.array([i for i, x in enumerate(scheduled) if x.samples], dtype=np.int64)
         sample_rows = ends[samples] - 1 if len(samples) else samples
@@ -165,3 +161,36 @@ class StepInputs:
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
+
+
+class BlockTableRows:
+    """Block tables kept as numpy rows across steps: a running sequence's table only
+    grows, so a step writes just its new entries and gathers the batch's rows at once
+    (instead of converting every table from its Python list every step).
+
+    A row belongs to (sequence, number of preemptions): a preempted sequence comes
+    back with other blocks. Rows are never freed one by one; when all are taken the
+    map starts over (a finished sequence's row is then reused)."""
+
+    def __init__(self, capacity: int, max_blocks: int) -> None:
+        self.rows = np.zeros((capacity, max_blocks), dtype=np.int32)
+        self._row_of: dict[tuple[int, int], list[int]] = {}  # key -> [row, entries filled]
+
+    def gather(self, scheduled: list[ScheduledSeq]) -> np.ndarray:
+        """[len(scheduled), max_blocks] block tables of the batch (a copy)."""
+        if len(self._row_of) + len(scheduled) > len(self.rows):
+            self._row_of.clear()
+        index = np.empty(len(scheduled), dtype=np.int64)
+        for i, x in enumerate(scheduled):
+            seq = x.seq
+            table = seq.block_table
+            entry = self._row_of.get((seq.seq_id, seq.num_preemptions))
+            if entry is None:
+                entry = self._row_of[(seq.seq_id, seq.num_preemptions)] = [len(self._row_of), 0]
+            row, filled = entry
+            if filled != len(table):
+                start = filled if filled < len(table) else 0
+                self.rows[row, start : len(table)] = table[start:]
+                entry[1] = len(table)
+            index[i] = row
+        return self.rows[index]
