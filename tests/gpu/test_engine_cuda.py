@@ -63,18 +63,11 @@ def _one_engine_tokens(cfg: dict, prompt: list[int], params: SamplingParams) -> 
     return tokens
 
 
-@pytest.mark.parametrize("path", [FAST, REFERENCE], ids=["triton-graphs", "torch-eager"])
-@pytest.mark.parametrize("kind", ["bytes", "exported", "staged"])
-def test_cuda_prefill_decode_split_bfloat16(kind: str, path: dict, tiny_llama_dir: Path) -> None:
-    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64,
-               **path)
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
-    prompt = _prompts(1, seed=2)[0] + [7] * 40
-    want = _one_engine_tokens(cfg, prompt, params)
-
+def _split_run(cfg: dict, prompt: list[int], params: SamplingParams, kind: str) -> list[int]:
+    """Prefill (first token) in one engine, the rest in another from its exported KV."""
     prefill = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
-    prefill.add_request("r", prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                        export_kv=True)
+    first_only = SamplingParams(**{**params.__dict__, "max_tokens": 1})
+    prefill.add_request("r", prompt, first_only, export_kv=True)
     blocks, first = [], None
     while prefill.has_unfinished():
         for out in prefill.step():
@@ -87,7 +80,19 @@ def test_cuda_prefill_decode_split_bfloat16(kind: str, path: dict, tiny_llama_di
     got = [first]
     while decode.has_unfinished():
         got += [t for o in decode.step() for t in o.new_token_ids]
-    assert got == want
+    return got
+
+
+@pytest.mark.parametrize("path", [FAST, REFERENCE], ids=["triton-graphs", "torch-eager"])
+@pytest.mark.parametrize("kind", ["bytes", "exported", "staged"])
+def test_cuda_prefill_decode_split_bfloat16(kind: str, path: dict, tiny_llama_dir: Path) -> None:
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=64,
+               **path)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompt = _prompts(1, seed=2)[0] + [7] * 40
+    want = _one_engine_tokens(cfg, prompt, params)
+
+    assert _split_run(cfg, prompt, params, kind) == want
 
 
 def test_dummy_qwen3_0_6b_generates_in_bfloat16() -> None:
@@ -193,21 +198,7 @@ def test_seeded_sampling_split_equals_one_engine_on_cuda(tiny_llama_dir: Path) -
                             ignore_eos=True)
     prompt = _prompts(1, seed=9)[0] + [3] * 20
     want = _one_engine_tokens(cfg, prompt, params)
-    prefill = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
-    prefill.add_request("r", prompt, SamplingParams(**{**params.__dict__, "max_tokens": 1}),
-                        export_kv=True)
-    blocks, first = [], None
-    while prefill.has_unfinished():
-        for out in prefill.step():
-            blocks += out.exported_blocks + ([out.tail_block] if out.tail_block else [])
-            first = out.new_token_ids[0] if out.new_token_ids else first
-    decode = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
-    decode.add_request("r", prompt, params, output_token_ids=[first],
-                       kv_blocks=[b.payload for b in blocks], kv_num_tokens=len(prompt))
-    got = [first]
-    while decode.has_unfinished():
-        got += [t for o in decode.step() for t in o.new_token_ids]
-    assert got == want
+    assert _split_run(cfg, prompt, params, "exported") == want
 
 
 def test_8k_prompt_at_default_memory_settings() -> None:

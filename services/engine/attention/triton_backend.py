@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from services.engine.attention.base import AttentionBackend
 from services.engine.attention.metadata import AttentionMetadata
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: slow,
@@ -18,13 +19,12 @@ from services.engine.attention.metadata import AttentionMetadata
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonAttention:
+class TritonAttention(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        if num_heads % num_kv_heads:
-            raise ValueError(f"{num_heads} heads do not split into {num_kv_heads} KV heads")
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ValueError(
                 f"the triton attention backend needs a power-of-two head_dim >= 16, "
@@ -33,10 +33,6 @@ class TritonAttention:
         from services.engine.attention import triton_kernels
 
         self.kernels = triton_kernels
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
         self._num_sms: int | None = None
 
     def decode_split(self, max_seq_len: int, batch: int, device: torch.device) -> tuple[int, int]:
