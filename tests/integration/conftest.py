@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,14 @@ def split_cluster(request: pytest.FixtureRequest, tiny_llama_dir: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     """2 prefill + 2 decode workers, KV moving over the transport of the param."""
     settings = cluster_settings(tiny_llama_dir, transport=request.param)
-    cluster = start_cluster(settings, tmp_path_factory.mktemp(f"cluster-{request.param}"))
+    with running_cluster(settings, tmp_path_factory.mktemp(f"cluster-{request.param}")) as rc:
+        yield rc
+
+
+@contextmanager
+def running_cluster(settings: ClusterSettings, tmp: Path) -> Iterator[RunningCluster]:
+    """The cluster of ``settings`` started, with a client channel and a store client."""
+    cluster = start_cluster(settings, tmp)
     channel = grpc.insecure_channel(settings.gateway.address)
     store = KVStoreClient(settings.kvstore.address, settings.transfer)
     try:
