@@ -39,6 +39,7 @@ class Report:
     wall_s: float = 0.0
     codes: dict[str, int] = field(default_factory=dict)
     refusals_without_retry_hint: int = 0
+    details: dict[str, str] = field(default_factory=dict)  # one error message per status
     ttft_ms: dict[str, float] = field(default_factory=dict)
     e2e_ms: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
@@ -99,6 +100,7 @@ class Load:
             code = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as e:
             code = e.code()
+            self.report.details.setdefault(code.name, e.details() or "")
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 trailing = dict(await call.trailing_metadata() or ())
                 if "retry-after-ms" not in trailing:
@@ -124,7 +126,7 @@ class Load:
         # channel caps concurrent streams at the server's limit).
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
         channels = [grpc.aio.insecure_channel(a.address, options=options)
-                    for _ in range(max(1, a.streams // 100))]
+                    for _ in range(a.connections or max(1, a.streams // 50))]
         stubs = [generation_pb2_grpc.GenerationStub(c) for c in channels]
         cpu0 = proc_cpu_s(self.pid) if self.pid else 0.0
         if self.pid:
@@ -169,6 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request RPC timeout")
     p.add_argument("--rss-every", type=int, default=0, help="sample gateway RSS every N")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--connections", type=int, default=0,
+                   help="client connections (default: one per 50 streams)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,6 +32,14 @@ from splitserve.v1 import kvstore_pb2_grpc
 
 log = get_logger("gateway")
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# gRPC core cancels (CANCELLED, before any handler runs) calls that arrive while more
+# than 1000 wait to be picked up by the server's loop: a burst of a few thousand
+# streams hits that. Admission is the gateway's bound, so let them all in.
+SERVER_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.server.max_pending_requests", 1 << 16),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 17),
+]
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -95,7 +103,7 @@ async def _wait_for_peers(settings: ClusterSettings, pool: WorkerPool, gh: Gatew
 
 def _start_grpc(settings: ClusterSettings, servicer: GenerationServicer,
                 health_servicer: health_async.HealthServicer) -> grpc.aio.Server:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((servicer.handlers(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

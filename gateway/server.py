@@ -135,8 +135,10 @@ class GenerationServicer:
             await flow.run(context.write)
             return "ok"
         except asyncio.CancelledError:
-            if lc.stop is None:
-                raise  # the client went away: nobody to answer
+            if lc.stop is None:  # the client went away: nobody to answer
+                log.info("client_gone", request_id=lc.public_id, phase=lc.phase.value,
+                         seconds=round(lc.elapsed_s(), 4))
+                raise
             task.uncancel()
             log.info("stopped", request_id=lc.public_id, code=lc.stop.code.name,
                      phase=lc.phase.value, reason=lc.stop.message)

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from kvstore.client import KVStoreClient
-from splitserve.v1 import common_pb2, generation_pb2_grpc
+from splitserve.v1 import common_pb2
 from tests.integration.conftest import (
     RunningCluster,
     cluster_settings,
     collect,
     request,
-    start_cluster,
+    running_cluster,
 )
 from tests.integration.test_cluster import _all_released
 from tests.integration.test_failures import _health, _readyz
@@ -32,15 +31,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
-    running = start_cluster(settings, tmp_path_factory.mktemp("gateway-deadlines"))
-    channel = grpc.insecure_channel(settings.gateway.address)
-    store = KVStoreClient(settings.kvstore.address, settings.transfer)
-    try:
-        yield RunningCluster(running, channel, generation_pb2_grpc.GenerationStub(channel), store)
-    finally:
-        store.close()
-        channel.close()
-        running.stop()
+    with running_cluster(settings, tmp_path_factory.mktemp("gateway-deadlines")) as rc:
+        yield rc
 
 
 def _wait_released(cluster: RunningCluster, timeout_s: float = 10) -> None:
@@ -88,31 +80,22 @@ def test_frozen_decode_worker_fails_requests_and_health(cluster: RunningCluster)
     stream = cluster.stub.Generate(request([1, 2, 3, 4, 5], max_tokens=400), timeout=60)
     it = iter(stream)
     next(it)
-    outcome: dict[str, object] = {}
-
-    def drain() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(collect, it)
+        os.kill(decode.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
         try:
-            collect(it)
-        except grpc.RpcError as e:
-            outcome["code"] = e.code()
-        outcome["at"] = time.monotonic()
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    os.kill(decode.proc.pid, signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    try:
-        reader.join(timeout=10)
-        assert not reader.is_alive(), "the stream hung on its frozen decode worker"
-        assert outcome["code"] == grpc.StatusCode.UNAVAILABLE
-        assert outcome["at"] - stopped_at < 6
-        _until(lambda: _health(gw.address) != SERVING, 5, "health still SERVING")
-        assert _readyz(gw.http_port) == 503
-        with pytest.raises(grpc.RpcError) as err:
-            cluster.generate(request([1, 2, 3], max_tokens=2), timeout=5)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        os.kill(decode.proc.pid, signal.SIGCONT)
+            error = reader.exception(timeout=10)  # hangs here if the stream hangs
+            assert isinstance(error, grpc.RpcError)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert time.monotonic() - stopped_at < 6
+            _until(lambda: _health(gw.address) != SERVING, 5, "health still SERVING")
+            assert _readyz(gw.http_port) == 503
+            with pytest.raises(grpc.RpcError) as err:
+                cluster.generate(request([1, 2, 3], max_tokens=2), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            os.kill(decode.proc.pid, signal.SIGCONT)
     _until(lambda: _health(gw.address) == SERVING, 10, "health never SERVING again")
     assert _readyz(gw.http_port) == 200
     got = cluster.generate(request([1, 2, 3], max_tokens=2), timeout=20)

@@ -10,12 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.v1 import generation_pb2, generation_pb2_grpc
-from tests.integration.conftest import RunningCluster, cluster_settings, start_cluster
+from splitserve.v1 import generation_pb2
+from tests.integration.conftest import RunningCluster, cluster_settings, running_cluster
 from tests.integration.test_cluster import _all_released
 from tests.integration.test_failures import _readyz
 
@@ -26,18 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One prefill and one decode worker; the gateway's default admission limits."""
-    from kvstore.client import KVStoreClient
-
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
-    running = start_cluster(settings, tmp_path_factory.mktemp("gateway-load"))
-    channel = grpc.insecure_channel(settings.gateway.address)
-    store = KVStoreClient(settings.kvstore.address, settings.transfer)
-    try:
-        yield RunningCluster(running, channel, generation_pb2_grpc.GenerationStub(channel), store)
-    finally:
-        store.close()
-        channel.close()
-        running.stop()
+    with running_cluster(settings, tmp_path_factory.mktemp("gateway-load")) as rc:
+        yield rc
 
 
 def _load(cluster: RunningCluster, out: Path, *args: str) -> subprocess.Popen:
