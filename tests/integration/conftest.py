@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from kvstore.client import KVStoreClient
+from services.common.auth import call_metadata
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -107,7 +108,8 @@ def running_cluster(settings: ClusterSettings, tmp: Path) -> Iterator[RunningClu
     """The cluster of ``settings`` started, with a client channel and a store client."""
     cluster = start_cluster(settings, tmp)
     channel = grpc.insecure_channel(settings.gateway.address)
-    store = KVStoreClient(settings.kvstore.address, settings.transfer)
+    store = KVStoreClient(settings.kvstore.address, settings.transfer,
+                          metadata=call_metadata(settings))
     try:
         yield RunningCluster(cluster, channel, generation_pb2_grpc.GenerationStub(channel), store)
     finally:

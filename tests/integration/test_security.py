@@ -6,6 +6,7 @@ cache salts keep their prefixes apart."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import stat
@@ -23,13 +24,13 @@ from services.common.server import wait_until
 from services.common.settings import ClusterSettings, TransferSettings
 from services.engine import LLM, SamplingParams
 from services.engine.block_hash import HashContext, block_hashes
-from splitserve.v1 import common_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.integration.conftest import (
     MODEL_NAME,
     RunningCluster,
     cluster_settings,
     request,
-    start_cluster,
+    running_cluster,
 )
 
 pytestmark = pytest.mark.slow
@@ -44,15 +45,8 @@ def secure_cluster(tiny_llama_dir: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
     settings.cluster_secret = SECRET
-    cluster = start_cluster(settings, tmp_path_factory.mktemp("secure"))
-    channel = grpc.insecure_channel(settings.gateway.address)
-    store = KVStoreClient(settings.kvstore.address, settings.transfer, metadata=AUTH)
-    try:
-        yield RunningCluster(cluster, channel, generation_pb2_grpc.GenerationStub(channel), store)
-    finally:
-        store.close()
-        channel.close()
-        cluster.stop()
+    with running_cluster(settings, tmp_path_factory.mktemp("secure")) as rc:
+        yield rc
 
 
 def prompt(seed: int, n: int = 3 * BLOCK + 5) -> list[int]:
@@ -78,12 +72,17 @@ def metric(port: int, name: str, **labels: str) -> float:
                if line.startswith(name) and want in line)
 
 
+@functools.cache
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address)
+
+
 def prefill_stub(c: RunningCluster) -> worker_pb2_grpc.PrefillWorkerStub:
-    return worker_pb2_grpc.PrefillWorkerStub(grpc.insecure_channel(c.settings.prefill[0].address))
+    return worker_pb2_grpc.PrefillWorkerStub(channel(c.settings.prefill[0].address))
 
 
 def decode_stub(c: RunningCluster) -> worker_pb2_grpc.DecodeWorkerStub:
-    return worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(c.settings.decode[0].address))
+    return worker_pb2_grpc.DecodeWorkerStub(channel(c.settings.decode[0].address))
 
 
 def nothing_held(c: RunningCluster) -> bool:
