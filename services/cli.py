@@ -54,6 +54,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _load("gateway.cli_client:run")(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    _load("bench.plan:run")(args)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     result = _load(f"bench.{args.bench_kind}:run")(args)
     return 0 if result is not None else 1
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream an answer from a gateway")
     _load("gateway.cli_client:add_arguments")(gen)
     gen.set_defaults(func=cmd_generate)
+
+    plan = sub.add_parser("plan", help="choose a deployment for a workload and an SLO")
+    _load("bench.plan:add_arguments")(plan)
+    plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)

@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="gateway host:port (grpc) or base URL such as http://host:8000/v1")
     g.add_argument("--model", default=None, help="default: the first model the endpoint lists")
     g.add_argument("--api-key", default=None)
+    add_workload_arguments(g)
+    g.add_argument("--concurrency", type=int, default=8, help="clients of a closed loop")
+    g.add_argument("--sweep", default=None, metavar="rate=R1,R2,...")
+    g.add_argument("--out", default="bench-serve-out", help="folder for the result files")
+    g.add_argument("--no-tqdm", action="store_true")
+
+
+def add_workload_arguments(g: argparse._ArgumentGroup) -> None:
+    """What to send and when, and what counts as good (shared with `splitserve plan`)."""
     g.add_argument("--workload", default="random", choices=sorted(GENERATORS))
     g.add_argument("--num", type=int, default=100, help="sessions (requests if single-turn)")
     g.add_argument("--input-len", type=_pair, default=(64, 512), metavar="LO,HI")
@@ -57,16 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    choices=["poisson", "gamma", "fixed", "closed"])
     g.add_argument("--rate", type=float, default=4.0, help="sessions per second (open loop)")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (< 1: bursty)")
-    g.add_argument("--concurrency", type=int, default=8, help="clients of a closed loop")
     g.add_argument("--slo", default="ttft=200ms,tpot=50ms")
-    g.add_argument("--sweep", default=None, metavar="rate=R1,R2,...")
     g.add_argument("--goodput-target", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="bench-serve-out", help="folder for the result files")
-    g.add_argument("--no-tqdm", action="store_true")
 
 
-def _spec(args: argparse.Namespace) -> WorkloadSpec:
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     if args.num < 1:
         raise ValueError("--num must be >= 1")
     return WorkloadSpec(
@@ -78,7 +83,7 @@ def _spec(args: argparse.Namespace) -> WorkloadSpec:
 
 
 async def _one_run(args: argparse.Namespace, rate: float, out_dir: Path) -> dict[str, Any]:
-    sessions = make_workload(_spec(args))
+    sessions = make_workload(workload_spec(args))
     arrivals = arrival_times(args.arrivals, len(sessions), rate, args.burstiness, args.seed)
     total = sum(len(s.turns) for s in sessions)
     backend = make_backend(args.backend, args.address, args.model, args.api_key)
