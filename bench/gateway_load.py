@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import string
 import sys
 import tempfile
 import time
@@ -68,11 +69,15 @@ def proc_rss_mib(pid: int) -> float:
 
 
 def make_request(rng: random.Random, prompt_len: int, max_tokens: int,
-                 deadline_ms: int) -> generation_pb2.GenerateRequest:
+                 deadline_ms: int, text: bool = False) -> generation_pb2.GenerateRequest:
+    """A random prompt: ``prompt_len`` token ids, or as many letters of text."""
     req = generation_pb2.GenerateRequest(
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         deadline_ms=deadline_ms)
-    req.prompt_token_ids.ids.extend(rng.randrange(3, 250) for _ in range(prompt_len))
+    if text:
+        req.prompt = "".join(rng.choice(string.ascii_letters + " ") for _ in range(prompt_len))
+    else:
+        req.prompt_token_ids.ids.extend(rng.randrange(3, 250) for _ in range(prompt_len))
     return req
 
 
@@ -89,8 +94,8 @@ class Load:
     async def one(self, stub: generation_pb2_grpc.GenerationStub, rng: random.Random) -> None:
         a = self.args
         start = time.perf_counter()
-        call = stub.Generate(make_request(rng, a.prompt_len, a.max_tokens, a.deadline_ms),
-                             timeout=a.timeout)
+        req = make_request(rng, a.prompt_len, a.max_tokens, a.deadline_ms, a.text)
+        call = stub.Generate(req, timeout=a.timeout)
         first = None
         try:
             async for msg in call:
@@ -166,7 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=64, help="concurrent clients")
     p.add_argument("--requests", type=int, default=None, help="in all (default: --streams)")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens")
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (or characters)")
+    p.add_argument("--text", action="store_true", help="send text prompts (tokenized)")
     p.add_argument("--deadline-ms", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request RPC timeout")
     p.add_argument("--rss-every", type=int, default=0, help="sample gateway RSS every N")

@@ -96,7 +96,7 @@ def test_memory_stays_flat_over_many_requests(cluster: RunningCluster, tmp_path:
     """The soak of bench/RESULTS.md, shortened: RSS after warm-up does not keep growing."""
     out = tmp_path / "soak.json"
     load = _load(cluster, out, "--streams", "16", "--requests", "2400", "--max-tokens", "1",
-                 "--rss-every", "400")
+                 "--rss-every", "400", "--text", "--prompt-len", "48")
     assert load.wait(timeout=240) == 0
     report = json.loads(out.read_text())
     assert report["codes"] == {"OK": 2400}

@@ -105,3 +105,20 @@ def test_load_tokenizer_missing_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
         Tokenizer.from_file(bad)
+
+
+def _rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def test_unique_prompts_do_not_pile_up_in_the_word_cache() -> None:
+    """The byte tokenizer keeps a prompt whole as one BPE "word": cached, each unique
+    prompt cost ~1-3 KB of native memory for good (issue 7, the gateway's growth)."""
+    tok = Tokenizer.byte_level()
+    for i in range(500):
+        tok.encode(f"warm-up prompt number {i} " * 3)
+    before = _rss_kib()
+    for i in range(4000):
+        tok.encode(f"a unique prompt, number {i} " * 3)
+    assert _rss_kib() - before < 1024  # was ~5 MiB
