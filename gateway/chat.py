@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -105,20 +105,14 @@ def render_chat(
 
 def render_chat_parts(
     messages: Sequence[_MessageLike | Mapping[str, Any]],
-    template: str | None,
-    *,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    add_generation_prompt: bool = True,
-    model: str = "",
+    render: Callable[[list[dict[str, str]]], str],
 ) -> list[tuple[str, bool]]:
-    """The rendered chat as ``(text, is_message_content)`` pieces in order: the
-    template's own text (which may hold special tokens) apart from the messages'
-    contents (which must be tokenized as plain text). A content the template
-    transforms (trims, splits) is given verbatim."""
+    """The chat as ``render`` (e.g. :func:`render_chat` with the model's template)
+    renders it, in ``(text, is_message_content)`` pieces: the template's own text
+    (which may hold special tokens) apart from the messages' contents (which must be
+    tokenized as plain text). A content the template transforms is given verbatim."""
     msgs = normalize_messages(messages)
-    marked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(msgs)]
-    text = _render(marked, template, bos_token, eos_token, add_generation_prompt, model)
+    text = render([{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(msgs)])
     parts: list[tuple[str, bool]] = []
     for i, piece in enumerate(_PLACEHOLDER_RE.split(text)):
         if i % 2:

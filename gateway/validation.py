@@ -11,6 +11,7 @@ loop, :func:`complete`.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Sequence
@@ -244,13 +245,13 @@ def encode_chat(messages: Sequence[generation_pb2.ChatMessage], tokenizer: Token
     """Token ids of a chat: special tokens only where the chat template puts them.
     A content that spells a special token (``</s>``, ``<|im_start|>``...) is tokenized
     as plain text, so a user cannot forge role boundaries."""
-    template = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                "model": model_name}
+    render = functools.partial(render_chat, template=tokenizer.chat_template,
+                               bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                               model=model_name)
     if not any(tokenizer.has_special_text(m.content) for m in messages):
-        text = render_chat(messages, tokenizer.chat_template, **template)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(render(messages), add_special_tokens=False)
     ids: list[int] = []
-    for text, is_content in render_chat_parts(messages, tokenizer.chat_template, **template):
+    for text, is_content in render_chat_parts(messages, render):
         ids += (tokenizer.encode_as_text(text) if is_content
                 else tokenizer.encode(text, add_special_tokens=False))
     return ids
