@@ -9,6 +9,7 @@ from multiprocessing import shared_memory
 
 from kvstore.tiers.allocator import SpanAllocator
 from kvstore.tiers.base import Slot, Tier
+from services.transfer.arena_names import new_arena_name
 
 # The arena starts with a header naming it, so that a client that opened a shared
 # memory segment by name can check it is the arena Describe told it about. Half a
@@ -42,8 +43,9 @@ class CpuTier(Tier):
         self._shm: shared_memory.SharedMemory | None = None
         if shm:
             _check_shm_room(total)
-            name = f"splitserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=total)
+            # created owner-only (0600): only this user's processes may map the arena
+            self._shm = shared_memory.SharedMemory(name=new_arena_name(), create=True,
+                                                   size=total)
             self._buf = self._shm.buf
         else:
             self._buf = memoryview(bytearray(total))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from services.common.server import wait_for_serving
 from services.common.settings import ClusterSettings, Endpoint
+from services.transfer.arena_names import remove_arenas_of
 
 ROLES = ("kvstore", "prefill", "decode", "gateway")
 
@@ -162,6 +163,8 @@ class LocalCluster:
         svc = self.find(role, index)
         svc.proc.kill()
         svc.proc.wait()
+        if role == "kvstore":
+            remove_arenas_of(svc.proc.pid)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM in reverse start order, SIGKILL what is left after the timeout."""
@@ -175,6 +178,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(svc.proc.pid, signal.SIGKILL)
                 svc.proc.wait()
+            if svc.role == "kvstore":
+                remove_arenas_of(svc.proc.pid)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

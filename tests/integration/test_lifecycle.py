@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.launcher import with_free_ports
+from services.common.launcher import LocalCluster, with_free_ports
 from services.common.observability import IDLE_TIMEOUT_S, MAX_HTTP_THREADS, Readiness, start_http
 from services.common.server import wait_until
 from services.common.settings import ClusterSettings, load_settings
+from services.transfer.arena_names import PREFIX, SHM_DIR, remove_arenas_of
 
 UP_TIMEOUT_S = 120
 
@@ -41,8 +42,7 @@ def _alive(pid: int) -> bool:
 
 def _shm_segments(pids: list[int]) -> list[str]:
     """The store's arena is /dev/shm/splitserve-kv-<store pid>-<random>."""
-    return [n for n in os.listdir("/dev/shm")
-            if any(n.startswith(f"splitserve-kv-{p}-") for p in pids)]
+    return [n for n in os.listdir(SHM_DIR) if any(n.startswith(f"{PREFIX}{p}-") for p in pids)]
 
 
 def _config(tmp_path: Path) -> Path:
@@ -72,6 +72,7 @@ def _up(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen]:
         for pid in seen:
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # each service leads its own group
+            remove_arenas_of(pid)
 
 
 def _wait_up(up: subprocess.Popen) -> str:
@@ -155,3 +156,16 @@ def test_http_port_bounds_threads_and_drops_idle_connections() -> None:
         for s in idle:
             s.close()
         server.shutdown()
+
+
+def test_a_store_killed_with_its_group_leaves_no_arena(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    cluster = LocalCluster(load_settings(config), config, tmp_path, roles=("kvstore",)).start()
+    try:
+        pid = cluster.find("kvstore").proc.pid
+        assert len(_shm_segments([pid])) == 1
+        os.killpg(pid, signal.SIGKILL)  # the store and its resource tracker: nobody unlinks
+        cluster.find("kvstore").proc.wait(timeout=10)
+    finally:
+        cluster.stop()
+    assert _shm_segments([pid]) == []
