@@ -94,6 +94,11 @@ class KVStoreClient:
     def _lookup(self, keys: Sequence[bytes]) -> kvstore_pb2.LookupResponse:
         return self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))
 
+    def prefetch(self, keys: Sequence[bytes]) -> kvstore_pb2.PrefetchResponse:
+        """Raises the held blocks of ``keys`` into the store's fastest tier now (before
+        a request that will read them is scheduled) -> promoted/resident/missing/failed."""
+        return self._call(self._stub.Prefetch, kvstore_pb2.PrefetchRequest(keys=list(keys)))
+
     def put(self, owner: str, refs: Sequence[common_pb2.BlockRef | bytes],
             payloads: Sequence[Buffer], block_nbytes: int | None = None) -> PutResult:
         """Stores blocks -> (stored, present). ``refs``: BlockRefs (or bare keys for full

@@ -3,6 +3,13 @@
 Control RPCs use the generated messages; the two bulk streams (PutBlocks, GetBlocks)
 use the hand-rolled wire codec of :mod:`services.transfer.wire`, so a payload is copied
 once between the socket buffer and the arena.
+
+Tiers and transports: the shm transport maps the CPU arena (the first tier) and reads
+blocks at the offsets ``Get`` answers, so ``Get`` raises a block held in a slower tier
+(disk) into the arena *before* it answers (pinned, checksum verified; no room: the
+prefix ends there, or RESOURCE_EXHAUSTED). ``GetBlocks`` (grpc) streams a block from
+whichever tier holds it and promotes it in the background. New blocks are always
+written into the arena (BeginPut offsets are arena offsets), making room by demotion.
 """
 
 from __future__ import annotations
@@ -17,12 +24,20 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
 from kvstore.checksum import crc32
-from kvstore.store import InvalidArgument, KVStoreCore, Location, ResourceExhausted, StoreError
+from kvstore.metrics import StoreCollector
+from kvstore.store import (
+    InvalidArgument,
+    KVStoreCore,
+    Location,
+    NotFound,
+    ResourceExhausted,
+    StoreError,
+    check_key,
+)
+from kvstore.tiers import Tier, build_tiers
 from kvstore.tiers.cpu import CpuTier
 from services.common.auth import server_interceptors
 from services.common.logging import get_logger
@@ -170,7 +185,9 @@ class KVStoreServicer:
 
     @_rpc
     def Get(self, request, context):  # noqa: N802
-        locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix)
+        # the reader maps the CPU arena: blocks of slower tiers are raised into it first
+        locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix,
+                             memory=True)
         resp = kvstore_pb2.GetResponse(store_id=self.store_id)
         lengths = [loc.length for loc in locs]
         if request.packed:
@@ -194,7 +211,7 @@ class KVStoreServicer:
             context.abort(_status(e), str(e))
         try:
             yield from self._messages(owner, request.keys, locs, prefix)
-        except _Corrupt as e:
+        except (_Corrupt, NotFound) as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         finally:
             if not request.owner:
@@ -224,7 +241,7 @@ class KVStoreServicer:
             return msg
 
         for i, loc in enumerate(locs):
-            view = self.core.view(loc)
+            view = self.core.read(loc)  # a slower tier's block is read from there
             if crc32(view) != loc.checksum:
                 self.core.drop_corrupt(loc)
                 log.warning("checksum_failure", key=loc.key.hex(), offset=loc.offset)
@@ -269,9 +286,20 @@ class KVStoreServicer:
         return kvstore_pb2.StatsResponse(
             blocks=s.blocks, pinned_blocks=s.pinned_blocks, pins=s.pins, owners=s.owners,
             hits=s.hits, misses=s.misses, evictions=s.evictions, puts_refused=s.puts_refused,
-            checksum_failures=s.checksum_failures,
-            tiers=[kvstore_pb2.TierStats(tier=n, capacity_bytes=c, used_bytes=u, blocks=b)
-                   for n, c, u, b in s.tiers])
+            checksum_failures=s.checksum_failures, promotions=s.promotions,
+            demotions=s.demotions,
+            tiers=[kvstore_pb2.TierStats(
+                tier=t.name, kind=t.kind, capacity_bytes=t.capacity_bytes,
+                used_bytes=t.used_bytes, blocks=t.blocks, hits=t.hits, misses=t.misses,
+                promotions=t.promotions, demotions=t.demotions, evictions=t.evictions,
+                checksum_failures=t.checksum_failures) for t in s.tiers])
+
+    @_rpc
+    def Prefetch(self, request, context):  # noqa: N802
+        keys = [check_key(k) for k in request.keys]
+        raised, resident, missing, failed = self.core.promote(keys)
+        return kvstore_pb2.PrefetchResponse(promoted=raised, resident=resident,
+                                            missing=missing, failed=failed)
 
 
 def _invalid(message: str) -> StoreError:
@@ -304,49 +332,10 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.Server) -> None:
             response_serializer=wire.identity),
         "Release": unary(servicer.Release, pb.ReleaseRequest),
         "Stats": unary(servicer.Stats, pb.StatsRequest),
+        "Prefetch": unary(servicer.Prefetch, pb.PrefetchRequest),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-
-
-class StoreCollector(Collector):
-    """The store's state as Prometheus metrics, read at scrape time."""
-
-    def __init__(self, core: KVStoreCore) -> None:
-        self.core = core
-
-    def collect(self):
-        s = self.core.stats()
-        for name, doc, value in (
-            ("blocks", "Committed blocks held", s.blocks),
-            ("pinned_blocks", "Blocks pinned by at least one owner", s.pinned_blocks),
-            ("pins", "Pins held (owner, block)", s.pins),
-            ("owners", "Owners holding pins or private blocks", s.owners),
-            ("pending_puts", "Puts begun and not yet committed", s.pending_puts),
-        ):
-            yield GaugeMetricFamily(f"splitserve_kvstore_{name}", doc, value=value)
-        for name, doc, value in (
-            ("hits", "Blocks served by Get", s.hits),
-            ("misses", "Blocks asked of Get and not held", s.misses),
-            ("evictions", "Blocks evicted to make room", s.evictions),
-            ("puts_refused", "Puts refused for lack of room", s.puts_refused),
-            ("checksum_failures", "Blocks dropped for a failed crc32", s.checksum_failures),
-            ("blocks_stored", "Blocks newly stored", s.blocks_stored),
-            ("lookups", "Lookup calls", s.lookups),
-            ("lookup_keys", "Keys asked of Lookup", s.lookup_keys),
-            ("lookup_hit_blocks", "Keys of Lookup found in the held prefix", s.lookup_hit_blocks),
-            ("expired_owners", "Owners whose pins expired unreleased", s.expired_owners),
-        ):
-            yield CounterMetricFamily(f"splitserve_kvstore_{name}", doc, value=value)
-        used = GaugeMetricFamily("splitserve_kvstore_used_bytes", "Bytes in use per tier",
-                                 labels=["tier"])
-        cap = GaugeMetricFamily("splitserve_kvstore_capacity_bytes", "Bytes per tier",
-                                labels=["tier"])
-        for name, capacity, in_use, _ in s.tiers:
-            used.add_metric([name], in_use)
-            cap.add_metric([name], capacity)
-        yield used
-        yield cap
 
 
 def serve(settings: ClusterSettings, index: int = 0) -> None:
@@ -354,10 +343,12 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
     ks = settings.kvstore
     tune_malloc()
     store_id = f"kvstore-{index}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tier = CpuTier(ks.cpu_bytes, shm=ks.shm, store_id=store_id)
+    tiers = build_tiers(ks.tier_specs(), store_id)
     collector = None
+    core = None
     try:
-        core = KVStoreCore([tier], pin_ttl_s=ks.pin_ttl_s)
+        core = KVStoreCore(tiers, pin_ttl_s=ks.pin_ttl_s)
+        tier = arena_tier(tiers)
         servicer = KVStoreServicer(core, tier, store_id, settings.transfer.chunk_bytes)
         collector = StoreCollector(core)
         REGISTRY.register(collector)
@@ -371,10 +362,24 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
 
         threading.Thread(target=expire_loop, name="kv-expiry", daemon=True).start()
         handle.set_ready(True)
-        log.info("ready", store_id=store_id, cpu_bytes=ks.cpu_bytes, shm=tier.shm_name,
-                 pin_ttl_s=ks.pin_ttl_s, crc32=CRC_IMPL)
+        log.info("ready", store_id=store_id, shm=tier.shm_name, pin_ttl_s=ks.pin_ttl_s,
+                 crc32=CRC_IMPL, blocks=len(core._blocks),
+                 tiers=[f"{t.name}:{t.capacity_bytes}" for t in tiers])
         run_until_signal(handle)
     finally:
         if collector is not None:
             REGISTRY.unregister(collector)
-        tier.close()
+        if core is not None:
+            core.close()
+        else:
+            for t in tiers:
+                t.close()
+
+
+def arena_tier(tiers: list[Tier]) -> CpuTier:
+    """The CPU arena that shm readers map: the first tier (a memory tier)."""
+    tier = tiers[0]
+    if not isinstance(tier, CpuTier):
+        raise ValueError(f"kvstore.tiers[0] is a {tier.kind or tier.name} tier; the first "
+                         "tier must be cpu (the arena the shm transport maps)")
+    return tier

@@ -1,7 +1,10 @@
-"""Room for new blocks: reserving slots, LRU eviction, freeing.
+"""Room for new blocks: reserving slots, LRU victims, demotion plans, eviction, freeing.
 
 Internals of :class:`kvstore.store.KVStoreCore` (a mixin): every method runs under the
-core's lock and works on its index, owners and stats.
+core's lock and works on its index, owners and stats. Making room in a tier that has
+a tier below it plans :class:`Move`s (victims copied down, then freed above), which the
+caller carries out outside the lock (:mod:`kvstore.moves`) and then tries again; only
+the last tier deletes its victims.
 """
 
 from __future__ import annotations
@@ -11,102 +14,161 @@ from collections import OrderedDict
 from kvstore.tiers.base import Slot, Tier
 from kvstore.types import (
     Block,
+    Move,
     OwnerState,
     PendingPut,
     PutEntry,
     ResourceExhausted,
     StoreStats,
+    TierCounters,
 )
 
 
 class Space:
     tiers: list[Tier]
     _blocks: dict[bytes, Block]
-    _evictable: OrderedDict[bytes, Block]  # unpinned blocks, least recently used first
+    _lru: dict[Tier, OrderedDict[bytes, Block]]  # unpinned, settled blocks, LRU first
     _owners: dict[str, OwnerState]
     _s: StoreStats
+    _ts: dict[Tier, TierCounters]
+    _seen: OrderedDict[bytes, None]
 
-    def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes]) -> None:
-        need = self.tiers[0].footprint(nbytes) * len(todo)
-        free = sum(t.free_bytes for t in self.tiers)
-        if need > free:  # evict LRU blocks first, all at once, or refuse changing nothing
-            victims, room, sizes = [], free, {}
-            for k, b in self._evictable.items():
-                if k in protect:
-                    continue
-                victims.append(b)
-                size = sizes.get((b.tier, b.slot.length))
-                if size is None:
-                    size = sizes[b.tier, b.slot.length] = b.tier.footprint(b.slot.length)
-                room += size
-                if room >= need:
-                    break
-            if room < need:
-                self._refuse(todo, nbytes, need, room)
-            self._evict(victims)
-        for t in self.tiers:  # one contiguous run when a hole is big enough: one call
-            run = t.allocate_run(nbytes, len(todo))
-            if run is not None:
-                for e, slot in zip(todo, run, strict=True):
-                    e.tier, e.slot = t, slot
-                return
-        for i, e in enumerate(todo):  # holes: block by block, evicting more if need be
-            placed = self._place(nbytes, protect)
-            if placed is None:
+    # -- the LRU lists ----------------------------------------------------------------
+    def _lru_add(self, b: Block) -> None:
+        lru = self._lru[b.tier]
+        lru[b.key] = b
+        lru.move_to_end(b.key)
+
+    def _lru_del(self, b: Block) -> None:
+        self._lru[b.tier].pop(b.key, None)
+
+    # -- reserving --------------------------------------------------------------------
+    def _reserve(self, todo: list[PutEntry], nbytes: int,
+                 protect: set[bytes]) -> list[Move] | None:
+        """Slots for ``todo`` in the first tier -> None when reserved; else the moves
+        to carry out (possibly none) before trying again. Refuses (ResourceExhausted),
+        changing nothing, when even every unpinned block of the tier would not make
+        room."""
+        t = self.tiers[0]
+        need = t.footprint(nbytes) * len(todo)
+        free = t.free_bytes
+        if need > free:  # make room all at once, or refuse changing nothing
+            victims, room = self._victims(t, need - free, protect)
+            if free + room < need:
+                self._refuse(todo, nbytes, need, free + room)
+            moves = self._dispose(0, victims, protect)
+            if moves:
+                return moves
+        run = t.allocate_run(nbytes, len(todo))  # one call when a hole is big enough
+        if run is not None:
+            for e, slot in zip(todo, run, strict=True):
+                e.tier, e.slot = t, slot
+            return None
+        for i, e in enumerate(todo):  # holes: block by block
+            slot = t.allocate(nbytes)
+            if slot is None:
                 for done in todo[:i]:
-                    done.tier.free(done.slot)
+                    t.free(done.slot)
                     done.tier = done.slot = None
-                self._refuse(todo, nbytes, need, sum(t.free_bytes for t in self.tiers))
-            e.tier, e.slot = placed
+                victims, _ = self._victims(t, t.footprint(nbytes), protect)
+                if not victims:
+                    self._refuse(todo, nbytes, need, t.free_bytes)
+                return self._dispose(0, victims, protect)
+            e.tier, e.slot = t, slot
+        return None
 
     def _refuse(self, todo: list[PutEntry], nbytes: int, need: int, room: int) -> None:
         self._s.puts_refused += 1
-        free = sum(t.free_bytes for t in self.tiers)
+        t = self.tiers[0]
+        free = t.free_bytes
         room = max(room, free)
-        cap = sum(t.capacity_bytes for t in self.tiers)
         raise ResourceExhausted(
-            f"kvstore full: the put needs {need} bytes ({len(todo)} blocks of {nbytes}), "
-            f"{free} of {cap} bytes are free and {room - free} more could be evicted "
-            f"(the rest is pinned or being written); release owners or retry later")
+            f"kvstore full: the put needs {need} bytes ({len(todo)} blocks of {nbytes}) in "
+            f"the {t.name} tier, {free} of {t.capacity_bytes} bytes are free and "
+            f"{room - free} more could be made free (the rest is pinned or being written "
+            f"or moved); release owners, retry later or configure a larger "
+            f"kvstore.tiers[0].bytes")
 
-    def _place(self, nbytes: int, protect: set[bytes]) -> tuple[Tier, Slot] | None:
-        for t in self.tiers:
-            slot = t.allocate(nbytes)
-            if slot is not None:
-                return t, slot
-        for t in self.tiers:
-            while True:
-                victim = next((b for k, b in self._evictable.items()
-                               if b.tier is t and k not in protect), None)
-                if victim is None:
+    def _victims(self, t: Tier, need: int, protect: set[bytes]) -> tuple[list[Block], int]:
+        """Least recently used unpinned blocks of ``t`` worth ``need`` bytes (or all)."""
+        victims, room, sizes = [], 0, {}
+        for k, b in self._lru[t].items():
+            if room >= need:
+                break
+            if k in protect:
+                continue
+            victims.append(b)
+            size = sizes.get(b.slot.length)
+            if size is None:
+                size = sizes[b.slot.length] = t.footprint(b.slot.length)
+            room += size
+        return victims, room
+
+    def _dispose(self, i: int, victims: list[Block], protect: set[bytes]) -> list[Move]:
+        """Victims of tier ``i`` leave it: deleted from the last tier, else planned as
+        moves to tier i+1 (those the tier below will not admit, or cannot take even by
+        making room, are deleted). May plan moves deeper down first: then the victims
+        stay where they are until a later try."""
+        if i == len(self.tiers) - 1:
+            self._evict(victims)
+            return []
+        below = self.tiers[i + 1]
+        moves: list[Move] = []
+        dropped: list[Block] = []
+        for b in victims:
+            if not self._admits(below, b):
+                dropped.append(b)
+                continue
+            slot = below.allocate(b.slot.length)
+            if slot is None:
+                deeper = self._make_room(i + 1, below.footprint(b.slot.length), protect)
+                if deeper is None:  # the tier below is full of pinned blocks
+                    dropped.append(b)
+                    continue
+                moves.extend(deeper)
+                slot = below.allocate(b.slot.length)
+                if slot is None:  # room comes when the deeper moves are done
                     break
-                self._remove(victim)
-                self._s.evictions += 1
-                slot = t.allocate(nbytes)
-                if slot is not None:
-                    return t, slot
-        return None
+            b.moving = True
+            self._lru_del(b)
+            moves.append(Move(b, b.tier, b.slot, below, slot))
+        self._evict(dropped)
+        return moves
 
+    def _make_room(self, i: int, need: int, protect: set[bytes]) -> list[Move] | None:
+        """Frees ``need`` bytes of tier ``i`` (evicting, or planning moves down) -> the
+        moves, or None when there is nothing to free."""
+        victims, _ = self._victims(self.tiers[i], need, protect)
+        if not victims:
+            return None
+        return self._dispose(i, victims, protect)
+
+    def _admits(self, t: Tier, b: Block) -> bool:
+        """The admission rule of a slower tier (``admit: seen``: keys asked before)."""
+        return getattr(t, "admit", "all") != "seen" or b.key in self._seen
+
+    # -- freeing ----------------------------------------------------------------------
     def _evict(self, victims: list[Block]) -> None:
         """Takes unpinned blocks out of the index and frees their slots in one go."""
         freed: dict[Tier, list[Slot]] = {}
         for b in victims:
             if self._blocks.get(b.key) is b:
                 del self._blocks[b.key]
-            self._evictable.pop(b.key, None)
+            self._lru_del(b)
             if b.private_owner and (o := self._owners.get(b.private_owner)) is not None:
                 o.private.discard(b)
             b.dead = True
             freed.setdefault(b.tier, []).append(b.slot)
         for tier, slots in freed.items():
             tier.free_many(slots)
+            self._ts[tier].evictions += len(slots)
         self._s.evictions += len(victims)
 
     def _remove(self, b: Block) -> None:
         """Takes a block out of the index; frees its slot now or when unpinned."""
         if self._blocks.get(b.key) is b:
             del self._blocks[b.key]
-        self._evictable.pop(b.key, None)
+        self._lru_del(b)
         if b.private_owner and (o := self._owners.get(b.private_owner)) is not None:
             o.private.discard(b)
         if b.pinners:

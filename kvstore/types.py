@@ -50,6 +50,7 @@ class Block:
     private_owner: str = ""  # the owner a partial block belongs to ("" -> shared)
     pinners: set[str] = field(default_factory=set)
     dead: bool = False  # dropped from the index; the slot is freed when the last pin goes
+    moving: bool = False  # being copied to another tier (kvstore.moves): not a victim
 
 
 class Location(NamedTuple):
@@ -96,6 +97,41 @@ class OwnerState:
     private: set[Block] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class Move:
+    """A copy of ``block`` from ``src`` to ``dst`` planned under the lock, made outside."""
+
+    block: Block
+    src: Tier
+    src_slot: Slot
+    dst: Tier
+    dst_slot: Slot
+
+
+@dataclass
+class TierCounters:
+    """Per tier. A Get of a block held in tier i is a hit of i and a miss of every tier
+    above it (all tiers miss a block not held). ``promotions``: blocks raised into the
+    tier; ``demotions``: blocks moved out of it to the next; ``evictions``: blocks
+    deleted from it to make room."""
+
+    hits: int = 0
+    misses: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    evictions: int = 0
+    checksum_failures: int = 0
+
+
+@dataclass
+class TierStats(TierCounters):
+    name: str = ""
+    kind: str = ""
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    blocks: int = 0
+
+
 @dataclass
 class StoreStats:
     blocks: int = 0
@@ -114,7 +150,9 @@ class StoreStats:
     lookup_keys: int = 0
     lookup_hit_blocks: int = 0
     expired_owners: int = 0
-    tiers: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, cap, used, n
+    promotions: int = 0
+    demotions: int = 0
+    tiers: list[TierStats] = field(default_factory=list)
 
 
 def check_key(key: object) -> bytes:

@@ -13,12 +13,32 @@ class Slot(NamedTuple):
     length: int
 
 
+class BlockMeta(NamedTuple):
+    """What a persistent tier stores with a block's bytes to find it again."""
+
+    key: bytes
+    checksum: int
+    num_tokens: int = 0
+    partial: bool = False
+
+
+class Found(NamedTuple):
+    """A block a persistent tier found at start-up."""
+
+    slot: Slot
+    meta: BlockMeta
+
+
 class Tier(ABC):
     """A place blocks live. Not thread-safe: the store calls it under its own lock,
     except ``view``, whose memory a caller may read or write outside the lock as long as
     the slot stays allocated (the store guarantees that with pins and pending puts)."""
 
     name: str
+    kind: str = ""
+    # Memory tiers hand out ``view``s that callers read and write in place; the others
+    # (disk) move bytes with ``read_into``/``write``, never under the store's lock.
+    has_view = True
 
     @property
     @abstractmethod
@@ -52,6 +72,21 @@ class Tier(ABC):
     @abstractmethod
     def view(self, slot: Slot) -> memoryview:
         """Writable bytes of ``slot`` (format 'B')."""
+
+    def read_into(self, slot: Slot, out: memoryview) -> None:
+        """Copies the block at ``slot`` into ``out``; FileNotFoundError when it moved."""
+        out[:] = self.view(slot)
+
+    def write(self, slot: Slot, data: memoryview, meta: BlockMeta) -> None:
+        """Stores ``data`` at ``slot`` (a demotion's or a promotion's copy)."""
+        self.view(slot)[:] = data
+
+    def sync(self) -> None:  # noqa: B027 (optional hook)
+        """Makes the writes done so far durable (a disk tier fsyncs its directory)."""
+
+    def scan(self) -> list[Found]:
+        """Blocks a persistent tier holds from before this process, oldest first."""
+        return []
 
     def footprint(self, nbytes: int) -> int:
         """How many bytes of capacity a block of ``nbytes`` takes (alignment included)."""

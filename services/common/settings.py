@@ -7,6 +7,7 @@ describes a whole cluster. Unknown keys are errors, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +46,52 @@ class ModelSettings(EngineOptions):
 
 @dataclass
 class KVStoreSettings(Endpoint):
+    """The KV store. ``tiers``, fastest first, each a mapping with ``kind`` (a tier kind
+    of ``kvstore.tiers``: cpu, disk, ...), ``bytes`` (an int or a size such as
+    ``256MiB``/``4GiB``) and the kind's own keys (disk: ``path``, ``fsync``, ``admit``;
+    cpu: ``shm``). Empty -> one cpu tier of ``cpu_bytes`` (shared memory when ``shm``)."""
+
     port: int = 50060
     http_port: int = 8060
     cpu_bytes: int = 256 * MiB
     shm: bool = True  # expose the CPU arena as shared memory to workers on this host
     pin_ttl_s: float = 300.0  # pins of an owner nobody releases expire after this
+    tiers: list[dict[str, Any]] = field(default_factory=list)
+
+    _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
+              "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10,
+              "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.tiers):
+            where = f"kvstore.tiers[{i}]"
+            if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
+                raise SettingsError(f"{where}: expected a mapping with a 'kind' "
+                                    f"(cpu, disk, ...), got {t!r}")
+            if "bytes" not in t:
+                raise SettingsError(f"{where}.bytes: missing (the tier's size, e.g. 4GiB)")
+            t["bytes"] = self.parse_size(t["bytes"], f"{where}.bytes")
+
+    @classmethod
+    def parse_size(cls, value: Any, where: str = "size") -> int:
+        """``4096``, ``"256MiB"``, ``"4 GiB"``, ``"1.5GB"`` -> bytes (> 0)."""
+        n: float | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif isinstance(value, str):
+            m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+            if m and m.group(2).lower() in cls._UNITS:
+                n = float(m.group(1)) * cls._UNITS[m.group(2).lower()]
+        if n is None or n <= 0:
+            raise SettingsError(f"{where}: expected a positive size in bytes (an int or "
+                                f"a string like '256MiB', '4GiB'), got {value!r}")
+        return int(n)
+
+    def tier_specs(self) -> list[dict[str, Any]]:
+        """The tiers to build, fastest first (``cpu_bytes``/``shm`` when none are set)."""
+        if not self.tiers:
+            return [{"kind": "cpu", "bytes": self.cpu_bytes, "shm": self.shm}]
+        return [dict(t) for t in self.tiers]
 
 
 @dataclass

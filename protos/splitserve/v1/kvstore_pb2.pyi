@@ -186,19 +186,33 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "kind", "hits", "misses", "promotions", "demotions", "evictions", "checksum_failures")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     tier: str
     capacity_bytes: int
     used_bytes: int
     blocks: int
-    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
+    kind: str
+    hits: int
+    misses: int
+    promotions: int
+    demotions: int
+    evictions: int
+    checksum_failures: int
+    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., kind: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers")
+    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers", "promotions", "demotions")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +223,8 @@ class StatsResponse(_message.Message):
     PUTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     pinned_blocks: int
     pins: int
@@ -219,4 +235,24 @@ class StatsResponse(_message.Message):
     puts_refused: int
     checksum_failures: int
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
-    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ...) -> None: ...
+    promotions: int
+    demotions: int
+    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("promoted", "resident", "missing", "failed")
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    promoted: int
+    resident: int
+    missing: int
+    failed: int
+    def __init__(self, promoted: _Optional[int] = ..., resident: _Optional[int] = ..., missing: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...

@@ -82,6 +82,11 @@ class KVStoreStub:
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/splitserve.v1.KVStore/Prefetch',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -148,6 +153,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Raises held blocks into the fastest tier now (e.g. a queued request's prefix
+        before it is scheduled); keys not held are skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +208,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PrefetchRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +461,33 @@ class KVStore:
             '/splitserve.v1.KVStore/Stats',
             splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/Prefetch',
+            splitserve_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Blocks moving between tiers: demotion (copied down, then freed above) and promotion.
+
+Internals of :class:`kvstore.store.KVStoreCore` (a mixin). A move is planned under the
+lock (the block is marked ``moving``: no other move, no eviction; its target slot is
+reserved), its bytes are copied and verified *outside* the lock, and it is finished
+under the lock: the index points at the new slot and the old one is freed. Readers
+keep reading the old slot meanwhile. A demotion whose block was pinned meanwhile is
+dropped (a reader of the CPU arena holds its offset); a promotion goes on under pins
+(disk readers re-resolve a block whose file went, see ``KVStoreCore.read``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from kvstore.checksum import crc32
+from kvstore.tiers.base import BlockMeta, Tier
+from kvstore.types import Block, Move, StoreStats, TierCounters
+from services.common.logging import get_logger
+
+log = get_logger("kvstore")
+MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion gives up
+
+
+class Moves:
+    tiers: list[Tier]
+    _lock: threading.Lock
+    _blocks: dict[bytes, Block]
+    _s: StoreStats
+    _ts: dict[Tier, TierCounters]
+    _lru: dict[Tier, OrderedDict[bytes, Block]]
+
+    # -- carrying out -----------------------------------------------------------------
+    def _carry_out(self, moves: list[Move]) -> None:
+        """Copies (lock not held), then finishes every move under the lock."""
+        if not moves:
+            return
+        ok = [self._copy(m) for m in moves]
+        for t in {m.dst for m, good in zip(moves, ok, strict=True) if good}:
+            try:
+                t.sync()
+            except OSError as e:
+                log.warning("tier_sync_failed", tier=t.name, error=str(e))
+        with self._lock:
+            for m, good in zip(moves, ok, strict=True):
+                self._finish(m, good)
+
+    def _copy(self, m: Move) -> bool | None:
+        """True: copied and verified; False: the source failed its crc32 (a corrupt
+        block); None: the copy failed for another reason (the move is dropped)."""
+        b = m.block
+        try:
+            if m.dst.has_view:
+                out = m.dst.view(m.dst_slot)
+                m.src.read_into(m.src_slot, out)
+                return crc32(out) == b.checksum
+            data = m.src.view(m.src_slot) if m.src.has_view else self._read_copy(m)
+            if crc32(data) != b.checksum:
+                return False
+            m.dst.write(m.dst_slot, data, BlockMeta(b.key, b.checksum, b.num_tokens,
+                                                    b.partial))
+            return True
+        except ValueError:  # a block file with a bad header: corrupt
+            return False
+        except OSError as e:
+            log.warning("tier_copy_failed", src=m.src.name, dst=m.dst.name,
+                        key=b.key.hex(), error=str(e))
+            return None
+
+    @staticmethod
+    def _read_copy(m: Move) -> memoryview:
+        out = memoryview(bytearray(m.src_slot.length))
+        m.src.read_into(m.src_slot, out)
+        return out
+
+    def _finish(self, m: Move, ok: bool | None) -> None:
+        b = m.block
+        b.moving = False
+        up = self.tiers.index(m.dst) < self.tiers.index(m.src)
+        stale = b.dead or b.tier is not m.src or b.slot != m.src_slot
+        if ok is False and not stale:
+            self._s.checksum_failures += 1
+            self._ts[m.src].checksum_failures += 1
+            log.warning("checksum_failure", key=b.key.hex(), tier=m.src.name)
+            self._remove(b)
+        if not ok or stale or (b.pinners and not up):
+            m.dst.free(m.dst_slot)  # the block went, or a reader holds it where it is
+            if not b.dead and not b.pinners and not b.private_owner:
+                self._lru_add(b)
+            return
+        self._lru_del(b)
+        m.src.free(m.src_slot)
+        b.tier, b.slot = m.dst, m.dst_slot
+        if up:
+            self._s.promotions += 1
+            self._ts[m.dst].promotions += 1
+        else:
+            self._s.demotions += 1
+            self._ts[m.src].demotions += 1
+        if not b.pinners and not b.private_owner:
+            self._lru_add(b)
+
+    # -- promotion --------------------------------------------------------------------
+    def _raise(self, blocks: Sequence[Block]) -> set[Block]:
+        """Moves ``blocks`` into the first tier (making room there by demotion) -> the
+        blocks that could not be raised (gone, corrupt, or no room: all pinned)."""
+        top = self.tiers[0]
+        protect = {b.key for b in blocks}
+        waiting = list(blocks)
+        for _ in range(MAX_TRIES):
+            moves: list[Move] = []
+            with self._lock:
+                waiting = [b for b in waiting if not b.dead and b.tier is not top]
+                if not waiting:
+                    return set()
+                short = 0
+                for b in waiting:
+                    if b.moving:
+                        continue  # another move of it is under way: look again later
+                    slot = top.allocate(b.slot.length)
+                    if slot is None:
+                        short += top.footprint(b.slot.length)
+                        continue
+                    b.moving = True
+                    self._lru_del(b)
+                    moves.append(Move(b, b.tier, b.slot, top, slot))
+                if short:
+                    room = self._make_room(0, short, protect)
+                    moves.extend(room or ())
+                    if room is None and len(moves) == 0 and \
+                            not any(b.moving for b in waiting):
+                        break  # nothing to demote: the first tier is all pinned
+            self._carry_out(moves)
+        with self._lock:
+            return {b for b in waiting if b.dead or b.tier is not top}
+
+    def promote(self, keys: Sequence[bytes]) -> tuple[int, int, int, int]:
+        """Raises the held ``keys`` into the first tier -> (raised, already there, not
+        held, not raised: no room or corrupt). A corrupt block is dropped on the way."""
+        with self._lock:
+            held = [b for k in keys if (b := self._blocks.get(k)) is not None]
+        top = self.tiers[0]
+        slow = [b for b in held if b.tier is not top]
+        failed = self._raise(slow) if slow else set()
+        return (len(slow) - len(failed), len(held) - len(slow), len(keys) - len(held),
+                len(failed))
+
+    def promote_later(self, keys: Sequence[bytes]) -> None:
+        """``promote`` on a background thread; dropped when it is behind."""
+        if not keys:
+            return
+        with self._lock:
+            if self._promoter is None:
+                self._promoter = queue.Queue(maxsize=256)
+                threading.Thread(target=self._promote_loop, args=(self._promoter,),
+                                 name="kv-promoter", daemon=True).start()
+        with contextlib.suppress(queue.Full):  # behind: this promotion is skipped
+            self._promoter.put_nowait(list(keys))
+
+    _promoter: queue.Queue | None = None
+
+    def _promote_loop(self, q: queue.Queue) -> None:
+        while (keys := q.get()) is not None:
+            try:
+                self.promote(keys)
+            except Exception as e:  # noqa: BLE001 (a background helper must go on)
+                log.warning("promotion_failed", error=str(e))

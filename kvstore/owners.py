@@ -1,0 +1,97 @@
+"""Owners and their pins: pin, unpin, release, expiry of owners nobody releases.
+
+Internals of :class:`kvstore.store.KVStoreCore` (a mixin); public methods take the
+lock, the others run under it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from kvstore.types import Block, OwnerState, PendingPut, StoreStats, check_key
+
+
+class Owners:
+    pin_ttl_s: float
+    _lock: threading.Lock
+    _clock: Callable[[], float]
+    _owners: dict[str, OwnerState]
+    _pending: dict[str, PendingPut]
+    _next_expiry: float
+    _s: StoreStats
+
+    def release(self, owner: str) -> int:
+        """Drops every pin of ``owner`` and deletes its private blocks -> pins dropped."""
+        with self._lock:
+            self._expire()
+            return self._release(owner)
+
+    def unpin(self, owner: str, keys: Sequence[bytes]) -> int:
+        """Drops the pins ``owner`` holds on ``keys`` (its private blocks stay until
+        ``release``) -> pins dropped."""
+        wanted = {check_key(k) for k in keys}
+        with self._lock:
+            self._expire()
+            o = self._owners.get(owner)
+            if o is None or not wanted:
+                return 0
+            dropped = [b for b in o.pins if b.key in wanted]
+            for b in dropped:
+                o.pins.discard(b)
+                self._unpinned(b, owner)
+            return len(dropped)
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire()
+
+    def _owner(self, owner: str) -> OwnerState:
+        expires = self._clock() + self.pin_ttl_s
+        o = self._owners.get(owner)
+        if o is None:
+            o = self._owners[owner] = OwnerState(expires)
+        o.expires_at = expires
+        self._next_expiry = min(self._next_expiry, expires)
+        return o
+
+    def _pin(self, o: OwnerState, owner: str, b: Block) -> None:
+        if owner not in b.pinners:
+            b.pinners.add(owner)
+            o.pins.add(b)
+            self._lru_del(b)
+
+    def _release(self, owner: str) -> int:
+        o = self._owners.pop(owner, None)
+        if o is None:
+            return 0
+        for b in o.pins:
+            self._unpinned(b, owner)
+        for b in list(o.private):
+            self._remove(b)
+        return len(o.pins)
+
+    def _unpinned(self, b: Block, owner: str) -> None:
+        """``owner`` let go of ``b``: free it when dead and unpinned, else evictable."""
+        b.pinners.discard(owner)
+        if b.pinners:
+            return
+        if b.dead:
+            if not b.moving:  # else the move's finish frees what it must
+                b.tier.free(b.slot)
+        elif b.private_owner != owner and not b.moving:
+            self._lru_add(b)
+
+    def _expire(self) -> float:
+        now = self._clock()
+        if now < self._next_expiry:
+            return now
+        for owner in [k for k, o in self._owners.items() if o.expires_at <= now]:
+            self._release(owner)
+            self._s.expired_owners += 1
+        for put_id in [k for k, p in self._pending.items() if p.expires_at <= now]:
+            self._free_pending(self._pending.pop(put_id))
+        self._next_expiry = min([o.expires_at for o in self._owners.values()]
+                                + [p.expires_at for p in self._pending.values()],
+                                default=float("inf"))
+        return now

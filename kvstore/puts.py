@@ -1,0 +1,172 @@
+"""Two-phase puts: reserve slots, write them outside the lock, commit with checksums.
+
+Internals of :class:`kvstore.store.KVStoreCore` (a mixin). A put that finds the first
+tier full makes room by demoting its least recently used unpinned blocks (copied
+outside the lock, :mod:`kvstore.moves`) and tries again.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+
+from kvstore.checksum import crc32
+from kvstore.moves import MAX_TRIES
+from kvstore.types import (
+    MAX_KEY_BYTES,
+    BegunPut,
+    Block,
+    InvalidArgument,
+    NotFound,
+    PendingPut,
+    PutEntry,
+    PutSlot,
+    RefLike,
+    ResourceExhausted,
+    StoreStats,
+    check_key,
+)
+
+
+class Puts:
+    pin_ttl_s: float
+    _lock: threading.Lock
+    _blocks: dict[bytes, Block]
+    _pending: dict[str, PendingPut]
+    _next_expiry: float
+    _s: StoreStats
+
+    def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int) -> BegunPut:
+        """Reserves a slot for every block not already held. Present blocks are pinned
+        for ``owner`` at once; new ones when committed. Refuses (ResourceExhausted)
+        rather than evicting pinned blocks; reserves all slots or none."""
+        if block_nbytes <= 0:
+            raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
+        entries = []
+        for r in refs:
+            k = r.key
+            if type(k) is not bytes or not 0 < len(k) <= MAX_KEY_BYTES:
+                k = check_key(k)
+            entries.append(PutEntry(k, int(r.num_tokens), bool(r.partial)))
+        protect = {e.key for e in entries}
+        for _ in range(MAX_TRIES):
+            with self._lock:
+                now = self._expire()
+                todo = self._todo(owner, entries)
+                moves = self._reserve(todo, block_nbytes, protect) if todo else None
+                if moves is None:
+                    return self._pend(owner, entries, now)
+            self._carry_out(moves)
+        raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
+                                "rounds of demotion (other puts took the room); retry")
+
+    def _todo(self, owner: str, entries: list[PutEntry]) -> list[PutEntry]:
+        """The entries to write (not held, or a partial block that grew); the held
+        ones are pinned for ``owner`` (or touched)."""
+        blocks = self._blocks
+        seen: set[bytes] = set()
+        todo: list[PutEntry] = []
+        for e in entries:
+            b = blocks.get(e.key)
+            if e.key not in seen and (b is None or self._replaces(b, e)):
+                todo.append(e)
+            elif b is not None:
+                if owner:
+                    self._pin(self._owner(owner), owner, b)
+                elif not b.pinners and b.key in self._lru[b.tier]:
+                    self._lru[b.tier].move_to_end(b.key)
+            seen.add(e.key)
+        return todo
+
+    def _pend(self, owner: str, entries: list[PutEntry], now: float) -> BegunPut:
+        put_id = uuid.uuid4().hex
+        self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s)
+        self._next_expiry = min(self._next_expiry, now + self.pin_ttl_s)
+        slots = [PutSlot(e.key, False, e.slot.offset, e.slot.length, e.tier.name)
+                 if e.slot is not None else PutSlot(e.key, True) for e in entries]
+        return BegunPut(put_id, slots)
+
+    def commit_put(self, put_id: str, checksums: Sequence[int]) -> tuple[int, int]:
+        """Makes the written blocks visible with their crc32s -> (stored, present).
+        ``checksums``: one per slot (values of present slots ignored) or one per
+        written slot, in slot order."""
+        with self._lock:
+            p = self._pending.get(put_id)
+            if p is None:
+                raise NotFound(f"no pending put {put_id!r}: it was committed, aborted or "
+                               f"expired after {self.pin_ttl_s:g}s; begin the put again")
+            written = [e for e in p.entries if e.slot is not None]
+            if len(checksums) == len(p.entries):
+                sums = [c for c, e in zip(checksums, p.entries, strict=True)
+                        if e.slot is not None]
+            elif len(checksums) == len(written):
+                sums = list(checksums)
+            else:
+                raise InvalidArgument(
+                    f"put {put_id} has {len(p.entries)} slots ({len(written)} to write): "
+                    f"send that many checksums, got {len(checksums)}")
+            del self._pending[put_id]
+            self._expire()
+            owner = p.owner
+            o = self._owner(owner) if owner else None
+            blocks = self._blocks
+            stored = nbytes = 0
+            for e, c in zip(written, sums, strict=True):
+                old = blocks.get(e.key)
+                if old is not None:
+                    if not self._replaces(old, e):
+                        e.tier.free(e.slot)  # a racing put stored it first
+                        if o is not None:
+                            self._pin(o, owner, old)
+                        continue
+                    # a partial block grew: the new one takes the pin
+                    if o is not None and owner in old.pinners:
+                        old.pinners.discard(owner)
+                        o.pins.discard(old)
+                    self._remove(old)
+                b = Block(e.key, e.tier, e.slot, int(c) & 0xFFFFFFFF, e.num_tokens,
+                          e.partial, owner if e.partial else "")
+                blocks[e.key] = b
+                stored += 1
+                nbytes += e.slot.length
+                if o is not None:  # a new block: pinned by its owner only
+                    b.pinners.add(owner)
+                    o.pins.add(b)
+                    if b.private_owner:
+                        o.private.add(b)
+                else:
+                    self._lru_add(b)
+            self._s.blocks_stored += stored
+            self._s.bytes_stored += nbytes
+            return stored, len(p.entries) - stored
+
+    def abort_put(self, put_id: str) -> bool:
+        with self._lock:
+            p = self._pending.pop(put_id, None)
+            if p is not None:
+                self._free_pending(p)
+            return p is not None
+
+    def put(self, owner: str, refs: Sequence[RefLike], payloads: Sequence[bytes],
+            block_nbytes: int) -> tuple[int, int]:
+        """Begin, write and commit in one call (tests, in-process users)."""
+        begun = self.begin_put(owner, refs, block_nbytes)
+        sums = []
+        try:
+            for s, data in zip(begun.slots, payloads, strict=True):
+                if len(data) != block_nbytes:
+                    raise InvalidArgument(f"payload of {len(data)} bytes, expected "
+                                          f"{block_nbytes}")
+                if not s.present:
+                    self.view(s)[:] = data
+                sums.append(0 if s.present else crc32(data))
+        except BaseException:
+            self.abort_put(begun.put_id)
+            raise
+        return self.commit_put(begun.put_id, sums)
+
+    @staticmethod
+    def _replaces(old: Block, e: PutEntry) -> bool:
+        """A partial block grows: a re-put with another token count replaces it."""
+        return old.partial and e.partial and old.num_tokens != e.num_tokens
