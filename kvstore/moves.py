@@ -116,7 +116,7 @@ class Moves:
             with self._lock:
                 waiting = [b for b in waiting if not b.dead and b.tier is not top]
                 if not waiting:
-                    return set()
+                    break
                 short = 0
                 for b in waiting:
                     if b.moving:
@@ -136,7 +136,7 @@ class Moves:
                         break  # nothing to demote: the first tier is all pinned
             self._carry_out(moves)
         with self._lock:
-            return {b for b in waiting if b.dead or b.tier is not top}
+            return {b for b in blocks if b.dead or b.tier is not top}
 
     def promote(self, keys: Sequence[bytes]) -> tuple[int, int, int, int]:
         """Raises the held ``keys`` into the first tier -> (raised, already there, not

@@ -54,7 +54,8 @@ class KVStoreCore(Space, Moves, Puts, Owners):
     tiers (fastest first)."""
 
     def __init__(self, tiers: Sequence[Tier], pin_ttl_s: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 promote_on_get: bool = True) -> None:
         if not tiers:
             raise ValueError("a KV store needs at least one tier")
         if not tiers[0].has_view:
@@ -74,6 +75,7 @@ class KVStoreCore(Space, Moves, Puts, Owners):
         self._next_expiry = float("inf")
         self._s = StoreStats()
         self._promoter = None
+        self.promote_on_get = promote_on_get  # a get of a slower tier's block raises it
         for t in self.tiers:
             self._load(t)
 
@@ -129,7 +131,8 @@ class KVStoreCore(Space, Moves, Puts, Owners):
             if not memory or not slow:
                 locs = [self._location(b) for b in found]
         if not memory or not slow:
-            self.promote_later([b.key for b in slow])
+            if self.promote_on_get:
+                self.promote_later([b.key for b in slow])
             if pin_owner != owner:
                 self.release(pin_owner)
             return locs

@@ -152,8 +152,8 @@ class DiskTier(Tier):
         found: list[tuple[float, Found]] = []
         for entry in os.scandir(self.path):
             name = entry.name
-            if name.startswith(".tmp-"):
-                self._discard(entry.path)
+            if name.startswith(".tmp-"):  # a write cut short: never renamed, never served
+                self._discard(entry.path, counted=False)
                 continue
             if not name.endswith(".kv"):
                 continue
