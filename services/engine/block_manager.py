@@ -103,21 +103,36 @@ class BlockManager:
         return hits
 
     @staticmethod
-    def _kv_tokens(seq: Sequence) -> int:
-        """Tokens whose KV came with the request (the last token is always recomputed)."""
-        if not seq.kv_blocks:
+    def _kv_tokens(seq: Sequence, hits: list[int]) -> int:
+        """Tokens whose KV the request brought, counting the cached blocks before its
+        first payload (the last token is always recomputed). 0 when the prefix cache
+        no longer holds all the blocks before the payloads (they are then useless)."""
+        if not seq.kv_blocks or len(hits) < seq.kv_first_block:
             return 0
         return min(seq.kv_num_tokens, seq.num_tokens - 1)
 
+    def cached_prefix_blocks(self, hashes: list[bytes]) -> int:
+        """How many leading ``hashes`` the prefix cache holds now. A read-only peek that
+        another thread may make: a block can still be reused before the request comes."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in self.hash_to_block:
+                break
+            n += 1
+        return n
+
     def admission_computed_tokens(self, seq: Sequence) -> int:
         """How many tokens of a waiting ``seq`` need no computing (prefix hits or KV given)."""
-        return max(len(self._prefix_hits(seq)) * self.block_size, self._kv_tokens(seq))
+        hits = self._prefix_hits(seq)
+        return max(len(hits) * self.block_size, self._kv_tokens(seq, hits))
 
     # ---- allocation ----
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Can a waiting ``seq`` be admitted with ``num_new_tokens`` to compute?"""
         hits = self._prefix_hits(seq)
-        computed = max(len(hits) * self.block_size, self._kv_tokens(seq))
+        computed = max(len(hits) * self.block_size, self._kv_tokens(seq, hits))
         needed = cdiv(computed + num_new_tokens, self.block_size) - len(hits)
         hits_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return needed + hits_free <= self.num_free_blocks
@@ -133,7 +148,7 @@ class BlockManager:
             self._take(bid)
         table = list(hits)
         imports: list[tuple[int, Any]] = []
-        kv_tokens = self._kv_tokens(seq)
+        kv_tokens = self._kv_tokens(seq, hits)
         if kv_tokens:
             for i in range(len(hits), cdiv(kv_tokens, bs)):
                 full = (i + 1) * bs <= kv_tokens
@@ -145,12 +160,12 @@ class BlockManager:
                     continue
                 bid = self._pop_free()
                 table.append(bid)
-                imports.append((bid, seq.kv_blocks[i]))
+                imports.append((bid, seq.kv_blocks[i - seq.kv_first_block]))
                 if full and self.enable_prefix_caching:
                     self._name(bid, h)
             if seq.num_exported_blocks == 0:
                 seq.num_exported_blocks = kv_tokens // bs  # the caller has those already
-            seq.kv_blocks = None  # copied in now; a recompute later starts from tokens
+        seq.kv_blocks = None  # copied in now (or useless); a recompute starts from tokens
         computed = max(len(hits) * bs, kv_tokens)
         for _ in range(len(table), cdiv(computed + num_new_tokens, bs)):
             table.append(self._pop_free())

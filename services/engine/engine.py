@@ -79,12 +79,15 @@ class LLMEngine:
         kv_num_tokens: int = 0,
         export_kv: bool = False,
         cache_salt: str = "",
+        kv_first_block: int = 0,
     ) -> None:
         """Queue a request.
 
         ``output_token_ids``: tokens already generated (elsewhere); they count toward
         ``params.max_tokens``. ``kv_blocks``/``kv_num_tokens``: KV of the first
-        ``kv_num_tokens`` tokens of prompt+outputs, one payload of ``block_nbytes``
+        ``kv_num_tokens`` tokens of prompt+outputs, from block ``kv_first_block`` on
+        (the blocks before it are expected in the prefix cache; if they are gone by
+        admission, the payloads are dropped and computed), one payload of ``block_nbytes``
         per block (the last may be partial); only the rest is computed.
         ``export_kv``: report each full block as it completes (and the partial
         tail at the end) in ``StepOutput.exported_blocks`` / ``tail_block``.
@@ -118,15 +121,7 @@ class LLMEngine:
                 f"the cache has {self.num_kv_blocks}"
             )
         if kv_num_tokens or kv_blocks:
-            if not 0 < kv_num_tokens <= len(tokens):
-                raise ValueError(f"kv_num_tokens={kv_num_tokens} for {len(tokens)} tokens")
-            if kv_blocks is None or len(kv_blocks) != cdiv(kv_num_tokens, cfg.block_size):
-                raise ValueError(
-                    f"{kv_num_tokens} KV tokens need {cdiv(kv_num_tokens, cfg.block_size)} "
-                    f"payloads, got {0 if kv_blocks is None else len(kv_blocks)}"
-                )
-            for payload in kv_blocks:
-                self.kv_cache.check_payload(payload)
+            self._check_kv(len(tokens), kv_blocks, kv_num_tokens, kv_first_block)
         seq = Sequence(
             request_id,
             prompt_token_ids,
@@ -136,9 +131,31 @@ class LLMEngine:
             kv_num_tokens=kv_num_tokens,
             export_kv=export_kv,
             cache_salt=cache_salt,
+            kv_first_block=kv_first_block,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _check_kv(self, num_tokens: int, kv_blocks: Seq[Any] | None, kv_num_tokens: int,
+                  kv_first_block: int) -> None:
+        bs = self.config.block_size
+        if not 0 < kv_num_tokens <= num_tokens:
+            raise ValueError(f"kv_num_tokens={kv_num_tokens} for {num_tokens} tokens")
+        want = cdiv(kv_num_tokens, bs) - kv_first_block
+        if kv_first_block < 0 or want < 0:
+            raise ValueError(f"kv_first_block={kv_first_block} for {kv_num_tokens} KV tokens")
+        if kv_blocks is None or len(kv_blocks) != want:
+            raise ValueError(
+                f"{kv_num_tokens} KV tokens from block {kv_first_block} need {want} "
+                f"payloads, got {0 if kv_blocks is None else len(kv_blocks)}"
+            )
+        for payload in kv_blocks:
+            self.kv_cache.check_payload(payload)
+
+    def cached_prefix_blocks(self, hashes: Seq[bytes]) -> int:
+        """How many leading blocks named by ``hashes`` the prefix cache holds now (a peek
+        that a worker's other threads may make; see ``BlockManager``)."""
+        return self.block_manager.cached_prefix_blocks(list(hashes))
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks; False if it is not (or no longer) here."""

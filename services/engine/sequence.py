@@ -65,6 +65,7 @@ class Sequence:
         kv_num_tokens: int = 0,
         export_kv: bool = False,
         cache_salt: str = "",
+        kv_first_block: int = 0,
     ) -> None:
         self.seq_id = next(_counter)
         self.request_id = request_id
@@ -82,6 +83,8 @@ class Sequence:
         # KV handed in with the request: payloads copied into blocks on admission
         self.kv_blocks = kv_blocks
         self.kv_num_tokens = kv_num_tokens
+        # kv_blocks[0] is block kv_first_block: the blocks before it are in the prefix cache
+        self.kv_first_block = kv_first_block
         self.num_imported_blocks = 0  # blocks [0, n) came with the request (not exported)
         self.export_kv = export_kv
         self.num_exported_blocks = 0

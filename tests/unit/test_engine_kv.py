@@ -360,3 +360,33 @@ def test_decode_from_staged_host_rows(tiny_qwen3_dir: Path) -> None:
     got = [first] + token_ids(drain(b)["x"])
     assert got == hf_greedy(tiny_qwen3_dir, [prompt], params.max_tokens)[0]
     assert b.stats().num_computed_tokens == params.max_tokens - 1
+
+
+@pytest.mark.parametrize("cached_before", [True, False])
+def test_kv_from_a_first_block_on_top_of_the_prefix_cache(tiny_qwen3_dir: Path,
+                                                          cached_before: bool) -> None:
+    """The KV connector hands in only the blocks the engine lacks (kv_first_block): the
+    cached ones come from the prefix cache; if they were gone by admission, the payloads
+    are dropped and everything is computed, with the same tokens either way."""
+    shared = tokens(2 * BS, 21)
+    prompt = shared + tokens(2 * BS + 5, 22)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    ref = hf_greedy(tiny_qwen3_dir, [prompt], params.max_tokens)[0]
+    a = engine(tiny_qwen3_dir)
+    first, full, tail, _ = prefill(a, "x", prompt, params)
+    b = engine(tiny_qwen3_dir)
+    if cached_before:  # b computed the shared prefix for another request
+        b.add_request("warm", shared + [1], SamplingParams(max_tokens=1, ignore_eos=True))
+        drain(b)
+    assert b.cached_prefix_blocks(a.block_hashes(prompt)) == (2 if cached_before else 0)
+    computed_before = b.stats().num_computed_tokens
+    b.add_request("x", prompt, params, output_token_ids=[first],
+                  kv_blocks=[blk.payload for blk in full[2:]] + [tail.payload],
+                  kv_num_tokens=len(prompt), kv_first_block=2)
+    assert [first] + token_ids(drain(b)["x"]) == ref
+    computed = b.stats().num_computed_tokens - computed_before
+    assert computed == (params.max_tokens - 1 if cached_before
+                        else len(prompt) + params.max_tokens - 1)
+    with pytest.raises(ValueError, match="from block 2 need 3 payloads"):
+        b.add_request("y", prompt, params, output_token_ids=[first],
+                      kv_blocks=[tail.payload], kv_num_tokens=len(prompt), kv_first_block=2)
