@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from gateway.admission import AdmissionController, AdmissionRejected
-from gateway.flow import FlowDeps, FlowError, RequestFlow
+from gateway.flow import FlowDeps, FlowError, RequestFlow, Send
 from gateway.identity import Client, ClientIdentifier, effective_cache_salt
 from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.router import NoHealthyWorkerError
@@ -42,6 +43,8 @@ log = get_logger("gateway")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 LARGE_PROMPT_BYTES = 64 << 10  # tokenized on a thread of their own: small ones never wait
 ABORTED = "aborted by an Abort call"
+# A front's own first step: parse the request and identify its client.
+Intake = Callable[[], tuple[generation_pb2.GenerateRequest, Client]]
 
 
 class Refusal(Exception):
@@ -84,25 +87,45 @@ class GenerationServicer:
     # -- Generate -------------------------------------------------------------------------
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        outcome = "error"
+        """The gRPC front: ``Generate``."""
+        def intake() -> tuple[generation_pb2.GenerateRequest, Client]:
+            return parse(generation_pb2.GenerateRequest, raw), self._client(context)
+
         try:
-            outcome = await self._generate(raw, context)
+            await self.serve(intake, context.write)
         except Refusal as r:
-            outcome = r.code.name.lower()
             if r.trailing:
                 context.set_trailing_metadata(r.trailing)
             await context.abort(r.code, r.message)
+
+    async def serve(self, intake: Intake, send: Send) -> str:
+        """One request from any front: ``intake`` gives the request and its client (or
+        raises :class:`Refusal`), ``send`` streams the answers. Returns the outcome ("ok",
+        "aborted"); raises :class:`Refusal`, or ``CancelledError`` when the client left."""
+        outcome = "error"
+        try:
+            req, client = intake()
+            outcome = await self._generate(req, client, send)
+            return outcome
+        except Refusal as r:
+            outcome = r.code.name.lower()
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"  # the client went away
             raise
         finally:
             self.metrics.requests.labels(outcome).inc()
 
-    def _client(self, context: grpc.aio.ServicerContext) -> Client:
+    def identify(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Client:
+        """The calling client (its key's tenant, or its connection); raises
+        :class:`Refusal` UNAUTHENTICATED when keys are required and none matches."""
         try:
-            return self.identifier.identify(context.invocation_metadata(), context.peer())
+            return self.identifier.identify(metadata, peer)
         except RequestError as e:
             raise Refusal(e.code, e.message) from e
+
+    def _client(self, context: grpc.aio.ServicerContext) -> Client:
+        return self.identify(context.invocation_metadata() or (), context.peer())
 
     def _ready_deps(self) -> FlowDeps:
         if self.deps is None or not self.accepting:
@@ -110,11 +133,10 @@ class GenerationServicer:
                           "the gateway is not serving (starting or shutting down)")
         return self.deps
 
-    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> str:
+    async def _generate(self, req: generation_pb2.GenerateRequest, client: Client,
+                        send: Send) -> str:
         """Serves one request; returns its outcome ("ok", "aborted"), raises Refusal."""
-        req = parse(generation_pb2.GenerateRequest, raw)
         deps = self._ready_deps()
-        client = self._client(context)
         try:
             pre = precheck(req, [self.model], self.limits)
         except RequestError as e:
@@ -132,7 +154,7 @@ class GenerationServicer:
             deps.metrics.prompt_tokens.inc(len(ids))
             await self._wait_for_slot(lc)
             flow = RequestFlow(deps, vreq, lc, effective_cache_salt(client, req.cache_salt))
-            await flow.run(context.write)
+            await flow.run(send)
             return "ok"
         except asyncio.CancelledError:
             if lc.stop is None:  # the client went away: nobody to answer
@@ -145,10 +167,10 @@ class GenerationServicer:
             if lc.stop.message != ABORTED:
                 raise Refusal(lc.stop.code, lc.stop.message) from None
             # Aborted: the stream ends normally, its last message says FINISH_REASON_ABORT.
-            await context.write(flow.final(common_pb2.FINISH_REASON_ABORT) if flow else
-                                generation_pb2.GenerateResponse(
-                                    request_id=lc.public_id,
-                                    finish_reason=common_pb2.FINISH_REASON_ABORT))
+            await send(flow.final(common_pb2.FINISH_REASON_ABORT) if flow else
+                       generation_pb2.GenerateResponse(
+                           request_id=lc.public_id,
+                           finish_reason=common_pb2.FINISH_REASON_ABORT))
             return "aborted"
         except RequestError as e:
             raise Refusal(e.code, e.message) from e
