@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grpc payload bytes per stream message (default: settings)")
     p.add_argument("--floor", action="store_true",
                    help="also measure what this machine allows (memcpy, crc32, raw gRPC)")
+    p.add_argument("--tiers", action="store_true",
+                   help="also measure the store's tiers in process: cpu put/get, disk "
+                        "demotion (write+fsync) and reads (page cache and cold)")
+    p.add_argument("--disk-path", default=None,
+                   help="directory of the disk tier for --tiers (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--log-dir", default=None, help="where the started store logs")
 
@@ -137,6 +142,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["floor"] = measure(max(1, args.mib * MiB // block) * block, block, chunk,
                                   args.repeat)
         print_floor(result["floor"])
+    if args.tiers:
+        result["tiers"] = measure_tiers(args.mib, args.block_kib * 1024, args.repeat,
+                                        args.disk_path)
+        print_tiers(result["tiers"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
+
+
+def measure_tiers(mib: int, block: int, repeat: int, disk_path: str | None) -> dict:
+    """GB/s of the index over a cpu tier of ``mib`` and a disk tier under ``disk_path``:
+    cpu put (copy + crc32), cpu get (pin + view + crc32), demotion to disk (each put of
+    ``mib`` pushes as much down: copy, crc32, write, fsync, rename), disk get (read +
+    crc32) warm (page cache) and cold (pages dropped with fadvise first)."""
+    from kvstore.checksum import crc32
+    from kvstore.store import KVStoreCore
+    from kvstore.tiers import CpuTier
+    from kvstore.tiers.disk import DiskTier
+
+    count = max(1, mib * MiB // block)
+    nbytes = count * block
+    data = os.urandom(block)
+    refs = [_Ref(os.urandom(16)) for _ in range(count * (repeat + 2))]
+    rounds = [refs[i * count : (i + 1) * count] for i in range(repeat + 2)]
+    times: dict[str, list[float]] = {k: [] for k in
+                                     ("cpu_put", "cpu_get", "demote", "disk_get", "disk_get_cold")}
+    with tempfile.TemporaryDirectory(prefix="splitserve-disk-", dir=disk_path) as tmp:
+        cpu = CpuTier(nbytes)
+        disk = DiskTier(nbytes * (repeat + 3) * 2, tmp)
+        core = KVStoreCore([cpu, disk], promote_on_get=False)
+        try:
+            t = time.perf_counter()
+            core.put("", rounds[0], [data] * count, block)  # fills the cpu tier
+            times["cpu_put"].append(time.perf_counter() - t)
+            for r in range(1, repeat + 2):
+                keys = [x.key for x in rounds[r - 1]]
+                times["cpu_get"].append(_read_all(core, keys, crc32))
+                t = time.perf_counter()
+                core.put("", rounds[r], [data] * count, block)  # round r-1 goes to disk
+                times["demote"].append(time.perf_counter() - t)
+                times["disk_get"].append(_read_all(core, keys, crc32))
+                _drop_cache(Path(tmp))
+                times["disk_get_cold"].append(_read_all(core, keys, crc32))
+        finally:
+            core.close()
+    # a demoting put also copies its own blocks into the arena: take that time out
+    put = statistics.median(times["cpu_put"])
+    times["demote"] = [max(t - put, 1e-9) for t in times["demote"]]
+    return {"mib": nbytes / MiB, "block_kib": block // 1024, "crc32": CRC_IMPL,
+            "disk_path": disk_path or tempfile.gettempdir(), "fsync": True,
+            **{k: _gbps(nbytes, v) for k, v in times.items()}}
+
+
+class _Ref:
+    def __init__(self, key: bytes) -> None:
+        self.key, self.num_tokens, self.partial = key, 16, False
+
+
+def _read_all(core, keys: list[bytes], crc32) -> float:
+    t = time.perf_counter()
+    for loc in core.get("bench", keys):
+        if crc32(core.read(loc)) != loc.checksum:
+            raise RuntimeError(f"block {loc.key.hex()} came back different")
+    core.release("bench")
+    return time.perf_counter() - t
+
+
+def _drop_cache(path: Path) -> None:
+    for f in path.glob("*.kv"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def print_tiers(r: dict) -> None:
+    print(f"KV tiers in process: {r['mib']:.0f} MiB in blocks of {r['block_kib']} KiB, "
+          f"disk under {r['disk_path']} (fsync), best (median) GB/s")
+    for name, label in (("cpu_put", "cpu put"), ("cpu_get", "cpu get"),
+                        ("demote", "cpu->disk demotion"), ("disk_get", "disk get (cached)"),
+                        ("disk_get_cold", "disk get (cold)")):
+        print(f"  {label:<22} {r[name]['best']:>7.2f} ({r[name]['median']:.2f})")
