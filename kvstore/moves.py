@@ -29,6 +29,7 @@ MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion giv
 class Moves:
     tiers: list[Tier]
     _lock: threading.Lock
+    _moved: threading.Condition  # on the lock: notified when moves finish
     _blocks: dict[bytes, Block]
     _s: StoreStats
     _ts: dict[Tier, TierCounters]
@@ -48,6 +49,7 @@ class Moves:
         with self._lock:
             for m, good in zip(moves, ok, strict=True):
                 self._finish(m, good)
+            self._moved.notify_all()
 
     def _copy(self, m: Move) -> bool | None:
         """True: copied and verified; False: the source failed its crc32 (a corrupt
@@ -117,7 +119,7 @@ class Moves:
                 waiting = [b for b in waiting if not b.dead and b.tier is not top]
                 if not waiting:
                     break
-                short = 0
+                short, room = 0, None
                 for b in waiting:
                     if b.moving:
                         continue  # another move of it is under way: look again later
@@ -131,9 +133,10 @@ class Moves:
                 if short:
                     room = self._make_room(0, short, protect)
                     moves.extend(room or ())
-                    if room is None and len(moves) == 0 and \
-                            not any(b.moving for b in waiting):
+                    if room is None and not moves and not any(b.moving for b in waiting):
                         break  # nothing to demote: the first tier is all pinned
+                if not moves and room is None:  # another thread moves them: wait for it
+                    self._moved.wait(timeout=1.0)
             self._carry_out(moves)
         with self._lock:
             return {b for b in blocks if b.dead or b.tier is not top}

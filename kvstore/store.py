@@ -64,6 +64,7 @@ class KVStoreCore(Space, Moves, Puts, Owners):
         self.pin_ttl_s = pin_ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._moved = threading.Condition(self._lock)
         self._blocks: dict[bytes, Block] = {}
         self._lru: dict[Tier, OrderedDict[bytes, Block]] = {t: OrderedDict() for t in tiers}
         self._ts: dict[Tier, TierCounters] = {t: TierCounters() for t in tiers}
