@@ -21,6 +21,7 @@ FileNotFoundError, never another block's bytes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import struct
 import zlib
@@ -68,6 +69,7 @@ class DiskTier(Tier):
             raise ValueError(f"disk tier capacity must be > 0 bytes, got {capacity_bytes}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_dir(self.path)
         self.fsync = fsync
         self.admit = admit
         self._capacity = capacity_bytes
@@ -179,6 +181,11 @@ class DiskTier(Tier):
         self._used = total
         return kept
 
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the flock goes with it
+            self._lock_fd = -1
+
     def _discard(self, path: str, counted: bool = True) -> None:
         self.rejected_at_scan += counted
         with contextlib.suppress(FileNotFoundError):
@@ -186,3 +193,16 @@ class DiskTier(Tier):
 
     def _file(self, seq: int) -> Path:
         return self.path / f"{seq:016x}.kv"
+
+
+def _lock_dir(path: Path) -> int:
+    """An exclusive flock on ``path/LOCK``: two stores on one directory would reuse each
+    other's file names. A killed store's lock goes with its process."""
+    fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another KV store uses the disk tier directory {path}; give each "
+                         "store its own kvstore.tiers[].path") from None
+    return fd

@@ -182,4 +182,9 @@ def test_tiers_from_settings(tmp_path):
         build_tiers([{"kind": "tape", "bytes": 1}], "unit")
     with pytest.raises(SettingsError, match=r"tiers\[0\]\.bytes"):
         KVStoreSettings(tiers=[{"kind": "cpu", "bytes": "lots"}])
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["LOCK"]
+    DiskTier(4096, tmp_path).close()  # the lock went with close
+    with pytest.raises(ValueError, match="another KV store uses"):
+        a = DiskTier(4096, tmp_path)
+        DiskTier(4096, tmp_path)
+    a.close()
