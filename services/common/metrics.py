@@ -19,6 +19,13 @@ class WorkerMetrics:
                                          buckets=LATENCY_BUCKETS)
         self.active = Gauge("splitserve_worker_active_requests", "Requests on this worker",
                             ["role"])
+        self.kv_blocks = Counter("splitserve_kv_connector_blocks",
+                                 "KV blocks handed to requests, by where they came from",
+                                 ["role", "source"])
+
+    def observe_kv_load(self, engine_blocks: int, store_blocks: int) -> None:
+        self.kv_blocks.labels(self.role, "engine").inc(engine_blocks)
+        self.kv_blocks.labels(self.role, "store").inc(store_blocks)
 
     def observe_prefill(self, computed: int, cached: int, seconds: float) -> None:
         self.tokens.labels(self.role, "prefill_computed").inc(computed)

@@ -15,6 +15,7 @@ from kvstore.client import KVStoreClient
 from services.common.auth import call_metadata, server_interceptors
 from services.common.deadline import DeadlineExceeded
 from services.common.engine_loop import EngineLoop, EngineStopped
+from services.common.kv_connector import KVConnector
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.server import (
@@ -138,6 +139,7 @@ class WorkerContext:
     endpoint: Endpoint
     loop: EngineLoop
     store: KVStoreClient
+    kv: KVConnector
     hash_ctx: HashContext
     block_nbytes: int
 
@@ -168,25 +170,6 @@ def endpoint_for(settings: ClusterSettings, role: str, index: int) -> Endpoint:
     return endpoints[index]
 
 
-def fetch_blocks(ctx: WorkerContext, owner: str, keys: Sequence[bytes],
-                 prefix: bool = False) -> list[Any]:
-    """Blocks from the store (pinned for ``owner``), copied straight into the rows of one
-    host buffer (pinned for a CUDA engine) that the engine moves to the GPU in one copy.
-    ``prefix``: the longest held prefix of ``keys`` instead of all of them."""
-    if not keys:
-        return []
-    from services.engine.kv_cache import host_buffer  # torch: only where an engine runs
-
-    staged = host_buffer(len(keys), ctx.block_nbytes, ctx.settings.model.device.startswith("cuda"))
-    # The transport views numpy rows far faster than tensors (~10 us a tensor row).
-    views = list(staged.numpy())
-    if prefix:
-        held = len(ctx.store.get_prefix(owner, keys, out=views))
-    else:
-        held = len(ctx.store.get(owner, keys, out=views))
-    return list(staged[:held].unbind(0))
-
-
 def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
                  handle: ServiceHandle) -> WorkerContext:
     """Loads the model, reaches the store; the caller then marks the service ready."""
@@ -202,7 +185,9 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
                           metadata=call_metadata(settings))
     log.info("store_connected", address=settings.kvstore.address,
              transport=store.transport_name)
-    return WorkerContext(role, settings, endpoint, EngineLoop(engine, role), store,
+    kv = KVConnector(store, engine.cached_prefix_blocks, engine.block_size,
+                     engine.block_nbytes, settings.model.device.startswith("cuda"))
+    return WorkerContext(role, settings, endpoint, EngineLoop(engine, role), store, kv,
                          engine.hash_ctx, engine.block_nbytes)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -15,7 +16,6 @@ from services.common.worker import (
     WorkerContext,
     WorkerServicer,
     check_request,
-    fetch_blocks,
     finish_reason,
     grpc_errors,
     sampling_params,
@@ -48,24 +48,38 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              "output_token_ids must hold at least the first token")
         params = sampling_params(request.sampling)
+        full = sum(1 for b in request.blocks if not b.partial)
         # not kept here: the engine lets go of the staging buffer once it is copied in
-        kv_blocks = fetch_blocks(ctx, rid, [b.key for b in request.blocks]) or None
+        load = ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
+                                 request.kv_num_tokens)
+        self.metrics.observe_kv_load(load.engine_blocks, load.store_blocks)
         deadline.check()
         stream = ctx.loop.submit(
             rid, prompt, params, output_token_ids=list(request.output_token_ids),
-            kv_blocks=kv_blocks, kv_num_tokens=request.kv_num_tokens,
-            cache_salt=request.cache_salt,
+            cache_salt=request.cache_salt, export_kv=True, **load.engine_kwargs(),
         )
         n = 0
         with deadline.enforced(lambda: ctx.loop.abort(rid)):
             for out in stream:
+                self._save_answer(ctx, rid, out)
                 n += len(out.new_token_ids)
                 self.metrics.observe_decoded(len(out.new_token_ids))
                 yield worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason(out.finish_reason if out.finished else None),
                 )
-        log.info("decoded", request_id=rid, tokens=n)
+        log.info("decoded", request_id=rid, tokens=n, engine_blocks=load.engine_blocks,
+                 store_blocks=load.store_blocks)
+
+    @staticmethod
+    def _save_answer(ctx: WorkerContext, rid: str, out: Any) -> None:
+        """Full blocks of the answer go to the store as they fill, so that the next turn
+        of a conversation finds its whole history there. Best effort: a full store
+        costs that reuse, never this answer."""
+        try:
+            ctx.kv.save(rid, out, with_tail=False)
+        except Exception as e:  # noqa: BLE001 (the stream goes on whatever the store says)
+            log.warning("answer_blocks_not_saved", request_id=rid, error=str(e))
 
 
 def serve(settings: ClusterSettings, index: int) -> None:

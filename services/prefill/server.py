@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from typing import Any
 import grpc
 
 from services.common.deadline import RequestDeadline
+from services.common.kv_connector import tail_ref
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -19,7 +19,6 @@ from services.common.worker import (
     WorkerContext,
     WorkerServicer,
     check_request,
-    fetch_blocks,
     finish_reason,
     grpc_errors,
     sampling_params,
@@ -29,15 +28,6 @@ from services.engine.block_hash import block_hashes
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = get_logger("prefill")
-
-
-def tail_key(request_id: str) -> bytes:
-    """The private store key of a request's partial last block."""
-    return hashlib.blake2b(b"tail|" + request_id.encode(), digest_size=16).digest()
-
-
-def tail_ref(request_id: str, num_tokens: int) -> common_pb2.BlockRef:
-    return common_pb2.BlockRef(key=tail_key(request_id), num_tokens=num_tokens, partial=True)
 
 
 class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
@@ -71,30 +61,30 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         bs = ctx.block_size
         hashes = block_hashes(prompt, ctx.hash_ctx, cache_salt=request.cache_salt)
         # The last prompt token is always computed: its logits give the first token.
-        usable = hashes[: (len(prompt) - 1) // bs]
-        payloads = fetch_blocks(ctx, rid, usable, prefix=True)
-        held = len(payloads)
+        load = ctx.kv.load_prefix(rid, hashes[: (len(prompt) - 1) // bs])
+        self.metrics.observe_kv_load(load.engine_blocks, load.store_blocks)
         fetched = time.perf_counter()
         deadline.check()
         stream = ctx.loop.submit(
-            rid, prompt, replace(params, max_tokens=1), kv_blocks=payloads or None,
-            kv_num_tokens=held * bs, export_kv=True, cache_salt=request.cache_salt,
+            rid, prompt, replace(params, max_tokens=1), export_kv=True,
+            cache_salt=request.cache_salt, **load.engine_kwargs(),
         )
         first, first_at = None, 0.0
         with deadline.enforced(lambda: ctx.loop.abort(rid)):
             for out in stream:
                 if out.finished:  # the first token goes out before the last blocks move
-                    first, first_at = self._first_token(out, params, len(prompt), held * bs), \
-                        time.perf_counter()
+                    first = self._first_token(out, params, len(prompt), load.num_tokens)
+                    first_at = time.perf_counter()
                     yield first
-                self._put_blocks(ctx, rid, out)
+                ctx.kv.save(rid, out, with_tail=True)
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
         if len(prompt) % bs:
             refs.append(tail_ref(rid, len(prompt) % bs))
         elapsed = time.perf_counter() - start
         self.metrics.observe_prefill(first.num_computed_tokens, first.num_cached_tokens, elapsed)
         log.info("prefilled", request_id=rid, prompt_tokens=len(prompt),
-                 cached_tokens=first.num_cached_tokens, store_blocks=held,
+                 cached_tokens=first.num_cached_tokens, engine_blocks=load.engine_blocks,
+                 store_blocks=load.store_blocks,
                  fetch_s=round(fetched - start, 5), first_token_s=round(first_at - start, 5),
                  seconds=round(elapsed, 4))
         yield worker_pb2.PrefillResponse(request_id=rid, blocks=refs, kv_num_tokens=len(prompt),
@@ -102,8 +92,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
 
     @staticmethod
     def _first_token(out: Any, params: Any, prompt_len: int,
-                     store_tokens: int) -> worker_pb2.PrefillResponse:
-        cached = max(store_tokens, out.num_cached_tokens)
+                     loaded_tokens: int) -> worker_pb2.PrefillResponse:
+        cached = max(loaded_tokens, out.num_cached_tokens)
         ended = out.finish_reason == "stop" or params.max_tokens == 1
         return worker_pb2.PrefillResponse(
             request_id=out.request_id,
@@ -112,18 +102,6 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
             num_computed_tokens=prompt_len - cached,
             finish_reason=finish_reason(out.finish_reason if ended else None),
         )
-
-    @staticmethod
-    def _put_blocks(ctx: WorkerContext, rid: str, out: Any) -> None:
-        """Sends the blocks a step completed to the store while the engine goes on."""
-        blocks = list(out.exported_blocks)
-        refs = [common_pb2.BlockRef(key=b.block_hash, num_tokens=b.num_tokens) for b in blocks]
-        if out.tail_block is not None:
-            blocks.append(out.tail_block)
-            refs.append(tail_ref(rid, out.tail_block.num_tokens))
-        if blocks:
-            ctx.store.put(rid, refs, [b.payload for b in blocks], ctx.block_nbytes)
-
 
 
 def serve(settings: ClusterSettings, index: int) -> None:

@@ -1,0 +1,118 @@
+"""The KV connector: the one way KV enters and leaves a worker's engine.
+
+Like vLLM's v1 connector it has two sides:
+
+* the scheduler side answers "how many of this request's leading tokens can be
+  had, and from where": the engine's own prefix cache first (a peek at its block
+  hashes), then the store, only for the blocks the engine lacks;
+* the worker side loads those blocks from the store (pinned for the request,
+  straight into one host buffer the engine moves to the device in one copy) and
+  saves blocks out to the store as the engine reports them full (prefill blocks,
+  decode blocks as they fill, a private partial tail).
+
+Prefill, decode — and later preemption and migration — go through it; nothing
+else moves KV between a worker and the store. No torch here except the staging
+buffer, imported where an engine runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.client import KVStoreClient
+from splitserve.v1 import common_pb2
+
+
+def tail_key(request_id: str) -> bytes:
+    """The private store key of a request's partial last block."""
+    return hashlib.blake2b(b"tail|" + request_id.encode(), digest_size=16).digest()
+
+
+def tail_ref(request_id: str, num_tokens: int) -> common_pb2.BlockRef:
+    return common_pb2.BlockRef(key=tail_key(request_id), num_tokens=num_tokens, partial=True)
+
+
+@dataclass
+class KVLoad:
+    """What a request gets before it runs: ``engine_blocks`` leading blocks from the
+    engine's prefix cache, then ``payloads`` from the store (blocks
+    ``engine_blocks ..``), together covering ``num_tokens`` tokens."""
+
+    engine_blocks: int = 0
+    payloads: list[Any] = field(default_factory=list)
+    num_tokens: int = 0
+
+    @property
+    def store_blocks(self) -> int:
+        return len(self.payloads)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The ``add_request`` arguments that hand this KV to the engine."""
+        if not self.payloads:
+            return {}
+        return {"kv_blocks": self.payloads, "kv_num_tokens": self.num_tokens,
+                "kv_first_block": self.engine_blocks}
+
+
+class KVConnector:
+    def __init__(self, store: KVStoreClient, cached_prefix_blocks: Callable[[list[bytes]], int],
+                 block_size: int, block_nbytes: int, pinned_staging: bool) -> None:
+        self.store = store
+        self._cached_prefix_blocks = cached_prefix_blocks
+        self.block_size = block_size
+        self.block_nbytes = block_nbytes
+        self._pinned = pinned_staging
+
+    # ---- scheduler side ----
+    def engine_prefix(self, hashes: list[bytes]) -> int:
+        """Leading blocks of ``hashes`` the engine's prefix cache holds now."""
+        return self._cached_prefix_blocks(hashes)
+
+    # ---- worker side: in ----
+    def load_prefix(self, owner: str, hashes: list[bytes]) -> KVLoad:
+        """A new prompt's full blocks ``hashes`` (the ones worth having: the last prompt
+        token is always computed): the engine's held prefix, then the longest prefix of
+        the rest the store holds."""
+        engine = self.engine_prefix(hashes)
+        payloads = self._fetch(owner, hashes[engine:], prefix=True)
+        return KVLoad(engine, payloads, (engine + len(payloads)) * self.block_size)
+
+    def load_exact(self, owner: str, keys: Sequence[bytes], full_blocks: int,
+                   num_tokens: int) -> KVLoad:
+        """Every block of ``keys`` (the first ``full_blocks`` named by their hash, then
+        private ones) covering ``num_tokens`` tokens; the engine's held leading full
+        blocks are not fetched. A block the store lacks fails the request (NOT_FOUND)."""
+        engine = self.engine_prefix(list(keys[:full_blocks]))
+        payloads = self._fetch(owner, keys[engine:], prefix=False)
+        return KVLoad(engine, payloads, num_tokens)
+
+    def _fetch(self, owner: str, keys: Sequence[bytes], prefix: bool) -> list[Any]:
+        if not keys:
+            return []
+        from services.engine.kv_cache import host_buffer  # torch: only where an engine runs
+
+        staged = host_buffer(len(keys), self.block_nbytes, self._pinned)
+        views = list(staged.numpy())  # transports view numpy rows far faster than tensors
+        get = self.store.get_prefix if prefix else self.store.get
+        held = len(get(owner, list(keys), out=views))
+        return list(staged[:held].unbind(0))
+
+    # ---- worker side: out ----
+    def save(self, owner: str, out: Any, with_tail: bool) -> None:
+        """Puts the blocks a step reported (``StepOutput.exported_blocks``, and the
+        partial tail under the owner's private key when ``with_tail``) into the store,
+        pinned for ``owner``."""
+        blocks = list(out.exported_blocks)
+        refs = [common_pb2.BlockRef(key=b.block_hash, num_tokens=b.num_tokens) for b in blocks]
+        if with_tail and out.tail_block is not None:
+            blocks.append(out.tail_block)
+            refs.append(tail_ref(owner, out.tail_block.num_tokens))
+        if blocks:
+            self.store.put(owner, refs, [b.payload for b in blocks], self.block_nbytes)
+
+    def release(self, owner: str) -> None:
+        """Drops ``owner``'s pins (and its private tail); quiet if the store is away."""
+        self.store.release_quietly(owner)

@@ -1,0 +1,83 @@
+"""The KV connector: the engine's own prefix cache first, the store for the rest;
+answers saved by the decode worker make a conversation's next turn a cache hit."""
+
+from __future__ import annotations
+
+import random
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.server import wait_until
+from services.engine import LLM, SamplingParams
+from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def one_each(tiny_llama_dir: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    with running_cluster(settings, tmp_path_factory.mktemp("kv-connector")) as rc:
+        yield rc
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir: Path) -> LLM:
+    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
+               num_kv_blocks=256, use_tqdm=False)
+
+
+def _greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    return llm.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
+
+
+def _blocks_from(port: int, role: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    pattern = (r'^splitserve_kv_connector_blocks_total\{role="' + role +
+               r'",source="(\w+)"\} ([0-9.e+]+)$')
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+def test_prefix_held_by_the_engine_is_not_fetched(one_each: RunningCluster,
+                                                  reference: LLM) -> None:
+    shared = _tokens(5 * BS, 1)
+    first, second = shared + _tokens(9, 2), shared + _tokens(12, 3)
+    port = one_each.settings.prefill[0].http_port
+    assert one_each.generate(request(first, max_tokens=6)).tokens == _greedy(reference, first, 6)
+    before = _blocks_from(port, "prefill")
+    got = one_each.generate(request(second, max_tokens=6))
+    after = _blocks_from(port, "prefill")
+    assert got.tokens == _greedy(reference, second, 6)
+    assert got.usage.cached_tokens == 5 * BS
+    assert after.get("engine", 0) - before.get("engine", 0) == 5  # its own prefix cache
+    assert after.get("store", 0) - before.get("store", 0) == 0  # nothing from the store
+    assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)
+
+
+def test_next_turn_finds_the_answer_in_the_store(one_each: RunningCluster,
+                                                 reference: LLM) -> None:
+    turn1 = _tokens(3 * BS + 5, 4)
+    answer = one_each.generate(request(turn1, max_tokens=40)).tokens
+    assert answer == _greedy(reference, turn1, 40)
+    turn2 = turn1 + answer + _tokens(7, 5)
+    port = one_each.settings.prefill[0].http_port
+    before = _blocks_from(port, "prefill")
+    got = one_each.generate(request(turn2, max_tokens=6))
+    after = _blocks_from(port, "prefill")
+    assert got.tokens == _greedy(reference, turn2, 6)
+    # the answer's last token has no KV yet: whole blocks of prompt + answer[:-1]
+    assert got.usage.cached_tokens == (len(turn1) + len(answer) - 1) // BS * BS
+    assert after.get("store", 0) - before.get("store", 0) >= 2  # the answer's blocks
+    assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)
