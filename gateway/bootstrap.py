@@ -17,8 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.flow import FlowDeps
+from gateway.openai_http import start_openai_front
 from gateway.router import make_router
 from gateway.server import SERVICE_NAME, GenerationServicer
+from gateway.tls import grpc_server_credentials
 from gateway.tokenizer import load_tokenizer
 from gateway.validation import ServedModel
 from gateway.workers import WorkerPool
@@ -109,7 +111,10 @@ def _start_grpc(settings: ClusterSettings, servicer: GenerationServicer,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     gw = settings.gateway
-    if server.add_insecure_port(gw.address) == 0:
+    credentials = grpc_server_credentials(gw)
+    port = (server.add_insecure_port(gw.address) if credentials is None
+            else server.add_secure_port(gw.address, credentials))
+    if port == 0:
         raise OSError(f"gateway: cannot listen on {gw.address} (port in use?)")
     return server
 
@@ -124,7 +129,9 @@ async def serve_async(settings: ClusterSettings) -> None:
     await gh.set(False, "starting")
     gw = settings.gateway
     http = start_http(gw.host, gw.http_port, readiness) if gw.http_port else None
-    log.info("listening", grpc_port=gw.port, http_port=gw.http_port)
+    openai = await start_openai_front(gw, servicer) if gw.openai_port else None
+    log.info("listening", grpc_port=gw.port, http_port=gw.http_port,
+             openai_port=gw.openai_port, tls=bool(gw.tls_cert))
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -147,6 +154,8 @@ async def serve_async(settings: ClusterSettings) -> None:
         await servicer.drain()
     finally:
         pool.on_change = lambda: None
+        if openai is not None:
+            await openai.close()
         await server.stop(5)
         if http is not None:
             http.shutdown()

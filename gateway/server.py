@@ -51,9 +51,10 @@ class Refusal(Exception):
     """End the call with ``code``/``message`` (and trailing metadata)."""
 
     def __init__(self, code: grpc.StatusCode, message: str,
-                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
+                 trailing: tuple[tuple[str, str], ...] = (), param: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.trailing = code, message, trailing
+        self.param = param  # the request field at fault, when a front knows it
 
 
 def parse(cls: type[Message], raw: bytes) -> Message:
@@ -237,9 +238,13 @@ class GenerationServicer:
                           ) -> generation_pb2.ListModelsResponse:
         try:
             parse(generation_pb2.ListModelsRequest, raw)
-            deps = self._ready_deps()
+            return self.models()
         except Refusal as r:
             await context.abort(r.code, r.message)
+
+    def models(self) -> generation_pb2.ListModelsResponse:
+        """The served models; raises :class:`Refusal` UNAVAILABLE while not serving."""
+        deps = self._ready_deps()
         info = generation_pb2.ModelInfo(
             id=self.model.name, max_model_len=self.model.max_model_len,
             block_size=deps.block_size,
