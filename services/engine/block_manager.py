@@ -102,6 +102,10 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def prefix_hit_blocks(self, seq: Sequence) -> int:
+        """How many leading blocks of a waiting ``seq`` the prefix cache would give it."""
+        return len(self._prefix_hits(seq))
+
     @staticmethod
     def _kv_tokens(seq: Sequence, hits: list[int]) -> int:
         """Tokens whose KV the request brought, counting the cached blocks before its

@@ -137,6 +137,8 @@ class Scheduler:
             budget -= n
             i += 1
 
+        computing = self._blocks_being_computed()
+        deferred: list[Sequence] = []
         while (
             not out.preempted
             and self.waiting
@@ -144,6 +146,9 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if self._waits_for_prefix(seq, computing):
+                deferred.append(self.waiting.popleft())
+                continue
             computed = bm.admission_computed_tokens(seq)
             n = min(seq.num_tokens - computed, budget)
             if not bm.can_allocate(seq, n):
@@ -158,7 +163,35 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
             budget -= n
+            computing.update(self._uncommitted_hashes(seq))
+        self.waiting.extendleft(reversed(deferred))
         return out
+
+    # ---- shared prefixes are computed once ----
+    def _uncommitted_hashes(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the full blocks ``seq`` has still to compute."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching or seq.num_computed_tokens >= seq.num_tokens:
+            return []
+        return bm.seq_hashes(seq, seq.num_tokens // bm.block_size)[seq.num_committed_blocks:]
+
+    def _blocks_being_computed(self) -> set[bytes]:
+        computing: set[bytes] = set()
+        for seq in self.running:
+            computing.update(self._uncommitted_hashes(seq))
+        return computing
+
+    def _waits_for_prefix(self, seq: Sequence, computing: set[bytes]) -> bool:
+        """Is the first block ``seq`` would compute being computed by a running request?
+        Then it waits a step or more and finds it in the prefix cache, instead of
+        computing the same prefix beside it (many agents sharing a system prompt)."""
+        bm = self.block_manager
+        if not computing or seq.kv_blocks:
+            return False
+        hits = bm.prefix_hit_blocks(seq)
+        if hits >= (seq.num_tokens - 1) // bm.block_size:
+            return False
+        return bm.seq_hashes(seq, hits + 1)[hits] in computing
 
     def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Advance the scheduled sequences by their chunks, append the sampled tokens

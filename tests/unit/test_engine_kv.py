@@ -390,3 +390,21 @@ def test_kv_from_a_first_block_on_top_of_the_prefix_cache(tiny_qwen3_dir: Path,
     with pytest.raises(ValueError, match="from block 2 need 3 payloads"):
         b.add_request("y", prompt, params, output_token_ids=[first],
                       kv_blocks=[tail.payload], kv_num_tokens=len(prompt), kv_first_block=2)
+
+
+def test_agents_sharing_a_prefix_compute_it_once(tiny_llama_dir: Path) -> None:
+    """Requests that arrive together with one system prompt: the first computes it,
+    the others wait for its blocks instead of computing them beside it."""
+    system = tokens(4 * BS, 31)
+    prompts = [system + tokens(5 + i, 40 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    e = engine(tiny_llama_dir, max_num_batched_tokens=1024)
+    for i, p in enumerate(prompts):
+        e.add_request(f"agent{i}", p, params)
+    outs = drain(e)
+    assert [token_ids(outs[f"agent{i}"]) for i in range(8)] == hf_greedy(
+        tiny_llama_dir, prompts, params.max_tokens)
+    suffixes = sum(len(p) - len(system) for p in prompts)
+    decodes = 8 * (params.max_tokens - 1)
+    assert e.stats().num_computed_tokens == len(system) + suffixes + decodes
+    assert e.stats().num_prefix_hit_tokens == 7 * len(system)
