@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,18 +169,28 @@ def _all_released(cluster: RunningCluster) -> bool:
     return True
 
 
+def _cancelled_requests(cluster: RunningCluster) -> float:
+    url = f"http://127.0.0.1:{cluster.settings.gateway.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith('splitserve_requests_total{outcome="cancelled"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
 def test_dropped_stream_leaves_nothing_pinned(cluster: RunningCluster,
                                               client: openai.OpenAI) -> None:
     stream = client.completions.create(model=MODEL_NAME, prompt=_ids(3), max_tokens=400,
                                        temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
+    cancelled = _cancelled_requests(cluster)
     for received, _ in enumerate(stream, start=1):
         if received >= 3:
             break
     stream.close()  # the connection goes; the request must go with it
     deadline = time.monotonic() + 10
-    while not _all_released(cluster):
-        assert time.monotonic() < deadline, "blocks or pins still held after the drop"
+    while not _all_released(cluster) or _cancelled_requests(cluster) == cancelled:
+        assert time.monotonic() < deadline, "the request still runs, or holds blocks or pins"
         time.sleep(0.1)
     # ...and the gateway serves on.
     assert client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2,
