@@ -118,7 +118,7 @@ def test_decode_graph_layout_equals_general_layout(tiny_llama_dir: object) -> No
                                     attention_backend="triton", max_num_seqs=8),
                        use_tqdm=False)
     for i, n in enumerate((5, 23, 40)):
-        engine.add_request(f"r{i}", list(range(3, 3 + n)),
+        engine.add_request(f"r{i}", list(range(3 + 100 * i, 3 + 100 * i + n)),
                            SamplingParams(max_tokens=4, ignore_eos=True))
     engine.step()  # the three prefills
     out = engine.scheduler.schedule()
