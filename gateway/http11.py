@@ -138,7 +138,7 @@ class HttpServer:
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         if self.open_connections >= self.limits.max_connections:
-            await self._refuse(writer, Refused(503, "too many open connections; retry"))
+            await self._refuse(reader, writer, Refused(503, "too many open connections; retry"))
             return
         self.open_connections += 1
         task = asyncio.current_task()
@@ -150,6 +150,8 @@ class HttpServer:
             await self._serve_requests(reader, writer)
         except (ConnectionError, ClientGone, ssl.SSLError, TimeoutError):
             pass  # the client went away (or never spoke TLS): nothing to answer
+        except asyncio.CancelledError:
+            pass  # the server is closing: this task is the connection's top, end it quietly
         finally:
             self.open_connections -= 1
             self._tasks.discard(task)
@@ -165,7 +167,7 @@ class HttpServer:
             try:
                 request = await self._read_request(conn, reader, peer_name, wait_s)
             except Refused as r:
-                await self._refuse(writer, r)
+                await self._refuse(reader, writer, r)
                 return
             if request is None:
                 return
@@ -203,6 +205,10 @@ class HttpServer:
             return None
         assert isinstance(head, h11.Request), head
         headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
+        head_bytes = len(head.target) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if head_bytes > self.limits.max_header_bytes:  # h11 bounds only an incomplete head
+            raise Refused(431, f"the request head is {head_bytes} bytes, over the limit of "
+                               f"{self.limits.max_header_bytes}")
         limit = self.limits.max_body_bytes
         length = next((v for k, v in headers if k == "content-length"), "0")
         if int(length) > limit:  # h11 checked that it is an integer
@@ -254,8 +260,11 @@ class HttpServer:
             if len(conn.trailing_data[0]) > self.limits.max_body_bytes:
                 return
 
-    async def _refuse(self, writer: asyncio.StreamWriter, r: Refused) -> None:
-        """A whole answer written without h11's state (the request may be half read)."""
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      r: Refused) -> None:
+        """A whole answer written without h11's state (the request may be half read),
+        then a short lingering close: closing with unread input would reset the
+        connection and could lose the answer on its way."""
         body = self.error_body(r.status, r.message)
         head = (f"HTTP/1.1 {r.status} {http.HTTPStatus(r.status).phrase}\r\n"
                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
@@ -265,7 +274,11 @@ class HttpServer:
             writer.write(head.encode() + body)
             async with asyncio.timeout(1.0):
                 await writer.drain()
-        except (ConnectionError, TimeoutError):
+                if writer.can_write_eof():
+                    writer.write_eof()
+                while await reader.read(READ_CHUNK):
+                    pass
+        except (ConnectionError, TimeoutError, ssl.SSLError):
             pass
         finally:
             writer.close()
