@@ -165,7 +165,7 @@ class HttpServer:
         wait_s = self.limits.header_timeout_s  # the first request comes at once, or never
         while True:
             try:
-                request = await self._read_request(conn, reader, peer_name, wait_s)
+                request = await self._read_request(conn, reader, writer, peer_name, wait_s)
             except Refused as r:
                 await self._refuse(reader, writer, r)
                 return
@@ -178,7 +178,8 @@ class HttpServer:
             wait_s = self.limits.idle_timeout_s
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                            peer: str, wait_s: float) -> HttpRequest | None:
+                            writer: asyncio.StreamWriter, peer: str,
+                            wait_s: float) -> HttpRequest | None:
         """The next request, whole; None when the client closed or stayed idle."""
         if not conn.trailing_data[0]:
             try:
@@ -188,7 +189,7 @@ class HttpServer:
                 return None
         try:
             async with asyncio.timeout(self.limits.header_timeout_s):
-                return await self._receive(conn, reader, peer)
+                return await self._receive(conn, reader, writer, peer)
         except TimeoutError:
             raise Refused(408, f"the request did not arrive within "
                                f"{self.limits.header_timeout_s:g} s") from None
@@ -199,7 +200,7 @@ class HttpServer:
             raise Refused(status, f"malformed HTTP request: {e}{hint}") from None
 
     async def _receive(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                       peer: str) -> HttpRequest | None:
+                       writer: asyncio.StreamWriter, peer: str) -> HttpRequest | None:
         head = await _next_event(conn, reader)
         if isinstance(head, h11.ConnectionClosed):
             return None
@@ -214,6 +215,8 @@ class HttpServer:
         if int(length) > limit:  # h11 checked that it is an integer
             raise Refused(413, f"the request body is {length} bytes, over the limit of "
                                f"{limit} bytes (gateway.openai_max_body_bytes)")
+        if conn.they_are_waiting_for_100_continue:  # curl, for larger bodies
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         body = bytearray()
         while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
             if isinstance(event, h11.ConnectionClosed):

@@ -68,6 +68,25 @@ def test_keep_alive_then_idle_close() -> None:
     assert b"POST hi" in out and b"GET " in out
 
 
+def test_expect_100_continue_is_answered() -> None:
+    async def run() -> bytes:
+        server = await _server(Recorder())
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        try:
+            async with asyncio.timeout(2):
+                interim = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"ok")
+                return interim + await reader.readuntil(b"POST ok")
+        finally:
+            writer.close()
+            await server.close()
+
+    out = asyncio.run(run())
+    assert out.startswith(b"HTTP/1.1 100") and b"HTTP/1.1 200" in out
+
+
 @pytest.mark.parametrize(("request_bytes", "status"), [
     (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n", b"413"),
     (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
