@@ -4,8 +4,16 @@
 raises :class:`FlowError` with the gRPC status to answer when a worker fails.
 Every worker call carries the request's remaining time as its gRPC timeout and as
 ``deadline_ms``, the tenant's cache salt, and the cluster secret. Cancellation (the
-client left, Abort, the deadline, a worker found dead) cancels the serving task;
-the worker calls are cancelled with it and their servers free the request's blocks.
+client left, Abort, the deadline) cancels the serving task; the worker calls are
+cancelled with it and their servers free the request's blocks.
+
+A worker that dies (its stream breaks, or its load poll stops answering) does not
+end the request: it **migrates**. A prefill that fails before the first token goes
+to another prefill worker; after it, and for a decode worker, another decode worker
+resumes from the tokens streamed so far: it takes whatever KV the store holds for
+them (the prompt's blocks and the answer's blocks saved as they filled) and computes
+only the rest, so the client's stream goes on with no token lost or repeated. At
+most ``MAX_MIGRATIONS`` times per request; then, or with no worker left, UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ log = get_logger("gateway")
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
 RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
+MAX_MIGRATIONS = 3  # worker failures one request survives
 
 Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
@@ -89,10 +98,37 @@ class RequestFlow:
         self.text = TextStream(deps.tokenizer, req.stop, req.prompt_token_ids)
         self.num_output = 0
         self.num_cached = 0
+        self.migrations = 0
+        self.first: worker_pb2.PrefillResponse | None = None  # the first token's message
         self.first_token_at: float | None = None
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
 
     async def run(self, send: Send) -> None:
+        first, kv = await self._prefill(send)
+        self.deps.metrics.cached_tokens.inc(self.num_cached)
+        reason = first.finish_reason
+        if self.text.stopped:
+            reason = common_pb2.FINISH_REASON_STOP
+        if not reason:
+            blocks, kv_tokens = (kv.blocks, kv.kv_num_tokens) if kv else ([], 0)
+            reason = await self._decode([first.first_token_id], blocks, kv_tokens, send)
+        await send(self.final(reason))
+
+    async def _prefill(self, send: Send) -> tuple[worker_pb2.PrefillResponse,
+                                                  worker_pb2.PrefillResponse | None]:
+        """(the first-token message, the kv_ready message or None when the prefill
+        worker died after the first token: decode then resumes from the store)."""
+        while True:
+            try:
+                return await self._prefill_on_worker(send)
+            except FlowError as e:
+                self._migrate_or_raise(e, PREFILL)
+                if self.first is not None:  # streamed already: decode takes it from here
+                    return self.first, None
+
+    async def _prefill_on_worker(
+        self, send: Send,
+    ) -> tuple[worker_pb2.PrefillResponse, worker_pb2.PrefillResponse]:
         req, lc = self.req, self.lifecycle
         lc.phase = Phase.PREFILL
         worker, route = self._route(PREFILL, len(req.prompt_token_ids))
@@ -100,16 +136,18 @@ class RequestFlow:
             request_id=lc.internal_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling_params(), cache_salt=self.cache_salt,
             deadline_ms=lc.remaining_ms())
-        async with self._calling(PREFILL, worker, route):
-            call = self.deps.pool.stub(worker).Prefill(
-                call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+        call = self.deps.pool.stub(worker).Prefill(
+            call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+        async with self._calling(PREFILL, worker, route, call):
             try:
-                first = await self._read(call, PREFILL, worker)
-                self.num_cached = first.num_cached_tokens
-                await send(self._emit([first.first_token_id], ttft=True))
+                msg = await self._read(call, PREFILL, worker)
+                if self.first is None:
+                    self.first = msg
+                    self.num_cached = msg.num_cached_tokens
+                    await send(self._emit([msg.first_token_id], ttft=True))
                 # Read on to kv_ready even when the request is over: the worker is then done
                 # putting blocks, and the release cannot race with a late put.
-                kv = first
+                kv = msg
                 while not kv.kv_ready:
                     kv = await self._read(call, PREFILL, worker)
                 # The worker hands the blocks over only when its stream ends: read to the end.
@@ -118,13 +156,19 @@ class RequestFlow:
             except BaseException:
                 call.cancel()  # the worker then drops the request and its blocks
                 raise
-        self.deps.metrics.cached_tokens.inc(self.num_cached)
-        reason = first.finish_reason
-        if self.text.stopped:
-            reason = common_pb2.FINISH_REASON_STOP
-        if not reason:
-            reason = await self._decode(first.first_token_id, kv, send)
-        await send(self.final(reason))
+        return self.first, kv
+
+    def _migrate_or_raise(self, error: FlowError, phase: str) -> None:
+        """Carry on elsewhere after a worker failure, or re-raise ``error``."""
+        lc = self.lifecycle
+        if (error.code != grpc.StatusCode.UNAVAILABLE or lc.stop is not None
+                or self.migrations >= MAX_MIGRATIONS or lc.remaining_s() <= 0):
+            raise error
+        self.migrations += 1
+        lc.phase = Phase.MIGRATING
+        self.deps.metrics.migrations.inc()
+        log.warning("migrating", request_id=self.req.request_id, phase=phase,
+                    migration=self.migrations, tokens_so_far=self.num_output, error=str(error))
 
     @staticmethod
     async def _read(call: grpc.aio.UnaryStreamCall, phase: str, worker: WorkerInfo):
@@ -142,40 +186,62 @@ class RequestFlow:
         return worker, route
 
     @asynccontextmanager
-    async def _calling(self, phase: str, worker: WorkerInfo,
-                       route: RouteRequest) -> AsyncIterator[None]:
+    async def _calling(self, phase: str, worker: WorkerInfo, route: RouteRequest,
+                       call: grpc.aio.Call) -> AsyncIterator[None]:
         """Load and liveness bookkeeping around a worker call, and its errors in
-        gateway terms."""
+        gateway terms. A worker found dead by the load poll interrupts the call."""
+        lost: list[str] = []
+
+        def on_down(why: str) -> None:
+            lost.append(why)
+            call.cancel()
+
         self.deps.router.on_start(worker, route)
-        untrack = self.deps.pool.track(worker, self.lifecycle)
+        untrack = self.deps.pool.track(worker, on_down)
         try:
             yield
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.deps.pool.mark_failed(worker)
             raise _worker_error(phase, worker, e, self.lifecycle) from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not lost or (task is not None and task.cancelling()):
+                raise  # the request itself was cancelled
+            raise FlowError(grpc.StatusCode.UNAVAILABLE, lost[0]) from None
         finally:
             untrack()
             self.deps.router.on_finish(worker, route)
 
-    async def _decode(self, first_token: int, kv: worker_pb2.PrefillResponse,
-                      send: Send) -> int:
-        """Streams the decode worker's tokens; returns the finish reason."""
+    async def _decode(self, outputs: list[int], blocks: list[common_pb2.BlockRef],
+                      kv_tokens: int, send: Send) -> int:
+        """Streams the decode worker's tokens (moving to another decode worker if it
+        dies); returns the finish reason. ``outputs`` grows with every token sent."""
+        while True:
+            try:
+                return await self._decode_on_worker(outputs, blocks, kv_tokens, send)
+            except FlowError as e:
+                self._migrate_or_raise(e, DECODE)
+                blocks, kv_tokens = [], 0  # resume: the next worker asks the store itself
+
+    async def _decode_on_worker(self, outputs: list[int], blocks: list[common_pb2.BlockRef],
+                                kv_tokens: int, send: Send) -> int:
         req, lc = self.req, self.lifecycle
         lc.phase = Phase.DECODE
         worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
         call_req = worker_pb2.DecodeRequest(
             request_id=lc.internal_id, model=req.model,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=[first_token],
-            sampling=req.sampling_params(), blocks=kv.blocks, kv_num_tokens=kv.kv_num_tokens,
+            prompt_token_ids=req.prompt_token_ids, output_token_ids=outputs,
+            sampling=req.sampling_params(), blocks=blocks, kv_num_tokens=kv_tokens,
             cache_salt=self.cache_salt, deadline_ms=lc.remaining_ms())
         reason = 0
-        async with self._calling(DECODE, worker, route):
-            call = self.deps.pool.stub(worker).Decode(
-                call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+        call = self.deps.pool.stub(worker).Decode(
+            call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+        async with self._calling(DECODE, worker, route, call):
             try:
                 async for chunk in call:
                     if chunk.token_ids:
+                        outputs.extend(chunk.token_ids)
                         await send(self._emit(list(chunk.token_ids)))
                     if self.text.stopped:
                         return common_pb2.FINISH_REASON_STOP  # cancelling frees it on the worker

@@ -31,6 +31,7 @@ class Phase(enum.Enum):
     QUEUED = "queued"
     PREFILL = "prefill"
     DECODE = "decode"
+    MIGRATING = "migrating"  # its worker died: moving to another, KV from the store
     FINISHED = "finished"
 
 

@@ -3,7 +3,8 @@
 Every ``poll_s`` each worker is asked ``GetLoad`` with a ``poll_timeout_s`` deadline.
 A worker that refuses connections is down at once; one that stops answering (hung,
 SIGSTOPped) is down after ``failures_to_down`` polls in a row time out, and then
-every request in flight on it is stopped with UNAVAILABLE instead of hanging.
+every call in flight on it is interrupted (its flow then moves the request to another
+worker, or fails it with UNAVAILABLE) instead of hanging.
 ``on_change`` is called whenever the set of healthy workers changes (readiness).
 """
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.lifecycle import RequestLifecycle
 from gateway.router import DECODE, PREFILL, WorkerInfo
 from services.common.logging import get_logger
 from services.common.server import GRPC_OPTIONS
@@ -33,7 +33,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.PrefillWorkerStub | worker_pb2_grpc.DecodeWorkerStub
     failures: int = 0  # polls in a row that got no answer
-    inflight: set[RequestLifecycle] = field(default_factory=set)
+    inflight: dict[int, Callable[[str], None]] = field(default_factory=dict)  # call -> on_down
 
 
 class WorkerPool:
@@ -79,12 +79,13 @@ class WorkerPool:
     def all_roles_healthy(self) -> bool:
         return not self.missing_roles()
 
-    def track(self, info: WorkerInfo, lifecycle: RequestLifecycle) -> Callable[[], None]:
-        """``lifecycle`` has a call on ``info``: stopped if the worker goes down.
+    def track(self, info: WorkerInfo, on_down: Callable[[str], None]) -> Callable[[], None]:
+        """A call is in flight on ``info``: ``on_down(why)`` if the worker goes down.
         Returns the function that stops tracking it."""
         inflight = self.handles[info.worker_id].inflight
-        inflight.add(lifecycle)
-        return lambda: inflight.discard(lifecycle)
+        key = id(on_down)
+        inflight[key] = on_down
+        return lambda: inflight.pop(key, None)
 
     def mark_failed(self, info: WorkerInfo) -> None:
         """A call to it just failed to connect: skip it until a poll finds it alive."""
@@ -120,11 +121,9 @@ class WorkerPool:
             self.on_change()
         if not strand:  # its other calls see the failure themselves
             return
-        stranded, handle.inflight = handle.inflight, set()
-        for lifecycle in stranded:
-            lifecycle.cancel(grpc.StatusCode.UNAVAILABLE,
-                             f"{info.role} worker {info.address} stopped answering ({why}); "
-                             "retry the request")
+        stranded, handle.inflight = handle.inflight, {}
+        for on_down in stranded.values():
+            on_down(f"{info.role} worker {info.address} stopped answering ({why})")
 
     async def _poll_forever(self) -> None:
         while True:

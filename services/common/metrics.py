@@ -52,3 +52,5 @@ class GatewayMetrics:
         self.output_tokens = Counter("splitserve_output_tokens", "Tokens streamed to clients")
         self.queued = Gauge("splitserve_queued_requests", "Requests waiting for admission")
         self.inflight = Gauge("splitserve_inflight_requests", "Requests being served")
+        self.migrations = Counter("splitserve_migrations",
+                                  "Requests moved to another worker after one failed")

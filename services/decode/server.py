@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from services.common.deadline import RequestDeadline
+from services.common.kv_connector import KVLoad
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -21,6 +22,7 @@ from services.common.worker import (
     sampling_params,
     serve_worker,
 )
+from services.engine.block_hash import block_hashes
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("decode")
@@ -48,10 +50,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              "output_token_ids must hold at least the first token")
         params = sampling_params(request.sampling)
-        full = sum(1 for b in request.blocks if not b.partial)
         # not kept here: the engine lets go of the staging buffer once it is copied in
-        load = ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
-                                 request.kv_num_tokens)
+        load = self._load(ctx, request)
         self.metrics.observe_kv_load(load.engine_blocks, load.store_blocks)
         deadline.check()
         stream = ctx.loop.submit(
@@ -70,6 +70,19 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 )
         log.info("decoded", request_id=rid, tokens=n, engine_blocks=load.engine_blocks,
                  store_blocks=load.store_blocks)
+
+    @staticmethod
+    def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest) -> KVLoad:
+        """The blocks named by the request; with none named, a resumed request (its
+        worker died): whatever prefix of prompt + outputs the store holds."""
+        rid = request.request_id
+        if request.blocks:
+            full = sum(1 for b in request.blocks if not b.partial)
+            return ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
+                                     request.kv_num_tokens)
+        tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
+        hashes = block_hashes(tokens, ctx.hash_ctx, cache_salt=request.cache_salt)
+        return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size])
 
     @staticmethod
     def _save_answer(ctx: WorkerContext, rid: str, out: Any) -> None:
