@@ -92,7 +92,9 @@ def taken_ports(settings: ClusterSettings, roles: tuple[str, ...] = ROLES) -> li
     taken = []
     for role in roles:
         for i, ep in enumerate(role_endpoints(settings, role)):
-            for kind, port in (("grpc", ep.port), ("http", ep.http_port)):
+            ports = [("grpc", ep.port), ("http", ep.http_port)]
+            ports.append(("openai", getattr(ep, "openai_port", 0)))  # the gateway's HTTP API
+            for kind, port in ports:
                 if port and port_in_use(ep.host, port):
                     taken.append(f"{role}-{i} {kind} port {ep.host}:{port}")
     return taken
@@ -201,4 +203,6 @@ def with_free_ports(settings: ClusterSettings) -> ClusterSettings:
     for role in ROLES:
         for ep in role_endpoints(settings, role):
             ep.port, ep.http_port = free_port(), free_port()
+            if getattr(ep, "openai_port", 0):
+                ep.openai_port = free_port()
     return settings

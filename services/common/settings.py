@@ -108,9 +108,9 @@ class GatewaySettings(Endpoint):
     # API keys the gateway accepts (metadata "x-api-key" or "authorization: Bearer KEY");
     # empty -> no key needed. A key names its tenant: its requests, aborts and cache salt.
     api_keys: list[str] = field(default_factory=list)
-    # The OpenAI-compatible HTTP front (/v1/models, /v1/completions, /v1/chat/completions)
-    # 0 -> off (the default, so that clusters of tests never share a port); e.g. 8000
-    openai_port: int = 0
+    # The OpenAI-compatible HTTP front (/v1/models, /v1/completions, /v1/chat/completions);
+    # 0 -> off. Test clusters get a free port of their own (launcher.with_free_ports).
+    openai_port: int = 8000
     openai_max_connections: int = 256  # open connections; one more is answered 503
     openai_max_body_bytes: int = 4 * MiB  # a larger request body is answered 413
     openai_header_timeout_s: float = 10.0  # to receive a whole request (head and body)
