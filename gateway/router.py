@@ -45,6 +45,7 @@ class WorkerInfo:
     queued_tokens: int = 0
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
+    max_num_seqs: int = 0  # 0: not reported
 
     def update_load(self, load: worker_pb2.WorkerLoad) -> None:
         """Takes in a worker's ``GetLoad`` answer."""
@@ -53,6 +54,7 @@ class WorkerInfo:
         self.queued_tokens = load.queued_tokens
         self.free_kv_blocks = load.free_kv_blocks
         self.total_kv_blocks = load.total_kv_blocks
+        self.max_num_seqs = load.max_num_seqs
         if load.model:
             self.model = load.model
 

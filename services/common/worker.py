@@ -160,6 +160,7 @@ class WorkerContext:
             waiting=st.num_waiting,
             free_kv_blocks=st.num_free_blocks,
             total_kv_blocks=st.num_kv_blocks,
+            max_num_seqs=self.settings.model.max_num_seqs,
         )
 
 

@@ -84,7 +84,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "model", "running", "waiting", "queued_tokens", "free_kv_blocks", "total_kv_blocks")
+    __slots__ = ("worker_id", "model", "running", "waiting", "queued_tokens", "free_kv_blocks", "total_kv_blocks", "max_num_seqs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class WorkerLoad(_message.Message):
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     running: int
@@ -99,4 +100,5 @@ class WorkerLoad(_message.Message):
     queued_tokens: int
     free_kv_blocks: int
     total_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
