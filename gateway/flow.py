@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 
 from gateway.detokenizer import TextStream
 from gateway.lifecycle import Phase, RequestLifecycle
+from gateway.preemption import Decoding, Preemptor
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
 from gateway.tokenizer import Tokenizer
 from gateway.validation import ValidatedRequest
@@ -51,6 +52,10 @@ class FlowError(Exception):
         self.code = code
 
 
+class Preempted(Exception):
+    """The request's decode call was stopped to give its place to a higher class."""
+
+
 @dataclass
 class FlowDeps:
     pool: WorkerPool
@@ -60,7 +65,12 @@ class FlowDeps:
     metrics: GatewayMetrics
     block_size: int
     metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
+    preemptor: Preemptor | None = None  # default: over the pool's decode workers
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.preemptor is None:
+            self.preemptor = Preemptor(self.pool.workers)
 
     def release_pins(self, owner: str) -> asyncio.Task[None]:
         """Drops the store pins of ``owner`` in a task of its own (a cleanup must not be
@@ -99,6 +109,9 @@ class RequestFlow:
         self.num_output = 0
         self.num_cached = 0
         self.migrations = 0
+        self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
+        self._call: grpc.aio.Call | None = None  # the worker call in flight
+        self._interrupted: tuple[str, str] | None = None  # (lost | preempted, why)
         self.first: worker_pb2.PrefillResponse | None = None  # the first token's message
         self.first_token_at: float | None = None
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
@@ -185,69 +198,92 @@ class RequestFlow:
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
         return worker, route
 
+    def _interrupt(self, kind: str, why: str) -> None:
+        """Stops the worker call in flight: its worker died (``lost``) or its place goes
+        to a higher class (``preempted``); the flow then moves or pauses the request."""
+        if self._call is not None and self._interrupted is None:
+            self._interrupted = (kind, why)
+            self._call.cancel()
+
+    def _preempt(self) -> None:
+        if self.lifecycle.phase == Phase.DECODE:
+            self._interrupt("preempted", "preempted for a request of a higher class")
+
     @asynccontextmanager
     async def _calling(self, phase: str, worker: WorkerInfo, route: RouteRequest,
                        call: grpc.aio.Call) -> AsyncIterator[None]:
         """Load and liveness bookkeeping around a worker call, and its errors in
         gateway terms. A worker found dead by the load poll interrupts the call."""
-        lost: list[str] = []
-
-        def on_down(why: str) -> None:
-            lost.append(why)
-            call.cancel()
-
+        self._call, self._interrupted = call, None
         self.deps.router.on_start(worker, route)
-        untrack = self.deps.pool.track(worker, on_down)
+        untrack = self.deps.pool.track(worker, lambda why: self._interrupt("lost", why))
         try:
             yield
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.deps.pool.mark_failed(worker)
-            raise _worker_error(phase, worker, e, self.lifecycle) from e
-        except asyncio.CancelledError:
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
             task = asyncio.current_task()
-            if not lost or (task is not None and task.cancelling()):
-                raise  # the request itself was cancelled
-            raise FlowError(grpc.StatusCode.UNAVAILABLE, lost[0]) from None
+            if self._interrupted is None or (task is not None and task.cancelling()):
+                if isinstance(e, asyncio.CancelledError):
+                    raise  # the request itself was cancelled
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.deps.pool.mark_failed(worker)
+                raise _worker_error(phase, worker, e, self.lifecycle) from e
+            kind, why = self._interrupted
+            if kind == "preempted":
+                raise Preempted(why) from None
+            raise FlowError(grpc.StatusCode.UNAVAILABLE, why) from None
         finally:
+            self._call = None
             untrack()
             self.deps.router.on_finish(worker, route)
 
     async def _decode(self, outputs: list[int], blocks: list[common_pb2.BlockRef],
                       kv_tokens: int, send: Send) -> int:
         """Streams the decode worker's tokens (moving to another decode worker if it
-        dies); returns the finish reason. ``outputs`` grows with every token sent."""
+        dies, pausing while preempted); returns the finish reason. ``outputs`` grows
+        with every token sent."""
+        lc = self.lifecycle
         while True:
             try:
                 return await self._decode_on_worker(outputs, blocks, kv_tokens, send)
+            except Preempted:
+                lc.phase = Phase.PREEMPTED
+                self.deps.metrics.preemptions.inc()
+                log.info("preempted", request_id=self.req.request_id,
+                         tokens_so_far=self.num_output)
+                await self.deps.preemptor.wait_for_room(self.decoding, lc.remaining_s())
             except FlowError as e:
                 self._migrate_or_raise(e, DECODE)
-                blocks, kv_tokens = [], 0  # resume: the next worker asks the store itself
+            blocks, kv_tokens = [], 0  # resume: the next worker asks the store itself
 
     async def _decode_on_worker(self, outputs: list[int], blocks: list[common_pb2.BlockRef],
                                 kv_tokens: int, send: Send) -> int:
-        req, lc = self.req, self.lifecycle
-        lc.phase = Phase.DECODE
-        worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
-        call_req = worker_pb2.DecodeRequest(
-            request_id=lc.internal_id, model=req.model,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=outputs,
-            sampling=req.sampling_params(), blocks=blocks, kv_num_tokens=kv_tokens,
-            cache_salt=self.cache_salt, deadline_ms=lc.remaining_ms())
-        reason = 0
-        call = self.deps.pool.stub(worker).Decode(
-            call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
-        async with self._calling(DECODE, worker, route, call):
-            try:
-                async for chunk in call:
-                    if chunk.token_ids:
-                        outputs.extend(chunk.token_ids)
-                        await send(self._emit(list(chunk.token_ids)))
-                    if self.text.stopped:
-                        return common_pb2.FINISH_REASON_STOP  # cancelling frees it on the worker
-                    reason = chunk.finish_reason or reason
-            finally:
-                call.cancel()
+        req, lc, pre = self.req, self.lifecycle, self.deps.preemptor
+        with ExitStack() as asking:
+            asking.enter_context(pre.asking(self.decoding))
+            pre.make_room(self.decoding)
+            worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
+            lc.phase = Phase.DECODE
+            call_req = worker_pb2.DecodeRequest(
+                request_id=lc.internal_id, model=req.model,
+                prompt_token_ids=req.prompt_token_ids, output_token_ids=outputs,
+                sampling=req.sampling_params(), blocks=blocks, kv_num_tokens=kv_tokens,
+                cache_salt=self.cache_salt, deadline_ms=lc.remaining_ms())
+            reason = 0
+            call = self.deps.pool.stub(worker).Decode(
+                call_req, timeout=lc.remaining_s(), metadata=self.deps.metadata)
+            async with self._calling(DECODE, worker, route, call):
+                with pre.placed(self.decoding, worker):
+                    try:
+                        async for chunk in call:
+                            asking.close()  # placed: paused requests may take a place again
+                            if chunk.token_ids:
+                                outputs.extend(chunk.token_ids)
+                                await send(self._emit(list(chunk.token_ids)))
+                            if self.text.stopped:
+                                return common_pb2.FINISH_REASON_STOP  # cancelling frees it
+                            reason = chunk.finish_reason or reason
+                    finally:
+                        call.cancel()
         if not reason:
             raise FlowError(grpc.StatusCode.UNAVAILABLE,
                             f"decode worker {worker.address} ended its stream without "

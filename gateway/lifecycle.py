@@ -32,6 +32,7 @@ class Phase(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     MIGRATING = "migrating"  # its worker died: moving to another, KV from the store
+    PREEMPTED = "preempted"  # paused for a higher class; resumes from the store
     FINISHED = "finished"
 
 

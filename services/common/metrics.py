@@ -54,3 +54,5 @@ class GatewayMetrics:
         self.inflight = Gauge("splitserve_inflight_requests", "Requests being served")
         self.migrations = Counter("splitserve_migrations",
                                   "Requests moved to another worker after one failed")
+        self.preemptions = Counter("splitserve_preemptions",
+                                   "Requests paused to give their place to a higher class")

@@ -1,0 +1,106 @@
+"""Preemption: a request of a higher priority class that finds every decode worker
+full takes the place of a lower-priority one, which pauses and resumes later.
+
+A decode worker saves every full block of an answer into the store as it fills
+(see services/decode), so a preempted request loses at most its partial last
+block: the gateway just stops its decode call (the worker frees the sequence) and
+later resumes it on any decode worker from the tokens streamed so far, like a
+migration. The client's stream only pauses. Policy: a class preempts only
+strictly lower classes; a request is preempted at most ``max_preemptions`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from gateway.router import DECODE, WorkerInfo
+from services.common.logging import get_logger
+
+log = get_logger("gateway")
+RESUME_POLL_S = 0.05
+
+
+@dataclass(eq=False)
+class Decoding:
+    """A request decoding on a worker, as the preemptor sees it."""
+
+    request_id: str
+    priority: int
+    preempt: Callable[[], None]  # stops its decode call; its flow then pauses it
+    worker_id: str = ""
+    preemptions: int = 0
+    waiting: bool = False  # asking for a place (a new arrival or a paused request)
+
+
+@dataclass
+class Preemptor:
+    workers: Callable[[str], list[WorkerInfo]]  # the pool's workers of a role
+    max_preemptions: int = 2
+    _placed: dict[str, set[Decoding]] = field(default_factory=dict)  # worker id -> requests
+    _asking: set[Decoding] = field(default_factory=set)
+
+    def full(self, worker: WorkerInfo) -> bool:
+        """No place for one more sequence: the batch is full (by what it reported and
+        what this gateway sent it since) or the engine already queues requests."""
+        if not worker.healthy:
+            return True
+        if worker.waiting:
+            return True
+        ours = len(self._placed.get(worker.worker_id, ()))
+        limit = worker.max_num_seqs
+        return bool(limit) and max(worker.running, ours) >= limit
+
+    def all_full(self) -> bool:
+        return all(self.full(w) for w in self.workers(DECODE))
+
+    @contextmanager
+    def asking(self, d: Decoding) -> Iterator[None]:
+        """``d`` looks for a place: lower-priority requests do not take it back."""
+        d.waiting = True
+        self._asking.add(d)
+        try:
+            yield
+        finally:
+            d.waiting = False
+            self._asking.discard(d)
+
+    def make_room(self, d: Decoding) -> bool:
+        """If every decode worker is full, preempt the lowest-priority, latest placed
+        request below ``d``'s class. True when one was preempted."""
+        if not self.all_full():
+            return False
+        victims = [v for placed in self._placed.values() for v in placed
+                   if v.priority < d.priority and v.preemptions < self.max_preemptions]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda v: v.priority)
+        victim.preemptions += 1
+        log.info("preempting", request_id=victim.request_id, priority=victim.priority,
+                 for_request=d.request_id, for_priority=d.priority)
+        victim.preempt()
+        return True
+
+    async def wait_for_room(self, d: Decoding, timeout_s: float) -> None:
+        """A paused request waits until a decode worker has a place and no request of
+        a higher class is still asking for one (or its time runs out)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        with self.asking(d):
+            while loop.time() < end and (self.all_full() or self._higher_asking(d)):
+                await asyncio.sleep(RESUME_POLL_S)
+
+    def _higher_asking(self, d: Decoding) -> bool:
+        return any(o.priority > d.priority for o in self._asking if o is not d)
+
+    @contextmanager
+    def placed(self, d: Decoding, worker: WorkerInfo) -> Iterator[None]:
+        """``d`` is decoding on ``worker`` for the duration."""
+        d.worker_id = worker.worker_id
+        self._placed.setdefault(worker.worker_id, set()).add(d)
+        try:
+            yield
+        finally:
+            self._placed.get(worker.worker_id, set()).discard(d)

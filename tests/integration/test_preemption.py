@@ -1,0 +1,87 @@
+"""Preemption: a high-priority request that finds the decode batch full takes the
+place of a low-priority one, which pauses and resumes from the store with exactly
+the single engine's tokens; nothing leaks."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.server import wait_until
+from services.engine import LLM, SamplingParams
+from splitserve.v1 import common_pb2
+from tests.integration.conftest import (
+    Result,
+    RunningCluster,
+    cluster_settings,
+    collect,
+    request,
+    running_cluster,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def one_seat_pair(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[RunningCluster]:
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    settings.model.max_num_seqs = 2  # the decode batch is full with two requests
+    with running_cluster(settings, tmp_path) as rc:
+        yield rc
+
+
+def _metric(cluster: RunningCluster, name: str) -> float:
+    url = f"http://127.0.0.1:{cluster.settings.gateway.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        m = re.search(rf"^{name} ([0-9.e+]+)$", r.read().decode(), re.M)
+    return float(m[1]) if m else 0.0
+
+
+class Stream(threading.Thread):
+    def __init__(self, cluster: RunningCluster, prompt: list[int], max_tokens: int,
+                 priority: int) -> None:
+        super().__init__()
+        self.req = request(prompt, max_tokens=max_tokens)
+        self.req.priority = priority
+        self.cluster, self.started = cluster, threading.Event()
+        self.result: Result | None = None
+        self.ended_at = 0.0
+        self.start()
+
+    def run(self) -> None:
+        def marked() -> Iterator:
+            for msg in self.cluster.stub.Generate(self.req, timeout=120):
+                if len(msg.token_ids):
+                    self.started.set()
+                yield msg
+
+        self.result = collect(marked())
+        self.ended_at = time.monotonic()
+
+
+def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluster,
+                                                    tiny_llama_dir: Path) -> None:
+    low_prompts = [[7 + i] * 20 + list(range(30, 50)) for i in range(2)]
+    high_prompt = list(range(100, 140))
+    ref = LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
+              num_kv_blocks=256, use_tqdm=False)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (400, 400, 20)]
+    want = [o["token_ids"] for o in ref.generate(low_prompts + [high_prompt], params,
+                                                  use_tqdm=False)]
+    lows = [Stream(one_seat_pair, p, 400, common_pb2.PRIORITY_CLASS_BATCH)
+            for p in low_prompts]
+    assert all(s.started.wait(60) for s in lows)
+    high = Stream(one_seat_pair, high_prompt, 20, common_pb2.PRIORITY_CLASS_HIGH)
+    for s in [*lows, high]:
+        s.join(timeout=120)
+    assert [s.result.tokens for s in [*lows, high]] == want  # paused, resumed, exact
+    assert high.ended_at < min(s.ended_at for s in lows)  # served first
+    assert _metric(one_seat_pair, "splitserve_preemptions_total") >= 1
+    assert wait_until(lambda: (st := one_seat_pair.store.stats()).pins == 0
+                      and st.owners == 0, timeout_s=15)
