@@ -117,6 +117,11 @@ class RequestFlow:
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
 
     async def run(self, send: Send) -> None:
+        if not self.deps.pool.workers(PREFILL):  # colocated: decode workers prefill too
+            reason = await self._decode([], [], 0, send)
+            self.deps.metrics.cached_tokens.inc(self.num_cached)
+            await send(self.final(reason))
+            return
         first, kv = await self._prefill(send)
         self.deps.metrics.cached_tokens.inc(self.num_cached)
         reason = first.finish_reason
@@ -276,9 +281,11 @@ class RequestFlow:
                     try:
                         async for chunk in call:
                             asking.close()  # placed: paused requests may take a place again
+                            self.num_cached = chunk.num_cached_tokens or self.num_cached
                             if chunk.token_ids:
                                 outputs.extend(chunk.token_ids)
-                                await send(self._emit(list(chunk.token_ids)))
+                                await send(self._emit(list(chunk.token_ids),
+                                                      ttft=self.first_token_at is None))
                             if self.text.stopped:
                                 return common_pb2.FINISH_REASON_STOP  # cancelling frees it
                             reason = chunk.finish_reason or reason

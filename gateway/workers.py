@@ -74,7 +74,9 @@ class WorkerPool:
 
     def missing_roles(self) -> list[str]:
         """The roles with no healthy worker: while any, the gateway cannot serve."""
-        return [r for r in ROLES if not any(w.healthy for w in self.workers(r))]
+        # with no prefill worker at all the cluster is colocated: decode workers prefill
+        needed = [r for r in ROLES if r == DECODE or self.workers(r)]
+        return [r for r in needed if not any(w.healthy for w in self.workers(r))]
 
     def all_roles_healthy(self) -> bool:
         return not self.missing_roles()

@@ -2,17 +2,24 @@
 
 Control calls go over gRPC; block bytes go over the data-plane transport chosen for
 this (client, store) pair (see :mod:`services.transfer`): ``shm`` on the same host,
-``grpc`` elsewhere, or what ``TransferSettings.transport`` forces. Thread-safe.
+``ucx`` where it is installed and reachable, ``grpc`` elsewhere, or what
+``TransferSettings.transport`` forces. A transport that fails in the middle of a
+request is dropped and the request runs once more on a transport opened anew from a
+fresh Describe: under ``auto`` the failed rung sits out ``fallback_cooldown_s`` (for
+that store instance; a restarted store is a new one, reconnected at once), so the retry
+takes the next rung down. Thread-safe.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
-from services.common.auth import secret_metadata_from_env, with_metadata
+from services.common.auth import SECRET_METADATA_KEY, secret_metadata_from_env, with_metadata
 from services.common.logging import get_logger
 from services.common.settings import TransferSettings
 from services.transfer import (
@@ -21,14 +28,17 @@ from services.transfer import (
     KVTransport,
     PutResult,
     StaleTransportError,
+    TransportFailure,
     as_view,
     open_transport,
     wrap_rpc_error,
 )
 from services.transfer.base import to_refs
+from services.transfer.metrics import TRANSPORT_FALLBACKS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 log = get_logger("kvstore-client")
+T = TypeVar("T")
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -51,6 +61,8 @@ class KVStoreClient:
         self._raw_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         if metadata is None:
             metadata = secret_metadata_from_env()
+        self._secret = dict(metadata).get(SECRET_METADATA_KEY, "")
+        self._failed: dict[tuple[str, str], float] = {}  # (store_id, transport) -> when
         self._channel = with_metadata(self._raw_channel, metadata)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._lock = threading.Lock()
@@ -71,9 +83,23 @@ class KVStoreClient:
             describe = self.describe()
             with self._lock:
                 if self._transport is None:
-                    self._transport = open_transport(self._channel, describe, self.transfer,
-                                                     timeout_s=self.transfer_timeout_s)
+                    self._transport = open_transport(
+                        self._channel, describe, self.transfer,
+                        timeout_s=self.transfer_timeout_s, host=self.host, secret=self._secret,
+                        skip=self._cooling(describe.store_id))
         return self._transport
+
+    @property
+    def host(self) -> str:
+        """The store's host as this client addresses it."""
+        host = self.address.rsplit(":", 1)[0] if ":" in self.address else self.address
+        return host.strip("[]")
+
+    def _cooling(self, store_id: str) -> list[str]:
+        """The transports that failed with this store instance lately."""
+        now, cooldown = time.monotonic(), self.transfer.fallback_cooldown_s
+        return [name for (sid, name), at in self._failed.items()
+                if sid == store_id and now - at < cooldown]
 
     @property
     def transport_name(self) -> str:
@@ -135,18 +161,32 @@ class KVStoreClient:
             return []
         return self._on_transport(lambda t: t.get(owner, keys, out, longest_prefix=True))
 
-    def _on_transport(self, op):
-        """Runs ``op(transport)``; when the store restarted under the transport, opens
-        a new one for the new store and runs it again (once)."""
+    def _on_transport(self, op: Callable[[KVTransport], T]) -> T:
+        """Runs ``op(transport)``; when the store restarted under the transport, or the
+        transport failed mid-request, drops it and runs ``op`` once more on a transport
+        opened from a fresh Describe (the next rung down, under ``auto``)."""
         transport = self.transport
         try:
             return op(transport)
         except StaleTransportError:
+            self._drop(transport)
+        except TransportFailure as e:
+            store_id = getattr(transport, "store_id", "")
             with self._lock:
-                if self._transport is transport:
-                    self._transport, self._describe = None, None
-            transport.close()
-            return op(self.transport)
+                self._failed[(store_id, transport.name)] = time.monotonic()
+            self._drop(transport)
+            log.warning("transport_failed", store=store_id, transport=transport.name,
+                        error=e.details(), retry="once, on a transport opened anew")
+            retry = self.transport
+            TRANSPORT_FALLBACKS.labels(transport.name, retry.name).inc()
+            return op(retry)
+        return op(self.transport)
+
+    def _drop(self, transport: KVTransport) -> None:
+        with self._lock:
+            if self._transport is transport:
+                self._transport, self._describe = None, None
+        transport.close()
 
     def release(self, owner: str) -> int:
         """Drops every pin of ``owner`` and its private blocks -> pins dropped."""

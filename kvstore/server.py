@@ -39,8 +39,10 @@ from kvstore.store import (
 )
 from kvstore.tiers import Tier, build_tiers
 from kvstore.tiers.cpu import CpuTier
+from kvstore.ucx_listener import start_ucx_listener
 from services.common.auth import server_interceptors
 from services.common.logging import get_logger
+from services.common.registry import Member, advertised_host, start_registrar
 from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
 from services.transfer import wire
@@ -85,6 +87,8 @@ def _rpc(method: Callable) -> Callable:
 
 
 class KVStoreServicer:
+    ucx_port, ucx_host = 0, ""  # the UCX listener's, when serve() started one
+
     def __init__(self, core: KVStoreCore, tier: CpuTier, store_id: str,
                  chunk_bytes: int = 4 << 20) -> None:
         self.core = core
@@ -98,7 +102,8 @@ class KVStoreServicer:
         return kvstore_pb2.DescribeResponse(
             store_id=self.store_id, shm_name=self.tier.shm_name,
             shm_bytes=self.tier.arena_bytes if self.tier.shm_name else 0,
-            hostname=self.hostname, tiers=[t.name for t in self.core.tiers])
+            hostname=self.hostname, tiers=[t.name for t in self.core.tiers],
+            ucx_port=self.ucx_port, ucx_host=self.ucx_host)
 
     @_rpc
     def Lookup(self, request, context):  # noqa: N802
@@ -350,6 +355,8 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
         core = KVStoreCore(tiers, pin_ttl_s=ks.pin_ttl_s)
         tier = arena_tier(tiers)
         servicer = KVStoreServicer(core, tier, store_id, settings.transfer.chunk_bytes)
+        if ucx := start_ucx_listener(settings, core, tier, store_id):
+            servicer.ucx_port, servicer.ucx_host = ucx.port, ks.host
         collector = StoreCollector(core)
         REGISTRY.register(collector)
         handle = start_server("kvstore", ks, lambda s: add_to_server(servicer, s),
@@ -362,10 +369,14 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
 
         threading.Thread(target=expire_loop, name="kv-expiry", daemon=True).start()
         handle.set_ready(True)
+        registrar = start_registrar(settings, Member(
+            "kvstore", f"{advertised_host(ks.host)}:{ks.port}", http_port=ks.http_port), dict)
         log.info("ready", store_id=store_id, shm=tier.shm_name, pin_ttl_s=ks.pin_ttl_s,
                  crc32=CRC_IMPL, blocks=len(core._blocks),
                  tiers=[f"{t.name}:{t.capacity_bytes}" for t in tiers])
         run_until_signal(handle)
+        if registrar is not None:
+            registrar.stop()
     finally:
         if collector is not None:
             REGISTRY.unregister(collector)

@@ -123,8 +123,12 @@ class GatewaySettings(Endpoint):
 
 @dataclass
 class TransferSettings:
-    transport: str = "auto"  # auto | grpc | shm
+    transport: str = "auto"  # auto | grpc | shm | ucx (auto: shm, ucx, grpc, fastest first)
     chunk_bytes: int = 4 * MiB  # payload bytes per gRPC stream message
+    ucx: bool = True  # the store listens on UCX when ucxx (splitserve[ucx]) is installed
+    ucx_port: int = 0  # the store's UCX port; 0 -> a free one (Describe announces it)
+    ucx_connect_timeout_s: float = 5.0  # a worker's connect + hello to the store's listener
+    fallback_cooldown_s: float = 10.0  # a transport that failed mid-request sits out this long
 
 
 def _default_prefill() -> list[Endpoint]:

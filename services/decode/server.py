@@ -13,7 +13,6 @@ from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
 from services.common.worker import (
-    BadRequest,
     WorkerContext,
     WorkerServicer,
     check_request,
@@ -46,9 +45,6 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 deadline: RequestDeadline) -> Iterator[worker_pb2.DecodeChunk]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
-        if not request.output_token_ids:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                             "output_token_ids must hold at least the first token")
         params = sampling_params(request.sampling)
         # not kept here: the engine lets go of the staging buffer once it is copied in
         load = self._load(ctx, request)
@@ -59,22 +55,27 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             cache_salt=request.cache_salt, export_kv=True, **load.engine_kwargs(),
         )
         n = 0
+        prefills = not request.output_token_ids  # colocated: this worker computes the prompt
         with deadline.enforced(lambda: ctx.loop.abort(rid)):
             for out in stream:
                 self._save_answer(ctx, rid, out)
-                n += len(out.new_token_ids)
-                self.metrics.observe_decoded(len(out.new_token_ids))
-                yield worker_pb2.DecodeChunk(
+                chunk = worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason(out.finish_reason if out.finished else None),
                 )
+                if prefills and n == 0 and out.new_token_ids:
+                    chunk.num_cached_tokens = max(load.num_tokens, out.num_cached_tokens)
+                n += len(out.new_token_ids)
+                self.metrics.observe_decoded(len(out.new_token_ids))
+                yield chunk
         log.info("decoded", request_id=rid, tokens=n, engine_blocks=load.engine_blocks,
                  store_blocks=load.store_blocks)
 
     @staticmethod
     def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest) -> KVLoad:
-        """The blocks named by the request; with none named, a resumed request (its
-        worker died): whatever prefix of prompt + outputs the store holds."""
+        """The blocks named by the request; with none named (a resumed request, or a
+        colocated cluster's new one): whatever prefix of prompt + outputs the engine
+        and the store hold."""
         rid = request.request_id
         if request.blocks:
             full = sum(1 for b in request.blocks if not b.partial)
@@ -86,8 +87,9 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
 
     @staticmethod
     def _save_answer(ctx: WorkerContext, rid: str, out: Any) -> None:
-        """Full blocks of the answer go to the store as they fill, so that the next turn
-        of a conversation finds its whole history there. Best effort: a full store
+        """Full blocks go to the store as they fill (the answer's, and the prompt's when
+        this worker prefilled), so that the next turn of a conversation, another worker
+        after a failure or a preemption finds them there. Best effort: a full store
         costs that reuse, never this answer."""
         try:
             ctx.kv.save(rid, out, with_tail=False)

@@ -83,6 +83,16 @@ class StaleTransportError(KVStoreError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, details)
 
 
+class TransportFailure(KVStoreError):
+    """A transport's own link broke in the middle of a request (a peer gone, a link
+    down, a timeout on the data path): KVStoreClient retries the request once on the
+    next transport down the ladder."""
+
+    def __init__(self, transport: str, details: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"{transport}: {details}")
+        self.transport = transport
+
+
 def wrap_rpc_error(e: grpc.RpcError) -> KVStoreError:
     """A typed error for a failed call (already-typed errors pass through)."""
     if isinstance(e, KVStoreError):

@@ -15,3 +15,13 @@ TRANSFER_SECONDS = Histogram(
     ["transport", "direction"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
 )
+TRANSPORT_CHOICES = Counter(
+    "splitserve_kv_transport_choices",
+    "Transports opened to a KV store, by the transport the ladder chose",
+    ["transport"],
+)
+TRANSPORT_FALLBACKS = Counter(
+    "splitserve_kv_transport_fallbacks",
+    "Requests retried on the next transport down the ladder after one failed mid-request",
+    ["from_transport", "to_transport"],
+)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.transfer.arena_ops import locations, put_offsets, refetch, refetch_prefix
 from services.transfer.base import (
     Buffer,
     InvalidRequestError,
@@ -30,7 +31,6 @@ from services.transfer.base import (
     wrap_rpc_error,
 )
 from services.transfer.bulk import Copy, address, crc_copy, empty
-from services.transfer.grpc_transport import GrpcTransport
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
@@ -68,30 +68,6 @@ def _open_arena(name: str, nbytes: int, store_id: str) -> mmap.mmap:
         mm.close()
         raise ShmUnavailable(f"{path} is not the arena of store {store_id}")
     return mm
-
-
-def _put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[int]:
-    """Where to write each block (-1: already held), from a packed answer or slots."""
-    if begun.offsets or not begun.slots:
-        return list(begun.offsets)
-    for s in begun.slots:
-        if not s.present and s.length != block_nbytes:
-            raise InvalidRequestError(f"store reserved {s.length} bytes for a "
-                                      f"{block_nbytes}-byte block")
-    return [-1 if s.present else s.offset for s in begun.slots]
-
-
-def _locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list[int]]:
-    """(offsets, lengths, checksums) of a Get answer, packed or in ``blocks``."""
-    if resp.offsets or not resp.blocks:
-        offsets, lengths = list(resp.offsets), list(resp.lengths)
-        checksums = list(resp.checksums)
-        if not len(offsets) == len(lengths) == len(checksums):
-            raise InvalidRequestError("store answered a malformed Get")
-        return offsets, lengths, checksums
-    blocks = resp.blocks
-    return ([b.offset for b in blocks], [b.length for b in blocks],
-            [b.checksum for b in blocks])
 
 
 class ShmTransport(KVTransport):
@@ -138,7 +114,7 @@ class ShmTransport(KVTransport):
                 self._abort(begun.put_id)
             raise self._stale(begun.store_id)
         try:
-            offsets = _put_offsets(begun, block_nbytes)
+            offsets = put_offsets(begun, block_nbytes)
             if len(offsets) != len(views):
                 raise InvalidRequestError(f"store answered {len(offsets)} slots for "
                                           f"{len(views)} blocks")
@@ -188,7 +164,7 @@ class ShmTransport(KVTransport):
                 timeout=self.timeout_s)
             if resp.store_id and resp.store_id != self.store_id:
                 raise self._stale(resp.store_id)
-            offsets, lengths, checksums = _locations(resp)
+            offsets, lengths, checksums = locations(resp)
             m = len(offsets)
             if m > n or (m < n and not longest_prefix):
                 raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
@@ -213,9 +189,10 @@ class ShmTransport(KVTransport):
             bad = [i for i, (c, want) in enumerate(zip(crcs, checksums, strict=True))
                    if c != want]
             if bad and longest_prefix:
-                results = self._refetch_prefix(pin_owner, keys, m, bad[0], results, outs)
+                results = refetch_prefix(self._channel, pin_owner, keys, m, bad[0], results,
+                                         outs, self.timeout_s)
             elif bad:
-                self._refetch(pin_owner, keys, bad, results, outs)
+                refetch(self._channel, pin_owner, keys, bad, results, outs)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         finally:
@@ -225,35 +202,6 @@ class ShmTransport(KVTransport):
         self._get_time.observe(time.perf_counter() - t0)
         self._get_bytes.inc(total)
         return results
-
-    def _refetch(self, owner: str, keys: Sequence[bytes], bad: list[int], results: list[Buffer],
-                 outs: list[memoryview] | None) -> None:
-        """Blocks whose copy failed its crc32 go through GetBlocks, where the store
-        verifies them itself: a corrupt block is dropped there and reported missing."""
-        again = GrpcTransport(self._channel).get(owner, [keys[i] for i in bad])
-        for i, data in zip(bad, again, strict=True):
-            if outs is not None:
-                outs[i][:] = data
-            else:
-                results[i] = data
-
-    def _refetch_prefix(self, owner: str, keys: Sequence[bytes], held: int, first_bad: int,
-                        results: list[Buffer], outs: list[memoryview] | None) -> list[Buffer]:
-        """A block of a prefix failed its crc32 here: the store verifies the rest of the
-        prefix itself (GetBlocks drops a corrupt block, which ends the prefix), and the
-        pins this call took past the prefix are dropped."""
-        rest = keys[first_bad:held]
-        again = GrpcTransport(self._channel).get(owner, rest, longest_prefix=True)
-        for i, data in enumerate(again, first_bad):
-            if outs is not None:
-                outs[i][:] = data
-            else:
-                results[i] = data
-        end = first_bad + len(again)
-        if end < held:
-            self._stub.Release(kvstore_pb2.ReleaseRequest(owner=owner, keys=keys[end:held]),
-                               timeout=self.timeout_s)
-        return results[:end]
 
     def close(self) -> None:
         # a view a caller still holds keeps the mapping; it goes with the process

@@ -25,13 +25,14 @@ from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 MiB = 1 << 20
 STORE_BYTES = 8 * MiB
-TRANSPORTS = ["grpc", "shm"]
+TRANSPORTS = ["grpc", "shm", "ucx"]
 
 
 def start_store(tmp: Path, **kv) -> tuple[ClusterSettings, LocalCluster]:
     settings = with_free_ports(ClusterSettings())
     settings.kvstore.cpu_bytes = STORE_BYTES
     settings.transfer.chunk_bytes = 64 * 1024  # small: blocks span several messages
+    settings.transfer.ucx = kv.pop("ucx", True)
     for k, v in kv.items():
         setattr(settings.kvstore, k, v)
     config = tmp / "cluster.yaml"
@@ -447,10 +448,11 @@ def test_auto_picks_shm_on_this_host(store):
 def test_auto_falls_back_to_grpc_without_an_arena(tmp_path):
     from services.transfer import ShmUnavailable
 
-    settings, cluster = start_store(tmp_path, cpu_bytes=MiB, shm=False)
+    settings, cluster = start_store(tmp_path, cpu_bytes=MiB, shm=False, ucx=False)
     try:
         with KVStoreClient(settings.kvstore.address) as c:
             assert c.describe().shm_name == ""
+            assert c.describe().ucx_port == 0
             assert c.transport_name == "grpc"
             ks, data = keys(3), blocks(3, 1000)
             assert c.put("", ks, data) == (3, 0)

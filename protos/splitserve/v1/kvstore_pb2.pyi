@@ -1,5 +1,6 @@
 from splitserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -12,18 +13,54 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers")
+    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers", "ucx_port", "ucx_host")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    UCX_PORT_FIELD_NUMBER: _ClassVar[int]
+    UCX_HOST_FIELD_NUMBER: _ClassVar[int]
     store_id: str
     shm_name: str
     shm_bytes: int
     hostname: str
     tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    ucx_port: int
+    ucx_host: str
+    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ucx_port: _Optional[int] = ..., ucx_host: _Optional[str] = ...) -> None: ...
+
+class UcxRequest(_message.Message):
+    __slots__ = ("op", "put_id", "offsets", "lengths", "secret")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        HELLO: _ClassVar[UcxRequest.Op]
+        PUT: _ClassVar[UcxRequest.Op]
+        GET: _ClassVar[UcxRequest.Op]
+    HELLO: UcxRequest.Op
+    PUT: UcxRequest.Op
+    GET: UcxRequest.Op
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PUT_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    op: UcxRequest.Op
+    put_id: str
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    secret: str
+    def __init__(self, op: _Optional[_Union[UcxRequest.Op, str]] = ..., put_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class UcxReply(_message.Message):
+    __slots__ = ("store_id", "code", "error")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    code: int
+    error: str
+    def __init__(self, store_id: _Optional[str] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("keys",)

@@ -1,0 +1,69 @@
+"""What the transports that move bytes beside gRPC (``shm``, ``ucx``) share: reading the
+store's packed BeginPut / Get answers, and re-reading over GetBlocks, where the store
+verifies each block itself, the blocks whose crc32 failed on arrival."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from services.transfer.base import Buffer, InvalidRequestError
+from services.transfer.grpc_transport import GrpcTransport
+from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+
+def put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[int]:
+    """Where to write each block (-1: already held), from a packed answer or slots."""
+    if begun.offsets or not begun.slots:
+        return list(begun.offsets)
+    for s in begun.slots:
+        if not s.present and s.length != block_nbytes:
+            raise InvalidRequestError(f"store reserved {s.length} bytes for a "
+                                      f"{block_nbytes}-byte block")
+    return [-1 if s.present else s.offset for s in begun.slots]
+
+
+def locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list[int]]:
+    """(offsets, lengths, checksums) of a Get answer, packed or in ``blocks``."""
+    if resp.offsets or not resp.blocks:
+        offsets, lengths = list(resp.offsets), list(resp.lengths)
+        checksums = list(resp.checksums)
+        if not len(offsets) == len(lengths) == len(checksums):
+            raise InvalidRequestError("store answered a malformed Get")
+        return offsets, lengths, checksums
+    blocks = resp.blocks
+    return ([b.offset for b in blocks], [b.length for b in blocks],
+            [b.checksum for b in blocks])
+
+
+def refetch(channel: grpc.Channel, owner: str, keys: Sequence[bytes], bad: list[int],
+            results: list[Buffer], outs: list[memoryview] | None) -> None:
+    """Blocks whose copy failed its crc32 go through GetBlocks, where the store
+    verifies them itself: a corrupt block is dropped there and reported missing."""
+    again = GrpcTransport(channel).get(owner, [keys[i] for i in bad])
+    for i, data in zip(bad, again, strict=True):
+        if outs is not None:
+            outs[i][:] = data
+        else:
+            results[i] = data
+
+
+def refetch_prefix(channel: grpc.Channel, owner: str, keys: Sequence[bytes], held: int,
+                   first_bad: int, results: list[Buffer], outs: list[memoryview] | None,
+                   timeout_s: float | None) -> list[Buffer]:
+    """A block of a prefix failed its crc32 here: the store verifies the rest of the
+    prefix itself (GetBlocks drops a corrupt block, which ends the prefix), and the
+    pins this call took past the prefix are dropped."""
+    rest = keys[first_bad:held]
+    again = GrpcTransport(channel).get(owner, rest, longest_prefix=True)
+    for i, data in enumerate(again, first_bad):
+        if outs is not None:
+            outs[i][:] = data
+        else:
+            results[i] = data
+    end = first_bad + len(again)
+    if end < held:
+        kvstore_pb2_grpc.KVStoreStub(channel).Release(
+            kvstore_pb2.ReleaseRequest(owner=owner, keys=keys[end:held]), timeout=timeout_s)
+    return results[:end]
