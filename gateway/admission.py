@@ -35,6 +35,7 @@ from typing import Protocol
 from splitserve.v1 import common_pb2
 
 ORDERINGS = ("priority", "edf", "fcfs")
+ALIASES = {"deadline": "edf"}  # gateway.queue_policy: fcfs | priority | deadline
 PRIORITY_NORMAL = common_pb2.PRIORITY_CLASS_NORMAL
 MIN_RETRY_S = 0.05
 MAX_RETRY_S = 300.0
@@ -152,8 +153,10 @@ class AdmissionController:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        ordering = ALIASES.get(ordering, ordering)
         if ordering not in ORDERINGS:
-            raise ValueError(f"unknown ordering {ordering!r}; known: {', '.join(ORDERINGS)}")
+            raise ValueError(f"unknown ordering (gateway.queue_policy) {ordering!r}; known: fcfs, "
+                             "priority, deadline (edf)")
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.ordering = ordering

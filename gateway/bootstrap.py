@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admission import AdmissionController
+from gateway.cluster_view import ClusterView
 from gateway.flow import FlowDeps
+from gateway.kv_index import KVIndex
 from gateway.openai_http import start_openai_front
-from gateway.router import make_router
+from gateway.router import Router, make_router
 from gateway.server import SERVICE_NAME, GenerationServicer
 from gateway.tls import grpc_server_credentials
 from gateway.tokenizer import load_tokenizer
@@ -28,7 +32,7 @@ from services.common.auth import call_metadata
 from services.common.logging import get_logger
 from services.common.observability import Readiness, start_http
 from services.common.server import GRPC_OPTIONS
-from services.common.settings import ClusterSettings
+from services.common.settings import ClusterSettings, GatewaySettings
 from services.engine.config import load_model_config
 from splitserve.v1 import kvstore_pb2_grpc
 
@@ -54,10 +58,12 @@ def served_model(settings: ClusterSettings) -> ServedModel:
 
 
 class GatewayHealth:
-    """gRPC health and /readyz, set together."""
+    """gRPC health and /readyz, set together. ``degraded`` (the registry unreachable)
+    keeps the gateway serving with its last view; it is said in the readiness reason."""
 
     def __init__(self, servicer: health_async.HealthServicer, readiness: Readiness) -> None:
         self.servicer, self.readiness = servicer, readiness
+        self.degraded = ""
 
     async def set(self, ready: bool, reason: str = "") -> None:
         if ready != self.readiness.ready or reason != self.readiness.reason:
@@ -68,7 +74,8 @@ class GatewayHealth:
 
     async def follow(self, pool: WorkerPool) -> None:
         missing = pool.missing_roles()
-        await self.set(not missing, f"no healthy {' or '.join(missing)} worker" if missing else "")
+        reasons = [f"no healthy {' or '.join(missing)} worker"] if missing else []
+        await self.set(not missing, "; ".join(reasons + [self.degraded] * bool(self.degraded)))
 
 
 async def _store_serving(address: str, timeout_s: float) -> bool:
@@ -139,10 +146,14 @@ async def serve_async(settings: ClusterSettings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     metadata = call_metadata(settings)
     pool = WorkerPool(settings, metadata)
+    servicer.admission = queue_for(gw)
+    index = KVIndex() if settings.redis_url else None
+    router = router_for(gw, index)
+    view = follow_registry(settings, pool, router, index, gh)
     store_channel = grpc.aio.insecure_channel(settings.kvstore.address, options=GRPC_OPTIONS)
     try:
         await _wait_for_peers(settings, pool, gh, stopping)
-        servicer.attach(FlowDeps(pool, make_router(gw.routing),
+        servicer.attach(FlowDeps(pool, router,
                                  kvstore_pb2_grpc.KVStoreStub(store_channel),
                                  servicer.model.tokenizer, servicer.metrics,
                                  settings.model.block_size, metadata))
@@ -159,9 +170,52 @@ async def serve_async(settings: ClusterSettings) -> None:
         await server.stop(5)
         if http is not None:
             http.shutdown()
+        if view is not None:
+            await asyncio.to_thread(view.stop)
         await pool.close()
         await store_channel.close()
     log.info("stopped")
+
+
+def queue_for(gw: GatewaySettings) -> AdmissionController:
+    """The admission queue, ordered by ``gateway.queue_policy``."""
+    return AdmissionController(gw.max_inflight, gw.max_queue, ordering=gw.queue_policy)
+
+
+def router_for(gw: GatewaySettings, index: KVIndex | None) -> Router:
+    """The ``gateway.routing`` policy; kv_aware reads the workers' KV events when the
+    registry is on."""
+    kwargs: dict[str, Any] = {"token_weight": gw.route_token_weight}
+    if gw.routing == "kv_aware":
+        kwargs["store_block_cost"] = gw.route_store_block_cost
+        if index is not None:
+            kwargs["prefix_hits"] = lambda w, hashes: index.prefix_blocks(w.worker_id, hashes)
+    return make_router(gw.routing, **kwargs)
+
+
+def follow_registry(settings: ClusterSettings, pool: WorkerPool, router: Router,
+                    index: KVIndex | None, gh: GatewayHealth) -> ClusterView | None:
+    """With ``redis_url``: workers come and go with the registry, KV events fill
+    ``index``, and Redis going away marks the gateway degraded (still serving)."""
+    if not settings.redis_url or index is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def removed(worker_id: str) -> None:
+        router.forget(worker_id)
+        index.forget(worker_id)
+
+    def link(up: bool, reason: str) -> None:
+        def apply() -> None:
+            gh.degraded = "" if up else reason
+            loop.create_task(gh.follow(pool))
+        loop.call_soon_threadsafe(apply)
+
+    pool.on_removed = removed
+    view = ClusterView(settings.redis_url, settings.registry_namespace, index,
+                       lambda members: loop.call_soon_threadsafe(pool.sync, members),
+                       on_link=link)
+    return view.start()
 
 
 def serve(settings: ClusterSettings, index: int = 0) -> None:

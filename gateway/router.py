@@ -8,9 +8,13 @@ gateway has in flight where. Policies:
 * ``round_robin``: the next healthy worker after the last one picked, in id order.
 * ``least_loaded``: the lowest load: requests in flight there + queued prompt
   tokens (in units of ``token_weight`` tokens) + KV fullness for decode workers.
-* ``kv_aware``: least_loaded minus the prompt work a worker's prefix cache would
-  save: the longest run of the request's leading block hashes
-  (:func:`services.engine.block_hash.block_hashes`) the worker is known to hold.
+* ``kv_aware``: least_loaded plus the prompt work a worker would still do: the
+  tokens it must compute (after the longest run of the request's leading block
+  hashes, :func:`services.engine.block_hash.block_hashes`, that its prefix cache
+  holds, or the store holds) and the blocks it must fetch from the store (each
+  ``store_block_cost`` of computing one), in units of ``token_weight`` tokens.
+  What a worker holds comes from its KV events (``prefix_hits``, the gateway's
+  :class:`~gateway.kv_index.KVIndex`), else from what this gateway sent it.
 
 Thread-safe: the gateway serves requests from many threads. No worker at all
 -> :class:`NoHealthyWorkerError`, which the server answers with UNAVAILABLE.
@@ -68,6 +72,7 @@ class RouteRequest:
     num_tokens: int = 0  # prompt tokens (prefill) or tokens of KV to hold (decode)
     block_hashes: tuple[bytes, ...] = ()  # the prompt's full-block hashes, in order
     block_size: int = 16
+    store_blocks: int = 0  # leading blocks of block_hashes the KV store holds
     priority: int = 0
     phase: str = PREFILL  # "prefill" | "decode": which pool is being picked from
 
@@ -208,11 +213,11 @@ PrefixHits = Callable[[WorkerInfo, Sequence[bytes]], int]
 
 
 class KVAwareRouter(Router):
-    """least_loaded, minus the prompt work a worker's cache would save.
+    """least_loaded, plus the prompt work left to the worker after its cache and the store.
 
     By default a worker is assumed to hold the blocks of the prompts this gateway
     sent it (the last ``max_hashes_per_worker`` of them); pass ``prefix_hits`` to
-    ask something better (e.g. the workers' own reports)."""
+    ask something better (the workers' own KV events)."""
 
     name = "kv_aware"
 
@@ -220,10 +225,12 @@ class KVAwareRouter(Router):
         self,
         prefix_hits: PrefixHits | None = None,
         max_hashes_per_worker: int = 65536,
+        store_block_cost: float = 0.25,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._prefix_hits = prefix_hits
+        self.store_block_cost = store_block_cost
         self._max = max_hashes_per_worker
         self._held: dict[str, OrderedDict[bytes, None]] = {}
 
@@ -241,11 +248,16 @@ class KVAwareRouter(Router):
         return n
 
     def choose(self, healthy: list[WorkerInfo], request: RouteRequest) -> WorkerInfo:
-        def score(w: WorkerInfo) -> tuple[float, str]:
-            saved = self.hit_blocks(w, request.block_hashes) * request.block_size
-            return self.load_score(w) - saved / self.token_weight, w.worker_id
+        return min(healthy, key=lambda w: (self.cost(w, request), w.worker_id))
 
-        return min(healthy, key=score)
+    def cost(self, worker: WorkerInfo, request: RouteRequest) -> float:
+        """Load + (tokens to compute + store fetches) / token_weight."""
+        local = self.hit_blocks(worker, request.block_hashes) if request.block_hashes else 0
+        fetched = max(0, request.store_blocks - local)
+        total = max(request.num_tokens, len(request.block_hashes) * request.block_size)
+        compute = max(0, total - (local + fetched) * request.block_size)
+        work = compute + fetched * request.block_size * self.store_block_cost
+        return self.load_score(worker) + work / self.token_weight
 
     def _started(self, worker: WorkerInfo, request: RouteRequest) -> None:
         if not request.block_hashes:

@@ -6,25 +6,32 @@ SIGSTOPped) is down after ``failures_to_down`` polls in a row time out, and then
 every call in flight on it is interrupted (its flow then moves the request to another
 worker, or fails it with UNAVAILABLE) instead of hanging.
 ``on_change`` is called whenever the set of healthy workers changes (readiness).
+
+With the Redis registry, :meth:`WorkerPool.sync` adds the registered workers (a
+worker started later is polled, then routed to) and removes the ones whose
+registration expired (``on_removed`` then drops their routing state); the config's
+workers stay as seeds, so a gateway that cannot reach Redis still serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from gateway.router import DECODE, PREFILL, WorkerInfo
 from services.common.logging import get_logger
+from services.common.registry import Member, member_id
 from services.common.server import GRPC_OPTIONS
 from services.common.settings import ClusterSettings
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("gateway")
 ROLES = (PREFILL, DECODE)
+STUBS = {PREFILL: worker_pb2_grpc.PrefillWorkerStub, DECODE: worker_pb2_grpc.DecodeWorkerStub}
 
 
 @dataclass
@@ -33,6 +40,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.PrefillWorkerStub | worker_pb2_grpc.DecodeWorkerStub
     failures: int = 0  # polls in a row that got no answer
+    registered: bool = False  # found in the registry (not a config seed): removable
     inflight: dict[int, Callable[[str], None]] = field(default_factory=dict)  # call -> on_down
 
 
@@ -45,19 +53,46 @@ class WorkerPool:
         self.model = settings.model.name
         self.metadata = tuple(metadata)
         self.handles: dict[str, WorkerHandle] = {}
-        for role, endpoints, stub_cls in (
-            (PREFILL, settings.prefill, worker_pb2_grpc.PrefillWorkerStub),
-            (DECODE, settings.decode, worker_pb2_grpc.DecodeWorkerStub),
-        ):
+        for role, endpoints in ((PREFILL, settings.prefill), (DECODE, settings.decode)):
             for ep in endpoints:
-                info = WorkerInfo(worker_id=f"{role}/{ep.address}", address=ep.address,
-                                  role=role, model=self.model, healthy=False)
-                channel = grpc.aio.insecure_channel(ep.address, options=GRPC_OPTIONS)
-                self.handles[info.worker_id] = WorkerHandle(info, channel, stub_cls(channel))
+                self._add(role, ep.address, self.model)
         self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
         self.failures_to_down = failures_to_down
         self.on_change: Callable[[], None] = lambda: None
+        self.on_removed: Callable[[str], None] = lambda worker_id: None
         self._task: asyncio.Task[None] | None = None
+
+    def _add(self, role: str, address: str, model: str) -> WorkerHandle:
+        stub_cls = STUBS[role]
+        info = WorkerInfo(worker_id=member_id(role, address), address=address, role=role,
+                          model=model, healthy=False)
+        channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        handle = self.handles[info.worker_id] = WorkerHandle(info, channel, stub_cls(channel))
+        return handle
+
+    def sync(self, members: Mapping[str, Member]) -> None:
+        """Takes in the registry's members: new workers are added (and polled at once),
+        registered ones that left are removed. Call on the serving loop."""
+        for mid, m in members.items():
+            if m.role not in ROLES:
+                continue
+            handle = self.handles.get(mid)
+            if handle is None:
+                handle = self._add(m.role, m.address, m.model)
+                log.info("worker_registered", worker=mid, model=m.model)
+                asyncio.get_running_loop().create_task(self._poll(handle))
+            handle.registered = True
+        for wid, handle in list(self.handles.items()):
+            if handle.registered and wid not in members:
+                self._remove(handle)
+
+    def _remove(self, handle: WorkerHandle) -> None:
+        wid = handle.info.worker_id
+        log.warning("worker_deregistered", worker=wid)
+        self._set_down(handle, "left the registry")
+        del self.handles[wid]
+        self.on_removed(wid)
+        asyncio.get_running_loop().create_task(handle.channel.close(grace=1.0))
 
     async def start(self) -> WorkerPool:
         await self.refresh()
@@ -84,19 +119,25 @@ class WorkerPool:
     def track(self, info: WorkerInfo, on_down: Callable[[str], None]) -> Callable[[], None]:
         """A call is in flight on ``info``: ``on_down(why)`` if the worker goes down.
         Returns the function that stops tracking it."""
-        inflight = self.handles[info.worker_id].inflight
+        handle = self.handles.get(info.worker_id)
+        if handle is None:  # it left the cluster since it was picked
+            on_down(f"{info.role} worker {info.address} left the cluster")
+            return lambda: None
+        inflight = handle.inflight
         key = id(on_down)
         inflight[key] = on_down
         return lambda: inflight.pop(key, None)
 
     def mark_failed(self, info: WorkerInfo) -> None:
         """A call to it just failed to connect: skip it until a poll finds it alive."""
-        self._set_down(self.handles[info.worker_id], "UNAVAILABLE", strand=False)
+        handle = self.handles.get(info.worker_id)
+        if handle is not None:
+            self._set_down(handle, "UNAVAILABLE", strand=False)
 
     # -- polling ------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._poll(h) for h in self.handles.values()))
+        await asyncio.gather(*(self._poll(h) for h in list(self.handles.values())))
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
@@ -110,7 +151,7 @@ class WorkerPool:
             return
         handle.failures = 0
         handle.info.update_load(load)
-        if not handle.info.healthy:
+        if not handle.info.healthy and handle.info.worker_id in self.handles:
             log.info("worker_up", worker=handle.info.worker_id)
             handle.info.healthy = True
             self.on_change()

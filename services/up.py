@@ -44,6 +44,8 @@ def _print_endpoints(cluster: LocalCluster) -> None:
         ep = svc.endpoint
         http = f"  http://{ep.host}:{ep.http_port}/metrics" if ep.http_port else ""
         print(f"  {svc.name:<10} grpc {ep.address}{http}")
+    if cluster.redis is not None:
+        print(f"  {'redis':<10} {cluster.redis.url}  (started by up: the cluster registry)")
     gw = cluster.settings.gateway.address
     print(f"\nTry:  splitserve generate --address {gw} \"Hello\"")
     print("Ctrl-C stops everything.", flush=True)

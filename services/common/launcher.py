@@ -113,6 +113,7 @@ class LocalCluster:
     log_dir: Path | None = None
     roles: tuple[str, ...] = ROLES
     services: list[ServiceProcess] = field(default_factory=list)
+    redis: RedisProcess | None = None  # the local redis-server of redis_url, if started here
 
     def start(self) -> LocalCluster:
         taken = taken_ports(self.settings, self.roles)
@@ -120,6 +121,9 @@ class LocalCluster:
             raise PortsTaken("already in use (another cluster, or a service left running?): "
                              + "; ".join(taken) + ". Stop it or change the ports in the config.")
         try:
+            port = local_redis_port(self.settings.redis_url)
+            if port is not None:
+                self.redis = start_redis(port)
             for role in self.roles:
                 started = [self._start_one(role, i, ep)
                            for i, ep in enumerate(role_endpoints(self.settings, role))]
@@ -129,6 +133,13 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def start_service(self, role: str, index: int) -> ServiceProcess:
+        """Starts one more service of the config (e.g. a worker joining later) and
+        waits until it is SERVING."""
+        svc = self._start_one(role, index, role_endpoints(self.settings, role)[index])
+        self._wait_ready(svc)
+        return svc
 
     def _start_one(self, role: str, index: int, endpoint: Endpoint) -> ServiceProcess:
         svc = ServiceProcess(role, index, endpoint, spawn(role, index, self.config_path,
@@ -155,7 +166,7 @@ class LocalCluster:
         return f"; log {path}:\n{tail}"
 
     def find(self, role: str, index: int = 0) -> ServiceProcess:
-        for svc in self.services:
+        for svc in reversed(self.services):  # the latest start of that service
             if svc.role == role and svc.index == index:
                 return svc
         raise KeyError(f"{role}-{index}")
@@ -182,12 +193,83 @@ class LocalCluster:
                 svc.proc.wait()
             if svc.role == "kvstore":
                 remove_arenas_of(svc.proc.pid)
+        if self.redis is not None:
+            self.redis.stop()
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+LOCAL_REDIS_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class RedisProcess:
+    """A ``redis-server`` this process started (no persistence: the registry is soft
+    state that members rewrite). Stop it with :meth:`stop`."""
+
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(port: int, binary: str = "redis-server", timeout_s: float = 10.0) -> RedisProcess:
+    """Starts ``redis-server`` on loopback ``port`` and waits until it answers PING."""
+    import redis
+
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--protected-mode", "yes"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except FileNotFoundError as e:
+        raise RuntimeError(f"redis_url asks for a local Redis but {binary!r} is not "
+                           "installed (apt install redis-server)") from e
+    rp = RedisProcess(port, proc)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not rp.alive():
+            raise RuntimeError(f"redis-server on port {port} exited with {proc.returncode}")
+        try:
+            if client.ping():
+                return rp
+        except redis.RedisError:
+            time.sleep(0.05)
+    rp.stop()
+    raise TimeoutError(f"redis-server on port {port} did not answer within {timeout_s}s")
+
+
+def local_redis_port(redis_url: str | None) -> int | None:
+    """The port of a ``redis_url`` on this host that nothing listens on yet (``up``
+    then starts redis-server there); None when there is nothing to start."""
+    if not redis_url:
+        return None
+    from urllib.parse import urlparse
+
+    u = urlparse(redis_url)
+    if u.scheme != "redis" or u.hostname not in LOCAL_REDIS_HOSTS:
+        return None
+    port = u.port or 6379
+    return port if not port_in_use("127.0.0.1", port) else None
 
 
 def free_port() -> int:

@@ -119,6 +119,13 @@ class GatewaySettings(Endpoint):
     # both or neither; None -> plaintext
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Order of requests waiting for a slot: fcfs | priority (class, then arrival) |
+    # deadline (class, then earliest deadline_ms first)
+    queue_policy: str = "priority"
+    # kv_aware: this many prompt tokens to compute weigh as one request in flight; a block
+    # the worker must fetch from the store costs store_block_cost of computing it
+    route_token_weight: int = 512
+    route_store_block_cost: float = 0.25
 
 
 @dataclass
@@ -147,7 +154,10 @@ class ClusterSettings:
     decode: list[Endpoint] = field(default_factory=_default_decode)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
-    redis_url: str | None = None
+    redis_url: str | None = None  # the cluster registry (redis://host:port/db); None -> config
+    registry_ttl_s: float = 3.0  # a member whose heartbeat is this old has left the cluster
+    registry_heartbeat_s: float = 0.5  # how often members refresh their key and live load
+    registry_namespace: str = "splitserve"  # key prefix: clusters sharing one Redis differ here
     # internal calls (gateway/worker/store) carry it; env SPLITSERVE_CLUSTER_SECRET overrides
     cluster_secret: str | None = None
     log_level: str = "info"

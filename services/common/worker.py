@@ -18,6 +18,13 @@ from services.common.engine_loop import EngineLoop, EngineStopped
 from services.common.kv_connector import KVConnector
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
+from services.common.registry import (
+    KVEventBuffer,
+    Member,
+    Registrar,
+    advertised_host,
+    start_registrar,
+)
 from services.common.server import (
     ServiceHandle,
     run_until_signal,
@@ -142,6 +149,8 @@ class WorkerContext:
     kv: KVConnector
     hash_ctx: HashContext
     block_nbytes: int
+    kv_events: KVEventBuffer | None = None  # the prefix cache's KV events (registry on)
+    registrar: Registrar | None = None
 
     @property
     def block_size(self) -> int:
@@ -188,12 +197,36 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
              transport=store.transport_name)
     kv = KVConnector(store, engine.cached_prefix_blocks, engine.block_size,
                      engine.block_nbytes, settings.model.device.startswith("cuda"))
+    events = KVEventBuffer() if settings.redis_url else None
+    if events is not None:
+        engine.block_manager.on_kv_event = events.add
     return WorkerContext(role, settings, endpoint, EngineLoop(engine, role), store, kv,
-                         engine.hash_ctx, engine.block_nbytes)
+                         engine.hash_ctx, engine.block_nbytes, events)
+
+
+def register(ctx: WorkerContext, handle: ServiceHandle) -> Registrar | None:
+    """Joins the cluster registry (with ``redis_url``): heartbeat with live load, KV
+    events; Redis going away leaves the worker serving, said on /readyz."""
+    st, ep = ctx.loop.stats, ctx.endpoint
+    member = Member(ctx.role, f"{advertised_host(ep.host)}:{ep.port}", ctx.settings.model.name,
+                    ep.http_port, st.num_kv_blocks, ctx.settings.model.max_num_seqs)
+
+    def load() -> dict[str, int]:
+        lo = ctx.load()
+        return {"running": lo.running, "waiting": lo.waiting, "queued_tokens": lo.queued_tokens,
+                "free_kv_blocks": lo.free_kv_blocks}
+
+    def link(up: bool, reason: str) -> None:
+        if not handle.stopping.is_set():
+            handle.set_ready(True, reason)
+
+    return start_registrar(ctx.settings, member, load, ctx.kv_events, link)
 
 
 def drain(ctx: WorkerContext, grace_s: float = 10.0) -> None:
     """SIGTERM: take no new work, let running requests finish for a while, abort the rest."""
+    if ctx.registrar is not None:  # gateways stop routing here at once
+        ctx.registrar.stop()
     ctx.loop.stop_accepting()
     wait_until(lambda: not ctx.loop.num_active, grace_s)
     ctx.loop.stop()
@@ -238,4 +271,5 @@ def serve_worker(role: str, servicer: WorkerServicer,
     ctx = start_worker(role, settings, endpoint, handle)
     servicer.attach(ctx)
     handle.set_ready(True)
+    ctx.registrar = register(ctx, handle)
     run_until_signal(handle, drain=lambda: drain(ctx))

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # unnamed, ref 0
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # named, ref 0, LRU first
         self.hash_to_block: dict[bytes, int] = {}
+        # KV events: (hash, True) when a block joins the prefix cache, (hash, False) when
+        # it leaves; a worker publishes them for the gateway's KV-aware routing
+        self.on_kv_event: Callable[[bytes, bool], None] | None = None
 
     # ---- pool ----
     @property
@@ -66,10 +69,21 @@ class BlockManager:
         else:
             bid, _ = self.cached_free.popitem(last=False)  # evict the least recently freed
             block = self.blocks[bid]
-            del self.hash_to_block[block.block_hash]
-            block.block_hash = None
+            self._forget_hash(block)
         self.blocks[bid].ref_count = 1
         return bid
+
+    def _forget_hash(self, block: Block) -> None:
+        del self.hash_to_block[block.block_hash]
+        if self.on_kv_event is not None:
+            self.on_kv_event(block.block_hash, False)
+        block.block_hash = None
+
+    def _remember_hash(self, block: Block, h: bytes) -> None:
+        block.block_hash = h
+        self.hash_to_block[h] = block.block_id
+        if self.on_kv_event is not None:
+            self.on_kv_event(h, True)
 
     def _take(self, bid: int) -> None:
         block = self.blocks[bid]
@@ -192,8 +206,7 @@ class BlockManager:
     def _name(self, bid: int, h: bytes) -> None:
         block = self.blocks[bid]
         if block.block_hash is None and h not in self.hash_to_block:
-            block.block_hash = h
-            self.hash_to_block[h] = bid
+            self._remember_hash(block, h)
 
     def commit(self, seq: Sequence) -> None:
         """Name the blocks of ``seq`` that became full and computed (call after a step)."""
@@ -231,8 +244,7 @@ class BlockManager:
         bid = self._pop_free()
         block = self.blocks[bid]
         block.ref_count = 0
-        block.block_hash = block_hash
-        self.hash_to_block[block_hash] = bid
+        self._remember_hash(block, block_hash)
         self.cached_free[bid] = None
         return bid
 
@@ -241,8 +253,7 @@ class BlockManager:
         block = self.blocks[bid]
         assert block.ref_count == 0 and block.block_hash is not None
         del self.cached_free[bid]
-        del self.hash_to_block[block.block_hash]
-        block.block_hash = None
+        self._forget_hash(block)
         self.free_ids.append(bid)
 
     # ---- tests ----
