@@ -48,6 +48,7 @@ from services.common.settings import ClusterSettings
 from services.transfer import wire
 from services.transfer.bulk import address, copy
 from services.transfer.grpc_transport import MAX_CHUNK_BYTES
+from services.transfer.host_id import host_id
 from services.transfer.memory import tune_malloc
 from splitserve.v1 import kvstore_pb2
 
@@ -103,7 +104,7 @@ class KVStoreServicer:
             store_id=self.store_id, shm_name=self.tier.shm_name,
             shm_bytes=self.tier.arena_bytes if self.tier.shm_name else 0,
             hostname=self.hostname, tiers=[t.name for t in self.core.tiers],
-            ucx_port=self.ucx_port, ucx_host=self.ucx_host)
+            ucx_port=self.ucx_port, ucx_host=self.ucx_host, host_id=host_id())
 
     @_rpc
     def Lookup(self, request, context):  # noqa: N802

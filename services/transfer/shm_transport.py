@@ -31,6 +31,7 @@ from services.transfer.base import (
     wrap_rpc_error,
 )
 from services.transfer.bulk import Copy, address, crc_copy, empty
+from services.transfer.host_id import host_id
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
@@ -75,6 +76,9 @@ class ShmTransport(KVTransport):
 
     def __init__(self, channel: grpc.Channel, describe: kvstore_pb2.DescribeResponse,
                  timeout_s: float | None = 60.0) -> None:
+        if describe.host_id and describe.host_id != host_id():
+            raise ShmUnavailable(f"the store runs on another host or network namespace "
+                                 f"({describe.host_id}, this is {host_id()})")
         if describe.hostname and describe.hostname != socket.gethostname():
             raise ShmUnavailable(f"the store runs on {describe.hostname}, this is "
                                  f"{socket.gethostname()}")

@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers", "ucx_port", "ucx_host")
+    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers", "ucx_port", "ucx_host", "host_id")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class DescribeResponse(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     UCX_PORT_FIELD_NUMBER: _ClassVar[int]
     UCX_HOST_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     store_id: str
     shm_name: str
     shm_bytes: int
@@ -28,7 +29,8 @@ class DescribeResponse(_message.Message):
     tiers: _containers.RepeatedScalarFieldContainer[str]
     ucx_port: int
     ucx_host: str
-    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ucx_port: _Optional[int] = ..., ucx_host: _Optional[str] = ...) -> None: ...
+    host_id: str
+    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ucx_port: _Optional[int] = ..., ucx_host: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class UcxRequest(_message.Message):
     __slots__ = ("op", "put_id", "offsets", "lengths", "secret")
