@@ -21,7 +21,7 @@ from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
 from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, TransferSettings, load_settings
-from services.transfer import ShmUnavailable
+from services.transfer import ShmUnavailable, UcxUnavailable
 
 MiB = 1 << 20
 
@@ -30,7 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="host:port of a running KV store (default: start one here)")
     p.add_argument("--config", default=None, help="cluster YAML for the started store")
-    p.add_argument("--transport", default="all", choices=["grpc", "shm", "all"])
+    p.add_argument("--transport", default="all", choices=["grpc", "shm", "ucx", "all"])
+    p.add_argument("--netns", action="store_true",
+                   help="start the store in a network namespace behind a veth pair (another "
+                        "host on this machine; needs root) and measure across the link")
+    p.add_argument("--ucx-tls", default=None,
+                   help="UCX_TLS for this client and the started store (e.g. tcp: bytes "
+                        "over the network even where UCX could take shared memory)")
     p.add_argument("--mib", type=int, default=64, help="MiB moved each way per round")
     p.add_argument("--block-kib", type=int, default=256, help="block size in KiB")
     p.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up)")
@@ -87,7 +93,7 @@ def _run_against(address: str, args: argparse.Namespace, chunk_bytes: int) -> di
     count = max(1, args.mib * MiB // block)
     data = os.urandom(block * count)
     payloads = [memoryview(data)[i * block : (i + 1) * block] for i in range(count)]
-    transports = ["grpc", "shm"] if args.transport == "all" else [args.transport]
+    transports = ["grpc", "shm", "ucx"] if args.transport == "all" else [args.transport]
     result: dict[str, Any] = {"address": address, "mib": block * count / MiB,
                               "block_kib": args.block_kib, "blocks": count,
                               "repeat": args.repeat, "crc32": CRC_IMPL,
@@ -97,7 +103,7 @@ def _run_against(address: str, args: argparse.Namespace, chunk_bytes: int) -> di
         try:
             try:
                 client.transport  # noqa: B018 (opens it)
-            except ShmUnavailable as e:
+            except (ShmUnavailable, UcxUnavailable) as e:
                 result["transports"][name] = {"skipped": str(e)}
                 continue
             result["transports"][name] = _measure(client, payloads, block, args.repeat)
@@ -122,8 +128,12 @@ def _print(result: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(args.config) if args.config else ClusterSettings()
     chunk = int(args.chunk_mib * MiB) if args.chunk_mib else settings.transfer.chunk_bytes
+    if args.ucx_tls:  # this process (the client) and the store it starts
+        os.environ["UCX_TLS"] = args.ucx_tls
     if args.address:
         result = _run_against(args.address, args, chunk)
+    elif args.netns:
+        result = _run_in_netns(settings, args, chunk)
     else:
         with_free_ports(settings)
         need = args.mib * MiB * 2 + 64 * MiB
@@ -148,6 +158,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print_tiers(result["tiers"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _run_in_netns(settings: ClusterSettings, args: argparse.Namespace,
+                  chunk: int) -> dict[str, Any]:
+    from bench.netns import StoreInNetns, netns_pair, unavailable
+
+    reason = unavailable()
+    if reason:
+        raise SystemExit(f"--netns: {reason}")
+    settings.kvstore.cpu_bytes = max(settings.kvstore.cpu_bytes, args.mib * MiB * 2 + 64 * MiB)
+    with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as tmp, netns_pair() as pair:
+        log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+        with StoreInNetns(pair, settings, log_dir) as store:
+            result = _run_against(store.address, args, chunk)
+    result["netns"], result["ucx_tls"] = pair.ns, args.ucx_tls or ""
     return result
 
 
