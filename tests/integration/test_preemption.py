@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from services.common.server import wait_until
@@ -51,6 +52,7 @@ class Stream(threading.Thread):
         self.req.priority = priority
         self.cluster, self.started = cluster, threading.Event()
         self.result: Result | None = None
+        self.error: grpc.RpcError | None = None
         self.ended_at = 0.0
         self.start()
 
@@ -61,7 +63,10 @@ class Stream(threading.Thread):
                     self.started.set()
                 yield msg
 
-        self.result = collect(marked())
+        try:
+            self.result = collect(marked())
+        except grpc.RpcError as e:
+            self.error = e
         self.ended_at = time.monotonic()
 
 
@@ -80,6 +85,7 @@ def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluste
     high = Stream(one_seat_pair, high_prompt, 20, common_pb2.PRIORITY_CLASS_HIGH)
     for s in [*lows, high]:
         s.join(timeout=120)
+    assert [s.error for s in [*lows, high]] == [None] * 3
     assert [s.result.tokens for s in [*lows, high]] == want  # paused, resumed, exact
     assert high.ended_at < min(s.ended_at for s in lows)  # served first
     assert _metric(one_seat_pair, "splitserve_preemptions_total") >= 1
