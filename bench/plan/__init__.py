@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="serving overhead added to each request's first token (gateway, RPCs)")
     p.add_argument("--handoff-ms", type=float, default=0.0,
                    help="prefill -> decode KV hand-off time of split deployments")
+    p.add_argument("--step-overhead-ms", type=float, default=0.0,
+                   help="a serving worker's time around each engine step (RPCs, streaming)")
     p.add_argument("--predict", default=None, metavar="N | P+D",
                    help="only simulate this deployment at --rate")
     add_workload_arguments(p)
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = _step_model(args)
     sessions = make_workload(workload_spec(args))
     extra = {"arrivals": args.arrivals, "burstiness": args.burstiness, "seed": args.seed,
-             "hop_s": args.hop_ms / 1e3, "handoff_s": args.handoff_ms / 1e3}
+             "hop_s": args.hop_ms / 1e3, "handoff_s": args.handoff_ms / 1e3,
+             "step_overhead_s": args.step_overhead_ms / 1e3}
     if args.predict:
         summary = simulate(parse_deployment(args.predict, args), model, sessions, args.rate,
                            slo, **extra)

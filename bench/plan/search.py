@@ -32,10 +32,11 @@ def candidates(gpus: int, max_num_seqs: int, max_num_batched_tokens: int) -> lis
 
 def simulate(deployment: Deployment, model: StepModel, sessions: list[Session], rate: float,
              slo: Slo, arrivals: str = "poisson", burstiness: float = 1.0, seed: int = 0,
-             hop_s: float = 0.0, handoff_s: float = 0.0) -> dict:
+             hop_s: float = 0.0, handoff_s: float = 0.0, step_overhead_s: float = 0.0) -> dict:
     """The summary `bench serve` would print for this deployment at this rate."""
     times = arrival_times(arrivals, len(sessions), rate, burstiness, seed)
-    sim = Simulation(deployment, model, hop_s=hop_s, handoff_s=handoff_s)
+    sim = Simulation(deployment, model, hop_s=hop_s, handoff_s=handoff_s,
+                     step_overhead_s=step_overhead_s)
     records = sim.run(sessions, times)
     end = max((r.sent_s + r.e2e_s for r in records), default=1e-9)
     return summarize(records, end, slo)

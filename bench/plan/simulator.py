@@ -73,10 +73,11 @@ class _Worker:
 
 class Simulation:
     def __init__(self, deployment: Deployment, model: StepModel, block_size: int = 16,
-                 hop_s: float = 0.0, handoff_s: float = 0.0) -> None:
+                 hop_s: float = 0.0, handoff_s: float = 0.0, step_overhead_s: float = 0.0) -> None:
         d = deployment
         self.d, self.model, self.block_size = d, model, block_size
         self.hop_s, self.handoff_s = hop_s, handoff_s
+        self.step_overhead_s = step_overhead_s  # a serving worker's cost around each step
         front = "colocated" if d.colocated else "prefill"
         self.front = [_Worker(front) for _ in range(d.colocated or d.prefill)]
         self.back = [_Worker("decode") for _ in range(d.decode)]
@@ -152,7 +153,7 @@ class Simulation:
         if not step:
             return
         worker.busy = True
-        self._push(now + self.model.seconds(work), "step", (worker, step))
+        self._push(now + self.model.seconds(work) + self.step_overhead_s, "step", (worker, step))
 
     def _form_step(self, worker: _Worker) -> tuple[list, StepWork]:
         d = self.d
