@@ -214,7 +214,7 @@ def follow_registry(settings: ClusterSettings, pool: WorkerPool, router: Router,
     pool.on_removed = removed
     view = ClusterView(settings.redis_url, settings.registry_namespace, index,
                        lambda members: loop.call_soon_threadsafe(pool.sync, members),
-                       on_link=link)
+                       on_link=link, grace_s=settings.registry_ttl_s)
     return view.start()
 
 

@@ -6,6 +6,8 @@ channel into a :class:`~gateway.kv_index.KVIndex`. On a (re)connect, a member se
 for the first time, a ``reset`` event or a gap in a worker's event numbers, the
 worker's whole KV set is read again. Redis going away keeps the last view: nothing
 is dropped, the link is reported (``on_link``), and reading resumes with backoff.
+Members missing right after a reconnect are kept for ``grace_s`` (one TTL): a
+restarted Redis is empty until they have written themselves again.
 """
 
 from __future__ import annotations
@@ -37,15 +39,18 @@ class ClusterView:
     def __init__(self, url: str, namespace: str, index: KVIndex,
                  on_members: Callable[[dict[str, Member]], None],
                  on_link: Callable[[bool, str], None] | None = None,
-                 poll_s: float = 0.25) -> None:
+                 poll_s: float = 0.25, grace_s: float = 3.0) -> None:
         self.keys = Keys(namespace)
         self.index = index
         self.on_members = on_members
         self.poll_s = poll_s
+        self.grace_s = grace_s  # after a (re)connect: members may still be rewriting themselves
+        self._grace_until = 0.0
         self.state = LinkState("gateway", on_link)
         self.members: dict[str, Member] = {}
         self._client = connect(url)
         self._seq: dict[str, int] = {}  # worker -> last KV event number applied
+        self._loaded: set[str] = set()  # members whose KV set was read since the connect
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-view", daemon=True)
 
@@ -61,11 +66,15 @@ class ClusterView:
     def refresh(self) -> dict[str, Member]:
         """Reads the members now (also the first read at start); raises on Redis errors."""
         members = read_members(self._client, self.keys)
-        for mid in members.keys() - self.members.keys():
+        if time.monotonic() < self._grace_until:  # a restarted Redis is empty at first
+            members = {**self.members, **members}
+        for mid in members.keys() - self._loaded:  # new, or not read since a reconnect
             self._reload(mid)
         for mid in self.members.keys() - members.keys():
+            log.info("member_left", member=mid, members=sorted(members))
             self.index.forget(mid)
             self._seq.pop(mid, None)
+            self._loaded.discard(mid)
         self.members = members
         self.on_members(members)
         return members
@@ -78,8 +87,9 @@ class ClusterView:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.keys.kv_channel)
-                for mid in self.members:  # events were missed while away
-                    self._reload(mid)
+                if self.state.up is False:
+                    self._grace_until = time.monotonic() + self.grace_s
+                self._loaded.clear()  # events were missed while away: read the sets again
                 self._follow(pubsub, backoff)
             except REDIS_ERRORS_T as e:
                 self.state.set(False, str(e) or type(e).__name__)
@@ -121,3 +131,4 @@ class ClusterView:
     def _reload(self, worker: str) -> None:
         held = self._client.smembers(self.keys.kvset(worker))
         self.index.reset(worker, (bytes.fromhex(h.decode()) for h in held))
+        self._loaded.add(worker)

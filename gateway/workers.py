@@ -40,7 +40,8 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.PrefillWorkerStub | worker_pb2_grpc.DecodeWorkerStub
     failures: int = 0  # polls in a row that got no answer
-    registered: bool = False  # found in the registry (not a config seed): removable
+    registered: bool = False  # found in the registry
+    seed: bool = False  # named in the config: kept when it leaves the registry
     inflight: dict[int, Callable[[str], None]] = field(default_factory=dict)  # call -> on_down
 
 
@@ -55,7 +56,7 @@ class WorkerPool:
         self.handles: dict[str, WorkerHandle] = {}
         for role, endpoints in ((PREFILL, settings.prefill), (DECODE, settings.decode)):
             for ep in endpoints:
-                self._add(role, ep.address, self.model)
+                self._add(role, ep.address, self.model).seed = True
         self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
         self.failures_to_down = failures_to_down
         self.on_change: Callable[[], None] = lambda: None
@@ -83,7 +84,7 @@ class WorkerPool:
                 asyncio.get_running_loop().create_task(self._poll(handle))
             handle.registered = True
         for wid, handle in list(self.handles.items()):
-            if handle.registered and wid not in members:
+            if handle.registered and not handle.seed and wid not in members:
                 self._remove(handle)
 
     def _remove(self, handle: WorkerHandle) -> None:

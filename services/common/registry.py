@@ -257,9 +257,10 @@ class Registrar:
         pipe.execute()
 
     def _rewrite(self) -> None:
-        """The whole state again: member key, KV set from the mirror, a reset event."""
-        self._heartbeat()
+        """The whole state again: KV set from the mirror, member key, a reset event (a
+        gateway that sees the member can read its whole set)."""
         if self.kv_events is None:
+            self._heartbeat()
             return
         self._drain()
         key = self.keys.kvset(self.member.id)
@@ -270,6 +271,7 @@ class Registrar:
             pipe.sadd(key, *held[i:i + SET_CHUNK])
         pipe.pexpire(key, self.ttl_ms)
         pipe.execute()
+        self._heartbeat()
         self._publish(([], []), reset=True)
 
 

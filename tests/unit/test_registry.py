@@ -131,9 +131,9 @@ def test_redis_restart_rebuilds_the_registry(client: redis.Redis) -> None:
     seen: list[dict[str, Member]] = []
     view = ClusterView(rp.url, NS, index, seen.append, poll_s=0.1).start()
     wid = "prefill/127.0.0.1:1"
-    hs = prompt_hashes(range(32), "m", 16, "float32")
+    hs = prompt_hashes(range(48), "m", 16, "float32")
     try:
-        for h in hs:
+        for h in hs[:2]:
             events.add(h, True)
         wait_for(lambda: index.prefix_blocks(wid, hs) == 2)
         rp.stop()
@@ -146,8 +146,13 @@ def test_redis_restart_rebuilds_the_registry(client: redis.Redis) -> None:
         wait_for(lambda: wid in read_members(fresh, Keys(NS)))
         assert fresh.scard(Keys(NS).kvset(wid)) == 2
         fresh.close()
-        index.forget(wid)  # a reconnected gateway reads the rebuilt KV set
-        wait_for(lambda: index.prefix_blocks(wid, hs) == 2)
+        events.add(hs[2], True)  # events flow again
+        wait_for(lambda: index.prefix_blocks(wid, hs) == 3)
+        view2 = ClusterView(rp.url, NS, KVIndex(), lambda m: None).start()
+        try:  # a gateway starting now reads the rebuilt set
+            wait_for(lambda: view2.index.prefix_blocks(wid, hs) == 3)
+        finally:
+            view2.stop()
     finally:
         view.stop()
         reg.stop()

@@ -1,0 +1,138 @@
+"""A cluster on the Redis registry (real redis-server, started by the launcher as `up`
+does): a decode worker the gateway's config does not name joins and takes requests,
+one killed drops out of the registry within the TTL, and Redis killed and restarted
+leaves the cluster serving, then rebuilt."""
+
+from __future__ import annotations
+
+import copy
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common.launcher import ServiceProcess, free_port, spawn, start_redis
+from services.common.registry import Keys, read_members
+from services.common.server import wait_until
+from services.common.settings import Endpoint
+from services.engine import LLM, SamplingParams
+from splitserve.v1 import generation_pb2
+from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
+
+TTL_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def reg_cluster(tiny_llama_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    settings.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    settings.registry_ttl_s, settings.registry_heartbeat_s = TTL_S, 0.25
+    with running_cluster(settings, tmp_path_factory.mktemp("registry")) as rc:
+        assert rc.cluster.redis is not None and rc.cluster.redis.alive()  # started by the launcher
+        yield rc
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir: Path) -> LLM:
+    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
+               num_kv_blocks=256, use_tqdm=False)
+
+
+def _greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
+    return llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True),
+                        use_tqdm=False)[0]["token_ids"]
+
+
+def _metric(port: int, pattern: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^" + pattern + r" ([0-9.e+]+)$", text, re.M)
+    return float(m[1]) if m else 0.0
+
+
+def _decoded(port: int) -> float:
+    return _metric(port, r'splitserve_worker_tokens_total\{kind="decoded",role="decode"\}')
+
+
+def _decode_workers(rc: RunningCluster) -> int:
+    return rc.stub.ListModels(generation_pb2.ListModelsRequest()).models[0].decode_workers
+
+
+def _members(rc: RunningCluster) -> set[str]:
+    client = redis.Redis.from_url(rc.settings.redis_url)
+    try:
+        return set(read_members(client, Keys(rc.settings.registry_namespace)))
+    except redis.RedisError:
+        return set()
+    finally:
+        client.close()
+
+
+def _readyz(rc: RunningCluster) -> int:
+    try:
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{rc.settings.gateway.http_port}/readyz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _start_unlisted_decode(rc: RunningCluster, tmp: Path) -> tuple[ServiceProcess, Endpoint]:
+    """A decode worker at an address the gateway's config does not name."""
+    extra = copy.deepcopy(rc.settings)
+    ep = Endpoint(port=free_port(), http_port=free_port())
+    extra.decode.append(ep)
+    config = tmp / "extra.yaml"
+    extra.dump_yaml(config)
+    svc = ServiceProcess("decode", 1, ep, spawn("decode", 1, config, tmp))
+    rc.cluster.services.append(svc)  # stopped with the cluster
+    rc.cluster._wait_ready(svc)
+    return svc, ep
+
+
+def test_registered_members_and_a_late_worker(reg_cluster: RunningCluster, reference: LLM,
+                                              tmp_path: Path) -> None:
+    rc, s = reg_cluster, reg_cluster.settings
+    assert _members(rc) == {f"kvstore/{s.kvstore.address}", f"prefill/{s.prefill[0].address}",
+                            f"decode/{s.decode[0].address}"}
+    svc, ep = _start_unlisted_decode(rc, tmp_path)
+    assert wait_until(lambda: _decode_workers(rc) == 2, timeout_s=5)  # one heartbeat + a poll
+    prompts = [[7 + i] * 20 for i in range(4)]  # round_robin: both decode workers serve
+    for p in prompts:
+        assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+    assert _decoded(ep.http_port) > 0 and _decoded(s.decode[0].http_port) > 0
+
+    svc.proc.kill()  # SIGKILL: no goodbye; the registry forgets it within the TTL
+    svc.proc.wait()
+    gone = f"decode/{ep.address}"
+    assert wait_until(lambda: gone not in _members(rc), timeout_s=TTL_S + 1.0)
+    assert wait_until(lambda: _decode_workers(rc) == 1, timeout_s=2)
+    for p in prompts:
+        assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+    assert wait_until(lambda: rc.store.stats().pinned_blocks == 0, timeout_s=10)
+
+
+def test_redis_lost_and_back(reg_cluster: RunningCluster, reference: LLM) -> None:
+    rc, s = reg_cluster, reg_cluster.settings
+    gw_port = s.gateway.http_port
+    assert _metric(gw_port, "splitserve_registry_connected") == 1
+    port = rc.cluster.redis.port
+    rc.cluster.redis.stop()
+    assert wait_until(lambda: _metric(gw_port, "splitserve_registry_connected") == 0,
+                      timeout_s=5)
+    assert _readyz(rc) == 200  # degraded, still serving with its last view
+    p = [3] * 40
+    assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+
+    rc.cluster.redis = start_redis(port)  # empty: every member writes itself again
+    want = {f"kvstore/{s.kvstore.address}", f"prefill/{s.prefill[0].address}",
+            f"decode/{s.decode[0].address}"}
+    assert wait_until(lambda: _members(rc) == want, timeout_s=10)
+    assert wait_until(lambda: _metric(gw_port, "splitserve_registry_connected") == 1,
+                      timeout_s=5)
+    assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
