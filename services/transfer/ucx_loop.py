@@ -89,3 +89,10 @@ async def send_msg(ep: Any, msg: Message) -> None:
 
 async def recv_msg(ep: Any, cls: type[M]) -> M:
     return cls.FromString(bytes(await ep.recv_obj()))
+
+
+
+def context_started() -> bool:
+    """Whether this process has started UCX (its interfaces are fixed from then on: UCX
+    lists them once, so a link that comes up later is "unreachable" to this process)."""
+    return _ucxx is not None and getattr(_ucxx.core, "_ctx", None) is not None
