@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from gateway.admission import AdmissionController
 from gateway.cluster_view import ClusterView
 from gateway.flow import FlowDeps
-from gateway.kv_index import KVIndex
+from gateway.kv_index import KVIndex, prompt_hashes
 from gateway.openai_http import start_openai_front
-from gateway.router import Router, make_router
+from gateway.router import BlockNamer, Router, make_router
 from gateway.server import SERVICE_NAME, GenerationServicer
 from gateway.tls import grpc_server_credentials
 from gateway.tokenizer import load_tokenizer
@@ -149,6 +149,7 @@ async def serve_async(settings: ClusterSettings) -> None:
     servicer.admission = queue_for(gw)
     index = KVIndex() if settings.redis_url else None
     router = router_for(gw, index)
+    router.block_namer = block_namer(settings)
     view = follow_registry(settings, pool, router, index, gh)
     store_channel = grpc.aio.insecure_channel(settings.kvstore.address, options=GRPC_OPTIONS)
     try:
@@ -191,6 +192,12 @@ def router_for(gw: GatewaySettings, index: KVIndex | None) -> Router:
         if index is not None:
             kwargs["prefix_hits"] = lambda w, hashes: index.prefix_blocks(w.worker_id, hashes)
     return make_router(gw.routing, **kwargs)
+
+
+def block_namer(settings: ClusterSettings) -> BlockNamer:
+    """Names a prompt's blocks as the workers' engines do (model id, block size, dtype)."""
+    m = settings.model
+    return lambda ids, salt: prompt_hashes(ids, m.name, m.block_size, m.dtype, salt)
 
 
 def follow_registry(settings: ClusterSettings, pool: WorkerPool, router: Router,

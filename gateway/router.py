@@ -29,10 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from prometheus_client import Counter
+
 from splitserve.v1 import worker_pb2
 
 PREFILL = "prefill"
 DECODE = "decode"
+ROUTED = Counter("splitserve_routed_requests", "Requests sent to each worker, by phase",
+                 ["phase", "worker"])
+BlockNamer = Callable[[Sequence[int], str], tuple[bytes, ...]]
 
 
 @dataclass
@@ -103,12 +108,23 @@ class Router(ABC):
     candidates and keeps the per-worker in-flight bookkeeping."""
 
     name: ClassVar[str] = ""
+    uses_block_hashes: ClassVar[bool] = False
 
     def __init__(self, token_weight: int = 512, kv_weight: float = 4.0) -> None:
         self.token_weight = max(1, token_weight)  # this many queued tokens count as one request
         self.kv_weight = kv_weight  # a full KV cache counts as this many requests
+        # (prompt token ids, cache salt) -> the prompt's full-block hashes; set by the
+        # gateway for policies that use them (gateway.kv_index.prompt_hashes)
+        self.block_namer: BlockNamer | None = None
         self._lock = threading.Lock()
         self._loads: dict[str, _Load] = {}
+
+    def name_blocks(self, token_ids: Sequence[int], cache_salt: str = "") -> tuple[bytes, ...]:
+        """The prompt's block hashes, named once per request (the flow puts them in its
+        prefill RouteRequest); () when this policy does not look at them."""
+        if self.block_namer is None or not self.uses_block_hashes:
+            return ()
+        return self.block_namer(token_ids, cache_salt)
 
     # -- the interface -------------------------------------------------------------------
 
@@ -132,6 +148,7 @@ class Router(ABC):
             load.requests[request.request_id] = request.num_tokens
             load.inflight += 1
             load.tokens += request.num_tokens
+            ROUTED.labels(request.phase, worker.worker_id).inc()
             self._started(worker, request)
 
     def on_finish(self, worker: WorkerInfo, request: RouteRequest) -> None:
@@ -220,6 +237,7 @@ class KVAwareRouter(Router):
     ask something better (the workers' own KV events)."""
 
     name = "kv_aware"
+    uses_block_hashes = True
 
     def __init__(
         self,

@@ -265,3 +265,25 @@ def test_no_slot_leaks_under_concurrency() -> None:
     s = ac.stats()
     assert (s.inflight, s.waiting) == (0, 0)
     assert s.rejected_total == state["rejected"]
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("fcfs", [0, 1, 2, 3]),
+    ("priority", [1, 3, 0, 2]),
+    ("deadline", [3, 1, 0, 2]),  # classes first, then the earliest deadline
+])
+def test_queue_policy_orders_a_saturated_queue(policy: str, expected: list[int]) -> None:
+    from splitserve.v1 import common_pb2
+
+    ac = AdmissionController(1, 8, ordering=policy)
+    busy = ac.try_admit()
+    low, high = common_pb2.PRIORITY_CLASS_NORMAL, common_pb2.PRIORITY_CLASS_HIGH
+    tickets = [ac.try_admit(low, deadline=50.0), ac.try_admit(high, deadline=90.0),
+               ac.try_admit(low, deadline=60.0), ac.try_admit(high, deadline=10.0)]
+    order = []
+    current = busy
+    for _ in tickets:
+        ac.release(current)
+        current = next(t for t in tickets if t.admitted and t not in order)
+        order.append(current)
+    assert [tickets.index(t) for t in order] == expected

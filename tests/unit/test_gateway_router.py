@@ -177,3 +177,31 @@ def test_thread_safety_counts_balance() -> None:
     for t in threads:
         t.join()
     assert all(v == {"inflight": 0, "tokens": 0} for v in r.snapshot().values())
+
+
+def test_kv_aware_weighs_local_hits_store_blocks_and_load() -> None:
+    r = KVAwareRouter(prefix_hits=lambda w, hs: 4 if w.worker_id == "a" else 0,
+                      token_weight=64, store_block_cost=0.25)
+    hs = (b"h" * 16,) * 4
+    ws = workers("a", "b")
+    # "a" holds all 4 blocks: 64 tokens of work saved, worth one request in flight
+    assert r.pick(ws, rr(0, tokens=64, block_hashes=hs)).worker_id == "a"
+    r.on_start(ws[0], rr(1))
+    r.on_start(ws[0], rr(2))
+    assert r.pick(ws, rr(3, tokens=64, block_hashes=hs)).worker_id == "b"  # too busy now
+    # the store holds the prefix too: "b" only fetches it, so "a" is worth even less
+    assert r.cost(ws[1], rr(4, tokens=64, block_hashes=hs, store_blocks=4)) == 0.25
+
+
+def test_block_names_only_for_policies_that_use_them() -> None:
+    ctx = HashContext("m", 16, "float32")
+
+    def namer(ids, salt: str) -> tuple[bytes, ...]:
+        return tuple(block_hashes(list(ids), ctx, cache_salt=salt))
+
+    for name, named in (("kv_aware", True), ("round_robin", False), ("least_loaded", False)):
+        r = make_router(name)
+        r.block_namer = namer
+        got = r.name_blocks(list(range(40)), "tenant")
+        assert got == (namer(range(40), "tenant") if named else ())
+    assert len(make_router("kv_aware").name_blocks(range(40))) == 0  # no namer set
