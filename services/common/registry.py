@@ -213,6 +213,7 @@ class Registrar:
             except REDIS_ERRORS_T as e:
                 self.state.set(False, str(e) or type(e).__name__)
                 fresh = True
+                self._drain()  # into the mirror (bounded by the cache), rewritten on reconnect
                 self._stop.wait(backoff.fail())
 
     def _heartbeat(self) -> None:
