@@ -136,7 +136,8 @@ class LocalCluster:
 
     def start_service(self, role: str, index: int) -> ServiceProcess:
         """Starts one more service of the config (e.g. a worker joining later) and
-        waits until it is SERVING."""
+        waits until it is SERVING. Call it from a thread that outlives the service: the
+        service's parent-death signal fires when the thread that started it exits."""
         svc = self._start_one(role, index, role_endpoints(self.settings, role)[index])
         self._wait_ready(svc)
         return svc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,36 @@ def test_killed_prefill_worker_moves_its_prompts(two_prefills: RunningCluster,
     assert [r.tokens for r in got] == _expected(reference, prompts, 8)
     assert _migrations(two_prefills) >= 1
     _nothing_left(two_prefills, [("prefill", 1), ("decode", 0)])
+
+
+@pytest.fixture
+def two_of_each(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[RunningCluster]:
+    settings = cluster_settings(tiny_llama_dir, prefill=2, decode=2)
+    settings.model.max_num_batched_tokens = 64
+    with running_cluster(settings, tmp_path) as rc:
+        yield rc
+
+
+def test_chaos_workers_killed_and_restarted(two_of_each: RunningCluster,
+                                            reference: LLM) -> None:
+    """32 streams while a random worker is killed and started again, again and again:
+    every stream completes exactly; nothing leaks."""
+    prompts = _prompts(32, seed=13, lo=30, hi=200)
+    lengths = [random.Random(i).randint(50, 120) for i in range(32)]
+    rng = random.Random(14)
+    kills: list[str] = []
+    streams = [Streams(two_of_each, [p], max_tokens=n) for p, n in zip(prompts, lengths,
+                                                                       strict=True)]
+    # the chaos runs on this thread: a service dies with the thread that started it
+    # (Linux's parent-death signal follows the thread)
+    while any(t.is_alive() for s in streams for t in s.threads):
+        time.sleep(0.5)
+        role, index = rng.choice(["prefill", "decode"]), rng.randrange(2)
+        two_of_each.cluster.kill(role, index)
+        kills.append(f"{role}-{index}")
+        two_of_each.cluster.start_service(role, index)
+    got = [s.join()[0] for s in streams]
+    want = [_expected(reference, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
+    assert [r.tokens for r in got] == want
+    assert kills, "nothing was killed"
+    _nothing_left(two_of_each, [("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)])
