@@ -162,6 +162,10 @@ def start_ucx_listener(settings: ClusterSettings, core: KVStoreCore, tier: CpuTi
     if reason:
         log.info("ucx_listener_off", reason=reason)
         return None
-    listener = UcxListener(core, tier, store_id, cluster_secret(settings)).start(ts.ucx_port)
+    try:
+        listener = UcxListener(core, tier, store_id, cluster_secret(settings)).start(ts.ucx_port)
+    except Exception as e:  # noqa: BLE001 (UCX is an extra rung: the store serves without it)
+        log.warning("ucx_listener_failed", error=repr(e))
+        return None
     log.info("ucx_listening", port=listener.port, store_id=store_id)
     return listener
