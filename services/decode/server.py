@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -39,10 +39,16 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
 
         context.add_callback(on_rpc_done)
         with grpc_errors(context):
-            yield from self._decode(ctx, request, RequestDeadline.of(request.deadline_ms, context))
+            try:
+                yield from self._decode(ctx, request,
+                                        RequestDeadline.of(request.deadline_ms, context),
+                                        context.is_active)
+            finally:  # a put may have landed after on_rpc_done released: release again
+                ctx.kv.release(rid)
 
     def _decode(self, ctx: WorkerContext, request: worker_pb2.DecodeRequest,
-                deadline: RequestDeadline) -> Iterator[worker_pb2.DecodeChunk]:
+                deadline: RequestDeadline,
+                active: Callable[[], bool]) -> Iterator[worker_pb2.DecodeChunk]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
         params = sampling_params(request.sampling)
@@ -58,7 +64,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         prefills = not request.output_token_ids  # colocated: this worker computes the prompt
         with deadline.enforced(lambda: ctx.loop.abort(rid)):
             for out in stream:
-                self._save_answer(ctx, rid, out)
+                self._save_answer(ctx, rid, out, active)
                 chunk = worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason(out.finish_reason if out.finished else None),
@@ -86,13 +92,18 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size])
 
     @staticmethod
-    def _save_answer(ctx: WorkerContext, rid: str, out: Any) -> None:
+    def _save_answer(ctx: WorkerContext, rid: str, out: Any,
+                     active: Callable[[], bool]) -> None:
         """Full blocks go to the store as they fill (the answer's, and the prompt's when
         this worker prefilled), so that the next turn of a conversation, another worker
         after a failure or a preemption finds them there. Best effort: a full store
         costs that reuse, never this answer."""
+        if not active():  # the call is over: its pins were (or are being) released
+            return
         try:
             ctx.kv.save(rid, out, with_tail=False)
+            if not active():  # ended while putting: the release may have come first
+                ctx.kv.release(rid)
         except Exception as e:  # noqa: BLE001 (the stream goes on whatever the store says)
             log.warning("answer_blocks_not_saved", request_id=rid, error=str(e))
 
