@@ -54,11 +54,16 @@ class _Submit:
     kwargs: dict[str, Any]
 
 
+@dataclass
+class _AbortStream:
+    stream: RequestStream
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, name: str = "engine") -> None:
         self._engine = engine
         self._log = get_logger(name)
-        self._inbox: queue.Queue[_Submit | str | None] = queue.Queue()
+        self._inbox: queue.Queue[_Submit | _AbortStream | str | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._stats = engine.stats()
         self._accepting = True
@@ -81,8 +86,10 @@ class EngineLoop:
         self._inbox.put(_Submit(stream, prompt_token_ids, params, kwargs))
         return stream
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(request_id)
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Aborts ``request_id``; with ``stream``, only while that stream is the one
+        the request runs under (a late abort must not hit the same id submitted again)."""
+        self._inbox.put(request_id if stream is None else _AbortStream(stream))
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -106,7 +113,12 @@ class EngineLoop:
             self._step()
         self._abort_all()
 
-    def _handle(self, item: _Submit | str) -> None:
+    def _handle(self, item: _Submit | _AbortStream | str) -> None:
+        if isinstance(item, _AbortStream):
+            rid = item.stream.request_id
+            if self._streams.get(rid) is item.stream:
+                self._handle(rid)
+            return
         if isinstance(item, str):
             if self._engine.abort(item):
                 self._finish_aborted(item)

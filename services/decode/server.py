@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -62,7 +63,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         )
         n = 0
         prefills = not request.output_token_ids  # colocated: this worker computes the prompt
-        with deadline.enforced(lambda: ctx.loop.abort(rid)):
+        with deadline.enforced(lambda: ctx.loop.abort(rid)), self._aborted_on_exit(ctx, stream):
             for out in stream:
                 self._save_answer(ctx, rid, out, active)
                 chunk = worker_pb2.DecodeChunk(
@@ -76,6 +77,17 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 yield chunk
         log.info("decoded", request_id=rid, tokens=n, engine_blocks=load.engine_blocks,
                  store_blocks=load.store_blocks)
+
+    @staticmethod
+    @contextmanager
+    def _aborted_on_exit(ctx: WorkerContext, stream: Any) -> Iterator[None]:
+        """However the handler ends (the client gone mid-stream, even before the request
+        reached the engine), the engine stops this request: a cancel that came before
+        the submit would otherwise leave it running for no one."""
+        try:
+            yield
+        finally:
+            ctx.loop.abort(stream.request_id, stream)
 
     @staticmethod
     def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest) -> KVLoad:
