@@ -109,6 +109,8 @@ class RequestFlow:
         self.num_output = 0
         self.num_cached = 0
         self.migrations = 0
+        # named once (kv_aware routing only): where the prompt's KV already is
+        self.block_hashes = deps.router.name_blocks(req.prompt_token_ids, cache_salt)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
         self._call: grpc.aio.Call | None = None  # the worker call in flight
         self._interrupted: tuple[str, str] | None = None  # (lost | preempted, why)
@@ -199,7 +201,8 @@ class RequestFlow:
     def _route(self, phase: str, num_tokens: int) -> tuple[WorkerInfo, RouteRequest]:
         route = RouteRequest(request_id=self.lifecycle.internal_id, model=self.req.model,
                              num_tokens=num_tokens, block_size=self.deps.block_size,
-                             priority=self.req.priority, phase=phase)
+                             priority=self.req.priority, phase=phase,
+                             block_hashes=self.block_hashes if phase == PREFILL else ())
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
         return worker, route
 
