@@ -45,8 +45,10 @@ def _handler(readiness: Readiness, registry: CollectorRegistry) -> type[BaseHTTP
             elif path == "/healthz":
                 self._reply(200, b"ok\n")
             elif path == "/readyz":
-                ok = readiness.ready
-                body = b"ready\n" if ok else f"not ready: {readiness.reason}\n".encode()
+                ok, why = readiness.ready, readiness.reason
+                # a serving but degraded service says so (e.g. "degraded: redis ...")
+                ready = f"ready: {why}\n" if why else "ready\n"
+                body = (ready if ok else f"not ready: {why}\n").encode()
                 self._reply(200 if ok else 503, body)
             else:
                 self._reply(404, b"try /metrics, /healthz or /readyz\n")
