@@ -33,7 +33,7 @@ from services.transfer import (
     open_transport,
     wrap_rpc_error,
 )
-from services.transfer.base import to_refs
+from services.transfer.base import bounded, to_refs
 from services.transfer.metrics import TRANSPORT_FALLBACKS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
@@ -220,6 +220,6 @@ class KVStoreClient:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=bounded(self.timeout_s))
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None

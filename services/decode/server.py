@@ -23,6 +23,7 @@ from services.common.worker import (
     serve_worker,
 )
 from services.engine.block_hash import block_hashes
+from services.transfer.base import call_deadline
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("decode")
@@ -40,10 +41,10 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
 
         context.add_callback(on_rpc_done)
         with grpc_errors(context):
+            deadline = RequestDeadline.of(request.deadline_ms, context)
             try:
-                yield from self._decode(ctx, request,
-                                        RequestDeadline.of(request.deadline_ms, context),
-                                        context.is_active)
+                with call_deadline(deadline.remaining_s()):  # store calls end in time too
+                    yield from self._decode(ctx, request, deadline, context.is_active)
             finally:  # a put may have landed after on_rpc_done released: release again
                 ctx.kv.release(rid)
 

@@ -8,13 +8,41 @@ tensor; every one is one contiguous block of exactly ``block_nbytes`` bytes.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import grpc
 
 from splitserve.v1 import common_pb2
+
+_CALL_DEADLINE: ContextVar[float | None] = ContextVar("kv_store_call_deadline", default=None)
+
+
+@contextmanager
+def call_deadline(seconds: float | None) -> Iterator[None]:
+    """Store calls made inside this block (on this thread) end within ``seconds``: their
+    gRPC timeouts are cut to the time left (a request's deadline reaches the store)."""
+    if seconds is None:
+        yield
+        return
+    token = _CALL_DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _CALL_DEADLINE.reset(token)
+
+
+def bounded(timeout_s: float | None) -> float | None:
+    """``timeout_s`` cut to the time left under :func:`call_deadline`, if any."""
+    end = _CALL_DEADLINE.get()
+    if end is None:
+        return timeout_s
+    left = max(0.001, end - time.monotonic())
+    return left if timeout_s is None else min(timeout_s, left)
 
 Buffer = Any  # bytes | bytearray | memoryview | numpy array | CPU torch tensor
 

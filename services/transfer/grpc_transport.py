@@ -14,6 +14,7 @@ from services.transfer.base import (
     InvalidRequestError,
     KVTransport,
     PutResult,
+    bounded,
     check_payloads,
     output_views,
     wrap_rpc_error,
@@ -77,7 +78,7 @@ class GrpcTransport(KVTransport):
                                       block_nbytes=block_nbytes).SerializeToString()
         t0 = time.perf_counter()
         try:
-            resp = self._put_blocks(self._chunks(header, views), timeout=self.timeout_s)
+            resp = self._put_blocks(self._chunks(header, views), timeout=bounded(self.timeout_s))
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         self._put_time.observe(time.perf_counter() - t0)
@@ -95,7 +96,7 @@ class GrpcTransport(KVTransport):
         try:
             for c in self._get_blocks(kvstore_pb2.GetRequest(
                     owner=owner, keys=keys, longest_prefix=longest_prefix),
-                    timeout=self.timeout_s):
+                    timeout=bounded(self.timeout_s)):
                 asm.add(c)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None

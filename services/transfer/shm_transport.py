@@ -26,6 +26,7 @@ from services.transfer.base import (
     KVTransport,
     PutResult,
     StaleTransportError,
+    bounded,
     check_payloads,
     output_views,
     wrap_rpc_error,
@@ -110,7 +111,7 @@ class ShmTransport(KVTransport):
         try:
             begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
                 owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True),
-                timeout=self.timeout_s)
+                timeout=bounded(self.timeout_s))
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         if begun.store_id and begun.store_id != self.store_id:
@@ -134,7 +135,7 @@ class ShmTransport(KVTransport):
                 sums[j] = crc
             written = block_nbytes * len(copies)
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                put_id=begun.put_id, checksums=sums), timeout=self.timeout_s)
+                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
         except BaseException as e:
             with contextlib.suppress(grpc.RpcError):
                 self._abort(begun.put_id)
@@ -165,7 +166,7 @@ class ShmTransport(KVTransport):
         try:
             resp = self._stub.Get(kvstore_pb2.GetRequest(
                 owner=pin_owner, keys=keys, longest_prefix=longest_prefix, packed=True),
-                timeout=self.timeout_s)
+                timeout=bounded(self.timeout_s))
             if resp.store_id and resp.store_id != self.store_id:
                 raise self._stale(resp.store_id)
             offsets, lengths, checksums = locations(resp)

@@ -37,6 +37,7 @@ from services.transfer.base import (
     PutResult,
     StaleTransportError,
     TransportFailure,
+    bounded,
     check_payloads,
     output_views,
     wrap_rpc_error,
@@ -155,7 +156,7 @@ class UcxTransport(KVTransport):
         try:
             begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
                 owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True),
-                timeout=self.timeout_s)
+                timeout=bounded(self.timeout_s))
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         try:
@@ -171,7 +172,7 @@ class UcxTransport(KVTransport):
                 req = Op(op=Op.PUT, put_id=begun.put_id, lengths=[v.nbytes for v in written])
                 self._exchange("put", _put, req, written)
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                put_id=begun.put_id, checksums=sums), timeout=self.timeout_s)
+                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
         except BaseException as e:
             with contextlib.suppress(grpc.RpcError):  # else the slots wait for the TTL
                 self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
@@ -195,7 +196,7 @@ class UcxTransport(KVTransport):
         try:
             resp = self._stub.Get(kvstore_pb2.GetRequest(
                 owner=pin_owner, keys=keys, longest_prefix=longest_prefix, packed=True),
-                timeout=self.timeout_s)
+                timeout=bounded(self.timeout_s))
             if resp.store_id and resp.store_id != self.store_id:
                 raise self._stale(resp.store_id)
             offsets, lengths, checksums = locations(resp)
