@@ -145,7 +145,7 @@ def run(
             ids: list[int] = []
             for msg in call:
                 if msg.text:
-                    out.write(msg.text)
+                    out.write(printable(msg.text) if out.isatty() else msg.text)
                     out.flush()
                 ids.extend(msg.token_ids)
                 if ttft is None and msg.ttft_seconds:
@@ -178,6 +178,14 @@ def _no_listener(details: str | None) -> bool:
     text = (details or "").lower()
     return any(s in text for s in ("failed to connect", "connection refused",
                                    "connect failed"))
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """Control characters (random weights emit them) shown as escapes on a terminal."""
+    return text.translate(_CONTROL)
 
 
 def _print_summary(

@@ -107,3 +107,9 @@ def test_bad_arguments() -> None:
     assert run(parse("x", "--max-tokens", "-1"), io.StringIO(), err) == 2
     assert "--max-tokens" in err.getvalue()
     assert run(parse("x", "--system", "s"), io.StringIO(), io.StringIO()) == 2
+
+
+def test_control_characters_are_escaped_for_a_terminal() -> None:
+    from gateway.cli_client import printable
+
+    assert printable("a\x00b\x1b[31mc\nd\te\x7f") == "a\\x00b\\x1b[31mc\nd\te\\x7f"
