@@ -35,7 +35,7 @@ def next_rung() -> str:
 def store_settings() -> ClusterSettings:
     s = ClusterSettings()
     s.kvstore.cpu_bytes = 96 * MiB
-    s.kvstore.pin_ttl_s = 60.0
+    s.kvstore.pin_ttl_s = 5.0  # a get whose answer the dropped link lost: pins expire
     return s
 
 
@@ -128,7 +128,7 @@ def test_link_down_gives_a_clean_error_and_no_pins(store: StoreInNetns):
     finally:
         store.pair.link(True)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 20  # past the pin TTL of a get the link cut off
         while time.monotonic() < deadline:  # gRPC reconnects (with backoff), then the
             with contextlib.suppress(grpc.RpcError):  # pins of a get that got there go
                 if client.stats().pinned_blocks == 0:
