@@ -1,10 +1,12 @@
 """What the transports that move bytes beside gRPC (``shm``, ``ucx``) share: reading the
-store's packed BeginPut / Get answers, and re-reading over GetBlocks, where the store
-verifies each block itself, the blocks whose crc32 failed on arrival."""
+store's packed BeginPut / Get answers, pinning a get and letting go of it, aborting a
+begun put, and re-reading over GetBlocks, where the store verifies each block itself,
+the blocks whose crc32 failed on arrival."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -35,6 +37,50 @@ def locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list
     blocks = resp.blocks
     return ([b.offset for b in blocks], [b.length for b in blocks],
             [b.checksum for b in blocks])
+
+
+def abort_put(stub: kvstore_pb2_grpc.KVStoreStub, put_id: str) -> None:
+    """Frees a begun put's slots now (else they wait for the store's pin TTL); quiet."""
+    with contextlib.suppress(grpc.RpcError):
+        stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=put_id, abort=True), timeout=5.0)
+
+
+def pinned_locations(
+    stub: kvstore_pb2_grpc.KVStoreStub, owner: str, keys: Sequence[bytes],
+    longest_prefix: bool, timeout_s: float | None, store_id: str,
+    stale: Callable[[str], Exception],
+) -> tuple[list[int], list[int], list[int]]:
+    """Pins ``keys`` (or their longest held prefix) for ``owner`` with a packed Get and
+    says where they lie in the arena: (offsets, lengths, checksums). Raises
+    ``stale(id)`` when another store instance answers."""
+    resp = stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys,
+                                           longest_prefix=longest_prefix, packed=True),
+                    timeout=timeout_s)
+    if resp.store_id and resp.store_id != store_id:
+        raise stale(resp.store_id)
+    offsets, lengths, checksums = locations(resp)
+    n, m = len(keys), len(offsets)
+    if m > n or (m < n and not longest_prefix):
+        raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
+    return offsets, lengths, checksums
+
+
+def release_anonymous(stub: kvstore_pb2_grpc.KVStoreStub, owner: str, pin_owner: str) -> None:
+    """Drops the pins a get with no owner took under its own name (else they expire)."""
+    if not owner:
+        with contextlib.suppress(grpc.RpcError):
+            stub.Release(kvstore_pb2.ReleaseRequest(owner=pin_owner), timeout=5.0)
+
+
+def reread_bad(channel: grpc.Channel, owner: str, keys: Sequence[bytes], held: int,
+               bad: list[int], results: list[Buffer], outs: list[memoryview] | None,
+               longest_prefix: bool, timeout_s: float | None) -> list[Buffer]:
+    """The results once the blocks whose crc32 failed on arrival are read again."""
+    if bad and longest_prefix:
+        return refetch_prefix(channel, owner, keys, held, bad[0], results, outs, timeout_s)
+    if bad:
+        refetch(channel, owner, keys, bad, results, outs)
+    return results
 
 
 def refetch(channel: grpc.Channel, owner: str, keys: Sequence[bytes], bad: list[int],

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 
 import grpc
 
-from services.transfer.arena_ops import locations, put_offsets, refetch, refetch_prefix
+from services.transfer.arena_ops import (
+    abort_put,
+    pinned_locations,
+    put_offsets,
+    release_anonymous,
+    reread_bad,
+)
 from services.transfer.base import (
     Buffer,
     InvalidRequestError,
@@ -115,8 +121,7 @@ class ShmTransport(KVTransport):
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         if begun.store_id and begun.store_id != self.store_id:
-            with contextlib.suppress(grpc.RpcError):
-                self._abort(begun.put_id)
+            abort_put(self._stub, begun.put_id)
             raise self._stale(begun.store_id)
         try:
             offsets = put_offsets(begun, block_nbytes)
@@ -137,8 +142,7 @@ class ShmTransport(KVTransport):
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
                 put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
         except BaseException as e:
-            with contextlib.suppress(grpc.RpcError):
-                self._abort(begun.put_id)
+            abort_put(self._stub, begun.put_id)
             if isinstance(e, grpc.RpcError):
                 raise wrap_rpc_error(e) from None
             raise
@@ -150,29 +154,17 @@ class ShmTransport(KVTransport):
         return StaleTransportError(f"the store restarted: it is {store_id} now, this "
                                    f"transport mapped the arena of {self.store_id}")
 
-    def _abort(self, put_id: str) -> None:
-        """Frees a begun put's slots now (else they wait for the store's pin TTL)."""
-        self._stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=put_id, abort=True),
-                             timeout=5.0)
-
     def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
             longest_prefix: bool = False) -> list[Buffer]:
-        n = len(keys)
         outs = output_views(keys, out)
-        if n == 0:
+        if not keys:
             return []
         pin_owner = owner or f"shm-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            resp = self._stub.Get(kvstore_pb2.GetRequest(
-                owner=pin_owner, keys=keys, longest_prefix=longest_prefix, packed=True),
-                timeout=bounded(self.timeout_s))
-            if resp.store_id and resp.store_id != self.store_id:
-                raise self._stale(resp.store_id)
-            offsets, lengths, checksums = locations(resp)
-            m = len(offsets)
-            if m > n or (m < n and not longest_prefix):
-                raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
+            offsets, lengths, checksums = pinned_locations(
+                self._stub, pin_owner, keys, longest_prefix, bounded(self.timeout_s),
+                self.store_id, self._stale)
             results: list[Buffer] = []
             copies: list[Copy] = []
             total = 0
@@ -193,17 +185,12 @@ class ShmTransport(KVTransport):
             crcs = crc_copy(copies)
             bad = [i for i, (c, want) in enumerate(zip(crcs, checksums, strict=True))
                    if c != want]
-            if bad and longest_prefix:
-                results = refetch_prefix(self._channel, pin_owner, keys, m, bad[0], results,
-                                         outs, self.timeout_s)
-            elif bad:
-                refetch(self._channel, pin_owner, keys, bad, results, outs)
+            results = reread_bad(self._channel, pin_owner, keys, len(offsets), bad, results,
+                                 outs, longest_prefix, self.timeout_s)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         finally:
-            if not owner:
-                with contextlib.suppress(grpc.RpcError):  # else the pins expire
-                    self._stub.Release(kvstore_pb2.ReleaseRequest(owner=pin_owner), timeout=5.0)
+            release_anonymous(self._stub, owner, pin_owner)
         self._get_time.observe(time.perf_counter() - t0)
         self._get_bytes.inc(total)
         return results

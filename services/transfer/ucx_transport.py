@@ -28,7 +28,13 @@ import grpc
 
 from kvstore.checksum import crc32
 from services.transfer import ucx_loop
-from services.transfer.arena_ops import locations, put_offsets, refetch, refetch_prefix
+from services.transfer.arena_ops import (
+    abort_put,
+    pinned_locations,
+    put_offsets,
+    release_anonymous,
+    reread_bad,
+)
 from services.transfer.base import (
     Buffer,
     InvalidRequestError,
@@ -174,9 +180,7 @@ class UcxTransport(KVTransport):
             resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
                 put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
         except BaseException as e:
-            with contextlib.suppress(grpc.RpcError):  # else the slots wait for the TTL
-                self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                    put_id=begun.put_id, abort=True), timeout=5.0)
+            abort_put(self._stub, begun.put_id)
             if isinstance(e, grpc.RpcError):
                 raise wrap_rpc_error(e) from None
             raise
@@ -187,22 +191,16 @@ class UcxTransport(KVTransport):
     # -- get --------------------------------------------------------------------------
     def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
             longest_prefix: bool = False) -> list[Buffer]:
-        n = len(keys)
         outs = output_views(keys, out)
-        if n == 0:
+        if not keys:
             return []
         pin_owner = owner or f"ucx-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            resp = self._stub.Get(kvstore_pb2.GetRequest(
-                owner=pin_owner, keys=keys, longest_prefix=longest_prefix, packed=True),
-                timeout=bounded(self.timeout_s))
-            if resp.store_id and resp.store_id != self.store_id:
-                raise self._stale(resp.store_id)
-            offsets, lengths, checksums = locations(resp)
+            offsets, lengths, checksums = pinned_locations(
+                self._stub, pin_owner, keys, longest_prefix, bounded(self.timeout_s),
+                self.store_id, self._stale)
             m = len(offsets)
-            if m > n or (m < n and not longest_prefix):
-                raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
             dsts = self._destinations(lengths, outs)
             if m:
                 self._exchange("get", _get, Op(op=Op.GET, offsets=offsets, lengths=lengths),
@@ -210,17 +208,12 @@ class UcxTransport(KVTransport):
             results: list[Buffer] = list(out[:m]) if out is not None else list(dsts)
             bad = [i for i, (d, want) in enumerate(zip(dsts, checksums, strict=True))
                    if crc32(d) != want]
-            if bad and longest_prefix:
-                results = refetch_prefix(self._channel, pin_owner, keys, m, bad[0], results,
-                                         outs, self.timeout_s)
-            elif bad:
-                refetch(self._channel, pin_owner, keys, bad, results, outs)
+            results = reread_bad(self._channel, pin_owner, keys, m, bad, results, outs,
+                                 longest_prefix, self.timeout_s)
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         finally:
-            if not owner:
-                with contextlib.suppress(grpc.RpcError):  # else the pins expire
-                    self._stub.Release(kvstore_pb2.ReleaseRequest(owner=pin_owner), timeout=5.0)
+            release_anonymous(self._stub, owner, pin_owner)
         self._get_time.observe(time.perf_counter() - t0)
         self._get_bytes.inc(sum(lengths))
         return results
