@@ -14,9 +14,23 @@ from kvstore.client import KVStoreClient
 from services.common.auth import call_metadata
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
+from services.engine import LLM, SamplingParams
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 MODEL_NAME = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_llama_dir: Path) -> LLM:
+    """The single-process engine every cluster's tokens are checked against."""
+    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
+               num_kv_blocks=256, use_tqdm=False)
+
+
+def expected(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of ``llm`` for each prompt (eos ignored)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def cluster_settings(model_dir: Path, transport: str = "auto", prefill: int = 2,

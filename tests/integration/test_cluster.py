@@ -6,27 +6,15 @@ import random
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 
-from services.engine import LLM, SamplingParams
+from services.engine import LLM
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from tests.integration.conftest import MODEL_NAME, RunningCluster, request
+from tests.integration.conftest import MODEL_NAME, RunningCluster, expected, request
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
-
-def expected(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def prompts(n: int, seed: int, lo: int = 5, hi: int = 90) -> list[list[int]]:

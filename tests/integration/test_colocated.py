@@ -11,8 +11,14 @@ import pytest
 
 from services.common.server import wait_until
 from services.engine import LLM
-from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
-from tests.integration.test_cluster import expected, prompts
+from tests.integration.conftest import (
+    RunningCluster,
+    cluster_settings,
+    expected,
+    request,
+    running_cluster,
+)
+from tests.integration.test_cluster import prompts
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +32,8 @@ def colocated(tiny_llama_dir: Path,
 
 
 def test_colocated_tokens_equal_the_engine_and_the_split_cluster(colocated: RunningCluster,
-                                                                  tiny_llama_dir: Path) -> None:
-    ref = LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-              num_kv_blocks=256, use_tqdm=False)
+                                                                  reference: LLM) -> None:
+    ref = reference
     ids = prompts(4, seed=21)
     got = [colocated.generate(request(p, max_tokens=10)) for p in ids]
     assert [g.tokens for g in got] == expected(ref, ids, 10)

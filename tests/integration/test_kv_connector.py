@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from services.common.server import wait_until
-from services.engine import LLM, SamplingParams
-from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
+from services.engine import LLM
+from tests.integration.conftest import (
+    RunningCluster,
+    cluster_settings,
+    expected,
+    request,
+    running_cluster,
+)
 
 BS = 16
 
@@ -25,16 +31,6 @@ def one_each(tiny_llama_dir: Path,
     with running_cluster(settings, tmp_path_factory.mktemp("kv-connector")) as rc:
         yield rc
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
-
-def _greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    params = SamplingParams(max_tokens=n, ignore_eos=True)
-    return llm.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
 
 
 def _blocks_from(port: int, role: str) -> dict[str, float]:
@@ -55,11 +51,12 @@ def test_prefix_held_by_the_engine_is_not_fetched(one_each: RunningCluster,
     shared = _tokens(5 * BS, 1)
     first, second = shared + _tokens(9, 2), shared + _tokens(12, 3)
     port = one_each.settings.prefill[0].http_port
-    assert one_each.generate(request(first, max_tokens=6)).tokens == _greedy(reference, first, 6)
+    want = expected(reference, [first], 6)[0]
+    assert one_each.generate(request(first, max_tokens=6)).tokens == want
     before = _blocks_from(port, "prefill")
     got = one_each.generate(request(second, max_tokens=6))
     after = _blocks_from(port, "prefill")
-    assert got.tokens == _greedy(reference, second, 6)
+    assert got.tokens == expected(reference, [second], 6)[0]
     assert got.usage.cached_tokens == 5 * BS
     assert after.get("engine", 0) - before.get("engine", 0) == 5  # its own prefix cache
     assert after.get("store", 0) - before.get("store", 0) == 0  # nothing from the store
@@ -70,13 +67,13 @@ def test_next_turn_finds_the_answer_in_the_store(one_each: RunningCluster,
                                                  reference: LLM) -> None:
     turn1 = _tokens(3 * BS + 5, 4)
     answer = one_each.generate(request(turn1, max_tokens=40)).tokens
-    assert answer == _greedy(reference, turn1, 40)
+    assert answer == expected(reference, [turn1], 40)[0]
     turn2 = turn1 + answer + _tokens(7, 5)
     port = one_each.settings.prefill[0].http_port
     before = _blocks_from(port, "prefill")
     got = one_each.generate(request(turn2, max_tokens=6))
     after = _blocks_from(port, "prefill")
-    assert got.tokens == _greedy(reference, turn2, 6)
+    assert got.tokens == expected(reference, [turn2], 6)[0]
     # the answer's last token has no KV yet: whole blocks of prompt + answer[:-1]
     assert got.usage.cached_tokens == (len(turn1) + len(answer) - 1) // BS * BS
     assert after.get("store", 0) - before.get("store", 0) >= 2  # the answer's blocks

@@ -4,7 +4,6 @@ spread, and the tokens are the single engine's."""
 
 from __future__ import annotations
 
-import inspect
 import random
 import re
 import time
@@ -16,20 +15,21 @@ from pathlib import Path
 import pytest
 import redis
 
-from gateway.flow import RequestFlow
 from services.common.launcher import free_port
 from services.common.registry import Keys
 from services.common.server import wait_until
-from services.engine import LLM, SamplingParams
-from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
+from services.engine import LLM
+from tests.integration.conftest import (
+    RunningCluster,
+    cluster_settings,
+    expected,
+    request,
+    running_cluster,
+)
 
 BS = 16
 PREFIX_BLOCKS = 8
 
-pytestmark = pytest.mark.skipif(
-    "block_hashes" not in inspect.getsource(RequestFlow),
-    reason="gateway/flow.py does not yet put the prompt's block hashes in its RouteRequest "
-           "(router.name_blocks)")
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +40,6 @@ def kv_cluster(tiny_llama_dir: Path,
     with running_cluster(settings, tmp_path_factory.mktemp("kv-routing")) as rc:
         yield rc
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
-
-def _greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    return llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True),
-                        use_tqdm=False)[0]["token_ids"]
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -91,7 +81,7 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     ports = [ep.http_port for ep in rc.settings.prefill]
     prefix = _tokens(PREFIX_BLOCKS * BS, 1)
     first = prefix + _tokens(5, 2)
-    assert rc.generate(request(first, max_tokens=4)).tokens == _greedy(reference, first, 4)
+    assert rc.generate(request(first, max_tokens=4)).tokens == expected(reference, [first], 4)[0]
     holder = max(range(2), key=lambda i: _prefilled(ports[i]))
     other = 1 - holder
     address = rc.settings.prefill[holder].address
@@ -102,7 +92,7 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     for i in range(3):
         prompt = prefix + _tokens(7 + i, 10 + i)
         got = rc.generate(request(prompt, max_tokens=4))
-        assert got.tokens == _greedy(reference, prompt, 4)
+        assert got.tokens == expected(reference, [prompt], 4)[0]
         assert got.usage.cached_tokens == PREFIX_BLOCKS * BS
     after = [_engine_blocks(p) for p in ports]
     assert after[holder] - before[holder] == 3 * PREFIX_BLOCKS  # its own prefix cache
@@ -118,6 +108,6 @@ def test_unique_prompts_still_spread(kv_cluster: RunningCluster, reference: LLM)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda p: rc.generate(request(p, max_tokens=4)), prompts))
     for p, r in zip(prompts, results, strict=True):
-        assert r.tokens == _greedy(reference, p, 4)
+        assert r.tokens == expected(reference, [p], 4)[0]
     after = [_prefilled(p) for p in ports]
     assert all(a > b for a, b in zip(after, before, strict=True))  # both workers computed

@@ -15,13 +15,14 @@ import grpc
 import pytest
 
 from services.common.server import wait_until
-from services.engine import LLM, SamplingParams
+from services.engine import LLM
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 from tests.integration.conftest import (
     Result,
     RunningCluster,
     cluster_settings,
     collect,
+    expected,
     request,
     running_cluster,
 )
@@ -29,20 +30,11 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
 
 def _prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
-
-def _expected(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 class Streams:
@@ -122,7 +114,7 @@ def test_killed_decode_worker_moves_its_streams(two_decoders: RunningCluster,
     assert all(e.wait(60) for e in streams.first)
     two_decoders.cluster.kill("decode", 0)
     got = streams.join()
-    assert [r.tokens for r in got] == _expected(reference, prompts, 400)
+    assert [r.tokens for r in got] == expected(reference, prompts, 400)
     assert _migrations(two_decoders) >= 1
     _nothing_left(two_decoders, [("prefill", 0), ("decode", 1)])
 
@@ -142,7 +134,7 @@ def test_killed_prefill_worker_moves_its_prompts(two_prefills: RunningCluster,
     assert any(e.wait(60) for e in streams.first)
     two_prefills.cluster.kill("prefill", 0)
     got = streams.join()
-    assert [r.tokens for r in got] == _expected(reference, prompts, 8)
+    assert [r.tokens for r in got] == expected(reference, prompts, 8)
     assert _migrations(two_prefills) >= 1
     _nothing_left(two_prefills, [("prefill", 1), ("decode", 0)])
 
@@ -174,7 +166,7 @@ def test_chaos_workers_killed_and_restarted(two_of_each: RunningCluster,
         kills.append(f"{role}-{index}")
         two_of_each.cluster.start_service(role, index)
     got = [s.join()[0] for s in streams]
-    want = [_expected(reference, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
+    want = [expected(reference, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
     assert [r.tokens for r in got] == want
     assert kills, "nothing was killed"
     _nothing_left(two_of_each, [("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)])

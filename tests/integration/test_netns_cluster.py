@@ -18,8 +18,8 @@ from services.common.server import wait_until
 from services.engine import LLM
 from services.transfer import ucx_loop
 from splitserve.v1 import generation_pb2_grpc
-from tests.integration.conftest import cluster_settings, collect, request
-from tests.integration.test_cluster import expected, prompts
+from tests.integration.conftest import cluster_settings, collect, expected, request
+from tests.integration.test_cluster import prompts
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
@@ -32,10 +32,10 @@ def _choices(http_port: int) -> dict[str, float]:
         r'^splitserve_kv_transport_choices_total\{transport="(\w+)"\} ([0-9.e+]+)$', text, re.M)}
 
 
-def test_store_on_another_host_serves_the_cluster(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_store_on_another_host_serves_the_cluster(tiny_llama_dir: Path, tmp_path: Path,
+                                                  reference: LLM) -> None:
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
-    ref = LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-              num_kv_blocks=256, use_tqdm=False)
+    ref = reference
     ids = prompts(3, seed=31, lo=40, hi=90)
     with netns_pair() as pair, \
             StoreInNetns(pair, settings, tmp_path, env={"UCX_TLS": "tcp"}) as store:

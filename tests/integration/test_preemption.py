@@ -15,13 +15,14 @@ import grpc
 import pytest
 
 from services.common.server import wait_until
-from services.engine import LLM, SamplingParams
+from services.engine import LLM
 from splitserve.v1 import common_pb2
 from tests.integration.conftest import (
     Result,
     RunningCluster,
     cluster_settings,
     collect,
+    expected,
     request,
     running_cluster,
 )
@@ -71,14 +72,10 @@ class Stream(threading.Thread):
 
 
 def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluster,
-                                                    tiny_llama_dir: Path) -> None:
+                                                    reference: LLM) -> None:
     low_prompts = [[7 + i] * 20 + list(range(30, 50)) for i in range(2)]
     high_prompt = list(range(100, 140))
-    ref = LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-              num_kv_blocks=256, use_tqdm=False)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (400, 400, 20)]
-    want = [o["token_ids"] for o in ref.generate(low_prompts + [high_prompt], params,
-                                                  use_tqdm=False)]
+    want = [*expected(reference, low_prompts, 400), *expected(reference, [high_prompt], 20)]
     lows = [Stream(one_seat_pair, p, 400, common_pb2.PRIORITY_CLASS_BATCH)
             for p in low_prompts]
     assert all(s.started.wait(60) for s in lows)

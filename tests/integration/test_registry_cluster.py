@@ -19,9 +19,15 @@ from services.common.launcher import ServiceProcess, free_port, spawn, start_red
 from services.common.registry import Keys, read_members
 from services.common.server import wait_until
 from services.common.settings import Endpoint
-from services.engine import LLM, SamplingParams
+from services.engine import LLM
 from splitserve.v1 import generation_pb2
-from tests.integration.conftest import RunningCluster, cluster_settings, request, running_cluster
+from tests.integration.conftest import (
+    RunningCluster,
+    cluster_settings,
+    expected,
+    request,
+    running_cluster,
+)
 
 TTL_S = 1.5
 
@@ -36,16 +42,6 @@ def reg_cluster(tiny_llama_dir: Path,
         assert rc.cluster.redis is not None and rc.cluster.redis.alive()  # started by the launcher
         yield rc
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
-
-def _greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    return llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True),
-                        use_tqdm=False)[0]["token_ids"]
 
 
 def _metric(port: int, pattern: str) -> float:
@@ -104,7 +100,7 @@ def test_registered_members_and_a_late_worker(reg_cluster: RunningCluster, refer
     assert wait_until(lambda: _decode_workers(rc) == 2, timeout_s=5)  # one heartbeat + a poll
     prompts = [[7 + i] * 20 for i in range(4)]  # round_robin: both decode workers serve
     for p in prompts:
-        assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+        assert rc.generate(request(p, max_tokens=5)).tokens == expected(reference, [p], 5)[0]
     assert _decoded(ep.http_port) > 0 and _decoded(s.decode[0].http_port) > 0
 
     svc.proc.kill()  # SIGKILL: no goodbye; the registry forgets it within the TTL
@@ -113,7 +109,7 @@ def test_registered_members_and_a_late_worker(reg_cluster: RunningCluster, refer
     assert wait_until(lambda: gone not in _members(rc), timeout_s=TTL_S + 1.0)
     assert wait_until(lambda: _decode_workers(rc) == 1, timeout_s=2)
     for p in prompts:
-        assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+        assert rc.generate(request(p, max_tokens=5)).tokens == expected(reference, [p], 5)[0]
     assert wait_until(lambda: rc.store.stats().pinned_blocks == 0, timeout_s=10)
 
 
@@ -127,7 +123,7 @@ def test_redis_lost_and_back(reg_cluster: RunningCluster, reference: LLM) -> Non
                       timeout_s=5)
     assert _readyz(rc) == 200  # degraded, still serving with its last view
     p = [3] * 40
-    assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+    assert rc.generate(request(p, max_tokens=5)).tokens == expected(reference, [p], 5)[0]
 
     rc.cluster.redis = start_redis(port)  # empty: every member writes itself again
     want = {f"kvstore/{s.kvstore.address}", f"prefill/{s.prefill[0].address}",
@@ -135,4 +131,4 @@ def test_redis_lost_and_back(reg_cluster: RunningCluster, reference: LLM) -> Non
     assert wait_until(lambda: _members(rc) == want, timeout_s=10)
     assert wait_until(lambda: _metric(gw_port, "splitserve_registry_connected") == 1,
                       timeout_s=5)
-    assert rc.generate(request(p, max_tokens=5)).tokens == _greedy(reference, p, 5)
+    assert rc.generate(request(p, max_tokens=5)).tokens == expected(reference, [p], 5)[0]

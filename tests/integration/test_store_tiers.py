@@ -28,11 +28,6 @@ def tiered(request: pytest.FixtureRequest, tiny_llama_dir: Path,
         yield rc
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=512,
-               num_kv_blocks=256, use_tqdm=False)
-
 
 def tiers(rc: RunningCluster) -> dict:
     return {t.tier: t for t in rc.store.stats().tiers}
