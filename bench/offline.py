@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from typing import Any
 
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine.add_request(f"req-{i}", prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
     decode_s = prefill_s = 0.0
     decode_steps = decode_tokens = 0
+    decode_step_times: list[float] = []
     first_token_at: dict[str, float] = {}
     bar = tqdm(total=len(reqs), desc="bench offline", unit="seq", disable=args.no_tqdm)
     start = time.perf_counter()
@@ -164,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if batched == n_new and waiting_before == st.num_waiting and batched:
             decode_s += dt  # every sequence fed exactly one token: a pure decode step
             decode_steps += 1
+            decode_step_times.append(dt)
             decode_tokens += n_new
         else:
             prefill_s += dt
@@ -198,6 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_step_s": decode_s,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
         "mean_decode_step_ms": 1000 * decode_s / decode_steps if decode_steps else 0.0,
+        "median_decode_step_ms": (
+            1000 * statistics.median(decode_step_times) if decode_step_times else 0.0),
         "median_ttft_s": ttfts[len(ttfts) // 2] if ttfts else 0.0,
         "preemptions": st.num_preemptions - base.num_preemptions,
         "threads": _threads(),
@@ -210,8 +215,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{result['tokens_per_s']:.1f} tok/s (prefill+decode), "
         f"{result['output_tokens_per_s']:.1f} output tok/s; "
         f"decode steps {decode_steps} at {result['mean_decode_step_ms']:.2f} ms "
+        f"(median {result['median_decode_step_ms']:.2f}) "
         f"({result['decode_tokens_per_s']:.1f} tok/s); preemptions {result['preemptions']}"
     )
+    result.update(_hardware_rates(engine, result))
+    for key, label in (("decode_weight_gb_per_s", "decode reads weights at {:.1f} GB/s"),
+                       ("prefill_tflop_per_s", "prefill at {:.2f} TFLOP/s")):
+        if key in result:
+            print(label.format(result[key]))
     if args.profile:
         prof = engine.runner.profiler
         result["profile_s"] = dict(prof.seconds)
@@ -220,6 +231,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _hardware_rates(engine: Any, result: dict[str, Any]) -> dict[str, float]:
+    """What the hardware did: weight bytes read per second of a decode step (all
+    parameters, as one batch-1 step reads them), and the FLOP rate of a one-prompt
+    prefill (matmuls 2 * params * tokens, causal attention 2 * T^2 * head_dim per
+    head and layer; the embedding lookup does no matmul)."""
+    model = engine.runner.model
+    mc = engine.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rates: dict[str, float] = {"weight_bytes": weight_bytes}
+    if result["mean_decode_step_ms"]:
+        rates["decode_weight_gb_per_s"] = weight_bytes / result["mean_decode_step_ms"] / 1e6
+    if result["num_seqs"] == 1 and result["decode_steps"] == 0 and result["prefill_step_s"]:
+        t = result["input_tokens"]
+        matmul_params = sum(p.numel() for p in model.parameters())
+        if mc.tie_word_embeddings:  # one matrix, used by the lm_head only for the last token
+            matmul_params -= mc.vocab_size * mc.hidden_size
+        else:
+            matmul_params -= 2 * mc.vocab_size * mc.hidden_size
+        flops = 2 * matmul_params * t + 2 * mc.num_layers * mc.num_heads * mc.head_dim * t * t
+        rates["prefill_tflop_per_s"] = flops / result["prefill_step_s"] / 1e12
+    return rates
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

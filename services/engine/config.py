@@ -163,10 +163,9 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    # auto (triton on CUDA, torch elsewhere) | torch | triton. The default stays on the
-    # torch path, verified on a GPU, until the Triton kernels and CUDA graphs are too.
-    attention_backend: str = "torch"
-    enforce_eager: bool = True  # no CUDA graphs for decode steps (they need triton)
+    # auto (triton on CUDA where the head size allows, torch elsewhere) | torch | triton
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (CUDA + triton only)
     seed: int = 0
 
 
@@ -196,8 +195,6 @@ class EngineConfig(EngineOptions):
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
             )
-        if self.attention_backend == "auto":
-            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -207,6 +204,8 @@ class EngineConfig(EngineOptions):
         if self.model_config is None:
             self.model_config = load_model_config(self.model)
         mc = self.model_config
+        if self.attention_backend == "auto":
+            self.attention_backend = self._auto_backend(mc.head_dim)
         limit = mc.max_position_embeddings
         if mc.sliding_window is not None:
             limit = min(limit, mc.sliding_window)  # sliding-window attention is not implemented
@@ -223,6 +222,11 @@ class EngineConfig(EngineOptions):
             else:
                 self.model_id = Path(self.model).resolve().name
         return self
+
+    def _auto_backend(self, head_dim: int) -> str:
+        """triton on CUDA when its kernels take the head size (a power of two >= 16)."""
+        pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        return "triton" if self.device.startswith("cuda") and pow2 else "torch"
 
     @property
     def is_dummy(self) -> bool:

@@ -1,23 +1,35 @@
-"""CUDA graphs of the decode forward, one per batch-size bucket.
+"""CUDA graphs of the forward, captured per bucket on fixed input layouts.
 
-Each graph is captured on the fixed decode layout of ``StepInputs`` (views of
-one device buffer), largest bucket first, all in one memory pool; a step of
-``n`` decodes fills that layout padded to the smallest bucket >= n and replays.
-The context split of the decode kernel is fixed per bucket from max_model_len.
+* decode graphs: one per batch-size bucket up to ``max_num_seqs``, on the decode
+  layout of ``StepInputs``; the context split of the decode kernel is fixed per
+  bucket from max_model_len.
+* chunk graphs: small steps of any kind (a short prompt, a prompt's last chunk
+  beside a few decodes), one per token bucket up to ``CHUNK_GRAPH_TOKENS``, on
+  the chunks layout: every sequence runs as a chunk of the prefill kernel. A
+  short prefill is bound by launching its ~15 kernels a layer; replayed, it is
+  bound by the GPU.
+
+A step is padded to the smallest bucket that holds it and replayed. All graphs
+share one memory pool, captured largest first.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from services.engine.model_runner import ModelRunner
+    from services.engine.step_inputs import StepBatch
 
 log = logging.getLogger(__name__)
+
+CHUNK_GRAPH_TOKENS = 512  # the largest step a chunk graph replays
+CHUNK_GRAPH_SEQS = 16  # sequences of a chunk graph (bounds the prefill kernel's grid)
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -26,27 +38,31 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-class DecodeGraphs:
-    def __init__(self, runner: ModelRunner) -> None:
-        self.sizes = bucket_sizes(runner.config.max_num_seqs)
+def chunk_bucket_sizes(max_tokens: int) -> list[int]:
+    """Powers of two from 16 up to ``max_tokens`` (itself included when smaller)."""
+    sizes = [b for b in (16, 32, 64, 128, 256, 512) if b < max_tokens]
+    return sorted(set(sizes + [max_tokens]))
+
+
+class StepGraphs:
+    """Graphs of one layout; ``prepare(size)`` fills the layout with padding and
+    returns its device views for ``size``."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int],
+                 prepare: Callable[[int], StepBatch], what: str, pool: object = None) -> None:
+        self.sizes = sizes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
-        pool = None
         for size in reversed(self.sizes):
-            pool = self._capture(runner, size, pool)
+            pool = self._capture(runner, prepare(size), size, pool)
+        self.pool = pool
         torch.cuda.synchronize(runner.device)
-        log.info("captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
-                 len(self.sizes), self.sizes[-1], time.perf_counter() - start)
+        log.info("captured %d %s CUDA graphs (up to %d) in %.1f s",
+                 len(self.sizes), what, self.sizes[-1], time.perf_counter() - start)
 
     @torch.inference_mode()
-    def _capture(self, runner: ModelRunner, size: int, pool: object) -> object:
-        inputs = runner.inputs
-        batch = inputs.decode_views(size)
-        backend = runner.attention_backend
-        batch.meta.decode_split = backend.decode_split(runner.config.max_model_len, size,
-                                                       runner.device)
-        inputs.fill_decode([], size)  # all padding: capture writes and reads nothing
+    def _capture(self, runner: ModelRunner, batch: StepBatch, size: int, pool: object) -> object:
         runner.model(batch.input_ids, batch.positions, runner.kv_cache, batch.meta)  # compile
         torch.cuda.synchronize(runner.device)
         graph = torch.cuda.CUDAGraph()
@@ -56,7 +72,7 @@ class DecodeGraphs:
         return graph.pool()
 
     def bucket(self, n: int) -> int | None:
-        """The smallest captured batch size >= n, or None when n is larger than all."""
+        """The smallest captured size >= n, or None when n is larger than all."""
         return next((b for b in self.sizes if b >= n), None)
 
     def replay(self, size: int) -> torch.Tensor:
@@ -64,10 +80,37 @@ class DecodeGraphs:
         return self.outputs[size]
 
 
+def decode_graphs(runner: ModelRunner) -> StepGraphs:
+    inputs, backend = runner.inputs, runner.attention_backend
+
+    def prepare(size: int) -> StepBatch:
+        batch = inputs.decode_views(size)
+        batch.meta.decode_split = backend.decode_split(runner.config.max_model_len, size,
+                                                       runner.device)
+        inputs.fill_decode([], size)  # all padding: capture writes and reads nothing
+        return batch
+
+    return StepGraphs(runner, bucket_sizes(runner.config.max_num_seqs), prepare, "decode")
+
+
+def chunk_graphs(runner: ModelRunner, pool: object) -> StepGraphs | None:
+    inputs = runner.inputs
+    if not inputs.chunk_tokens:
+        return None
+
+    def prepare(size: int) -> StepBatch:
+        inputs.fill_chunks([], size)
+        return inputs.chunk_views(size)
+
+    return StepGraphs(runner, chunk_bucket_sizes(inputs.chunk_tokens), prepare, "chunk", pool)
+
+
 def graph_memory_estimate(max_num_seqs: int, num_heads: int, head_dim: int,
                           hidden: int, intermediate: int, itemsize: int) -> int:
-    """Bytes the decode graphs' pool may hold: split partials of the largest bucket
-    (at most 64 splits, float32) and its activations, with a margin."""
+    """Bytes the graphs' pool may hold: split partials of the largest decode bucket
+    (at most 64 splits, float32) and the activations of the largest graph, with a
+    margin."""
     partials = max_num_seqs * num_heads * 64 * (head_dim + 2) * 4
-    activations = max_num_seqs * (4 * hidden + 3 * intermediate) * itemsize
+    rows = max(max_num_seqs, CHUNK_GRAPH_TOKENS)
+    activations = rows * (4 * hidden + 3 * intermediate) * itemsize
     return partials + activations + (256 << 20)

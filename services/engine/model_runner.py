@@ -2,9 +2,10 @@
 
 The batch is flattened: decodes (one new token each) first, then prefill
 chunks, all in one forward. Inputs are built with numpy and moved in one copy
-(``StepInputs``); pure-decode steps replay a CUDA graph on CUDA unless
-``enforce_eager``. On CUDA the KV cache takes what a profiling forward at the
-largest step leaves under ``gpu_memory_utilization``.
+(``StepInputs``); on CUDA, unless ``enforce_eager``, pure-decode steps replay a
+decode graph and other small steps a chunk graph (``cuda_graphs``). On CUDA the
+KV cache takes what a profiling forward at the largest step leaves under
+``gpu_memory_utilization``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 
 from services.engine.block_manager import cdiv
 from services.engine.config import EngineConfig
-from services.engine.cuda_graphs import DecodeGraphs, graph_memory_estimate
+from services.engine.cuda_graphs import (
+    CHUNK_GRAPH_SEQS,
+    CHUNK_GRAPH_TOKENS,
+    StepGraphs,
+    chunk_graphs,
+    decode_graphs,
+    graph_memory_estimate,
+)
 from services.engine.kv_cache import DTYPE_BY_NAME, KVCache, block_nbytes_for
 from services.engine.loader import load_model
 from services.engine.profiler import StepProfiler
@@ -65,15 +73,19 @@ class ModelRunner:
         self.profiler = StepProfiler()
         if self.device.type == "cuda":
             self.profiler.sync = lambda: torch.cuda.synchronize(self.device)
+        graphs = self._use_graphs()
         self.inputs = StepInputs(
             max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             max_seqs=config.max_num_seqs,
             max_blocks=cdiv(config.max_model_len, config.block_size),
             block_size=config.block_size,
             device=self.device,
+            chunk_tokens=min(CHUNK_GRAPH_TOKENS, config.max_num_batched_tokens) if graphs else 0,
+            chunk_seqs=min(CHUNK_GRAPH_SEQS, config.max_num_seqs) if graphs else 0,
         )
         self.sampler = Sampler(config.seed, self.device)
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
+        self.chunk_graphs: StepGraphs | None = None
         nbytes = block_nbytes_for(
             mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, config.dtype
         )
@@ -84,8 +96,9 @@ class ModelRunner:
             config.block_size,
             self.kv_cache.num_blocks * nbytes / (1 << 20),
         )
-        if self._use_graphs():
-            self.graphs = DecodeGraphs(self)
+        if graphs:
+            self.graphs = decode_graphs(self)
+            self.chunk_graphs = chunk_graphs(self, self.graphs.pool)
 
     def _new_cache(self, blocks: int) -> KVCache:
         mc = self.config.model_config
@@ -96,7 +109,7 @@ class ModelRunner:
         return (
             self.device.type == "cuda"
             and not self.config.enforce_eager
-            and getattr(self.attention_backend, "supports_cuda_graphs", False)
+            and getattr(self.model.attention_backend, "supports_cuda_graphs", False)
         )
 
     # ---- memory ----
@@ -162,11 +175,22 @@ class ModelRunner:
             if len(rows) == n:
                 return hidden, None
             return hidden, torch.tensor(rows, device=self.device)
+        size = self._chunk_bucket(scheduled)
+        if size is not None:
+            with self.profiler.section("prepare"):
+                rows = self.inputs.fill_chunks(scheduled, size)
+            with self.profiler.section("forward"):
+                return self.chunk_graphs.replay(size), rows
         with self.profiler.section("prepare"):
             batch: StepBatch = self.inputs.fill_general(scheduled)
         with self.profiler.section("forward"):
             hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         return hidden, batch.sample_rows
+
+    def _chunk_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
+        if self.chunk_graphs is None or len(scheduled) > self.inputs.chunk_seqs:
+            return None
+        return self.chunk_graphs.bucket(sum(s.num_new_tokens for s in scheduled))
 
     def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
         hidden, rows = self._forward(scheduled)

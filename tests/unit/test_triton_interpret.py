@@ -136,3 +136,38 @@ def test_decode_graph_layout_equals_general_layout(tiny_llama_dir: object) -> No
     for i in range(3):
         engine.abort(f"r{i}")
     engine.check_invariants()
+
+
+def test_chunk_graph_layout_equals_general_layout(tiny_llama_dir: object) -> None:
+    """What a chunk graph replays: decodes and a prefill chunk, every sequence a chunk
+    of the prefill kernel, padded to a token bucket and to the graph's sequence count,
+    gives the hidden states of the general path at the sampling rows."""
+    from services.engine import EngineConfig, LLMEngine
+    from services.engine.step_inputs import StepInputs
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64,
+                                    attention_backend="triton", max_num_seqs=8),
+                       use_tqdm=False)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i, n in enumerate((5, 23, 18)):
+        engine.add_request(f"r{i}", list(range(3 + 100 * i, 3 + 100 * i + n)), params)
+    engine.step()  # the three prefills
+    engine.add_request("r3", list(range(400, 407)), params)
+    out = engine.scheduler.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 1, 1, 7]
+    runner = engine.runner
+    chunks = StepInputs(max_tokens=64, max_seqs=8, max_blocks=runner.inputs.max_blocks,
+                        block_size=runner.block_size, device=runner.device,
+                        chunk_tokens=32, chunk_seqs=5)
+    with torch.inference_mode():
+        batch = runner.inputs.fill_general(out.scheduled)
+        want = runner.model(batch.input_ids, batch.positions, runner.kv_cache, batch.meta)
+        want = want[batch.sample_rows]
+        rows = chunks.fill_chunks(out.scheduled, 16)
+        views = chunks.chunk_views(16)
+        got = runner.model(views.input_ids, views.positions, runner.kv_cache, views.meta)
+    assert rows.tolist() == [0, 1, 2, 9]
+    assert _rel(got[rows], want) < 1e-5
+    for i in range(4):
+        engine.abort(f"r{i}")
+    engine.check_invariants()

@@ -15,6 +15,8 @@ with the block stride of the whole block-major tensor; kernels address a token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -69,14 +71,16 @@ def store_kv(
     )
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on (Triton would otherwise
+# compile a variant per "== 1" / "divisible by 16" pattern in the middle of serving).
+@triton.jit(do_not_specialize=["split_len", "stride_table", "num_splits"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
     scale_log2, split_len,
     stride_qt, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_table,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -114,38 +118,58 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + pv
         s = s * alpha + tl.sum(p, 1)
         m = m_new
-    # partials: [B, H, NUM_SPLITS, D] and [B, H, NUM_SPLITS, 2] (max, sum) in log2 units
-    base = (b.to(tl.int64) * H + heads) * NUM_SPLITS + split
+    # partials: [B, H, num_splits, D] and [B, H, num_splits, 2] (max, sum) in log2 units
+    base = (b.to(tl.int64) * H + heads) * num_splits + split
     tl.store(part_o_ptr + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
     tl.store(part_ml_ptr + base * 2, m, mask=gmask)
     tl.store(part_ml_ptr + base * 2 + 1, s, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_len", "num_splits"])
 def _decode_merge_kernel(
     part_o_ptr, part_ml_ptr, lens_ptr, out_ptr,
-    split_len, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+    split_len, stride_ot, stride_oh, num_splits,
+    D: tl.constexpr, H: tl.constexpr,
 ):
+    """Online log-sum-exp merge of a row's used splits (a loop, so one compiled
+    variant serves every number of splits)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
-    used = (seq_len + split_len - 1) // split_len
-    offs_s = tl.arange(0, SPLITS_PAD)
+    used = tl.minimum((seq_len + split_len - 1) // split_len, num_splits)
     offs_d = tl.arange(0, D)
-    smask = offs_s < tl.minimum(used, NUM_SPLITS)
-    base = (b.to(tl.int64) * H + h) * NUM_SPLITS + offs_s
-    m = tl.load(part_ml_ptr + base * 2, mask=smask, other=float("-inf"))
-    s = tl.load(part_ml_ptr + base * 2 + 1, mask=smask, other=0.0)
-    m_all = tl.max(m, 0)
-    w = tl.where(smask, tl.exp2(m - m_all), 0.0)
-    total = tl.sum(w * s, 0)
-    acc = tl.load(part_o_ptr + base[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    base = (b.to(tl.int64) * H + h) * num_splits
+    m_all = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    o = tl.zeros([D], tl.float32)
+    for i in range(0, used):
+        m_i = tl.load(part_ml_ptr + (base + i) * 2)
+        s_i = tl.load(part_ml_ptr + (base + i) * 2 + 1)
+        acc = tl.load(part_o_ptr + (base + i) * D + offs_d)
+        m_new = tl.maximum(m_all, m_i)
+        keep = tl.exp2(m_all - m_new)
+        w = tl.exp2(m_i - m_new)
+        o = o * keep + acc * w
+        total = total * keep + s_i * w
+        m_all = m_new
+    o = o / tl.where(total > 0, total, 1.0)
     o = tl.where(seq_len > 0, o, 0.0)
     dst = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d
     tl.store(dst, o.to(out_ptr.dtype.element_ty))
 
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Tile and launch shape of the decode split kernel (``bench/decode_kernel.py``
+    sweeps them on a GPU)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DECODE_LAUNCH = DecodeLaunch()
+DECODE_LAUNCH_F32 = DecodeLaunch(block_n=32, num_stages=2)
 
 MAX_SPLITS = 64
 MIN_SPLIT_LEN = 256
@@ -153,7 +177,7 @@ MIN_SPLIT_LEN = 256
 
 def decode_split(max_seq_len: int, batch: int, num_kv_heads: int, num_sms: int) -> tuple[int, int]:
     """(tokens per split, number of splits): enough programs to fill the GPU twice
-    for short batches, never more than MAX_SPLITS (the merge holds them all)."""
+    for short batches, never more than MAX_SPLITS (which bounds the partials' memory)."""
     want = max(1, -(-2 * num_sms // max(1, batch * num_kv_heads)))
     longest = max(1, max_seq_len)
     splits = max(1, min(want, MAX_SPLITS, -(-longest // MIN_SPLIT_LEN)))
@@ -171,6 +195,7 @@ def decode_attention(
     scale: float,
     split: tuple[int, int],
     out: torch.Tensor,  # [B, H, D]
+    launch: DecodeLaunch | None = None,
 ) -> None:
     batch, num_heads, d = q.shape
     kvh = k_cache.shape[2]
@@ -179,20 +204,20 @@ def decode_attention(
     part_o = torch.empty((batch, num_heads, num_splits, d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32
+    launch = launch or (DECODE_LAUNCH_F32 if ieee else DECODE_LAUNCH)
     _decode_split_kernel[(batch, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_o, part_ml,
         scale * LOG2E, split_len,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        NUM_SPLITS=num_splits, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        H=num_heads, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=32 if ieee else 64, IEEE=ieee,
-        num_warps=4, num_stages=2 if ieee else 3,
+        block_tables.stride(0), num_splits,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
+        H=num_heads, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=launch.block_n, IEEE=ieee,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     _decode_merge_kernel[(batch, num_heads)](
-        part_o, part_ml, seq_lens, out, split_len, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), D=d,
-        H=num_heads, num_warps=4,
+        part_o, part_ml, seq_lens, out, split_len, out.stride(0), out.stride(1), num_splits,
+        D=d, H=num_heads, num_warps=4,
     )
 
 
@@ -234,7 +259,7 @@ def _prefill_tile(
     return acc, m_new, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, table_ptr, qstart_ptr, lens_ptr,
     scale_log2,
