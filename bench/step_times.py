@@ -23,6 +23,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.add_argument("--show", type=int, default=15, help="slowest steps to list")
+    parser.add_argument("--log-compiles", action="store_true",
+                        help="print each Triton kernel variant made ready (compiled or "
+                             "loaded from Triton's cache), with its step (0: start-up)")
     args = parser.parse_args()
     config = EngineConfig(
         model=args.model, dtype=args.dtype or "bfloat16", device=args.device,
@@ -30,10 +33,12 @@ def main() -> None:
         max_model_len=args.max_model_len or args.max_input + args.max_output,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
     )
+    steps: list[tuple[float, int, int, int]] = []  # (seconds, index, tokens, running)
+    if args.log_compiles:
+        _log_compiles(steps)
     engine = LLMEngine(config, use_tqdm=False)
     for i, (prompt, n_out) in enumerate(_workload(args, engine.model_config.vocab_size)):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
-    steps = []  # (seconds, step index, tokens, running sequences)
     while engine.has_unfinished():
         before = engine.stats().num_computed_tokens
         start = time.perf_counter()
@@ -49,6 +54,15 @@ def main() -> None:
     print("slowest steps: ms, step, tokens, running")
     for sec, i, tokens, running in sorted(steps, reverse=True)[: args.show]:
         print(f"  {sec * 1e3:9.2f} {i:6d} {tokens:7d} {running:5d}")
+
+
+def _log_compiles(steps: list) -> None:
+    from triton import knobs
+
+    def hook(*_: object, **kw: object) -> None:
+        print(f"  kernel variant ready at step {len(steps)}: {kw.get('fn')} {kw.get('key')}")
+
+    knobs.runtime.jit_post_compile_hook = hook
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class ModelRunner:
             config.block_size,
             self.kv_cache.num_blocks * nbytes / (1 << 20),
         )
+        if self.device.type == "cuda":
+            self._warm_up()
         if graphs:
             self.graphs = decode_graphs(self)
             self.chunk_graphs = chunk_graphs(self, self.graphs.pool)
@@ -140,16 +142,9 @@ class ModelRunner:
         seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         tokens = min(cfg.max_num_batched_tokens, seqs * cfg.max_model_len)
         lengths = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
-        cache_blocks = sum(cdiv(n, self.block_size) for n in lengths)
         saved = getattr(self, "kv_cache", None)
-        self.kv_cache = self._new_cache(cache_blocks)
-        params = SamplingParams(temperature=1.0, top_p=0.9)
-        scheduled, next_block = [], 0
-        for i, n in enumerate(lengths):
-            seq = Sequence(f"profile-{i}", [1] * n, params)
-            seq.block_table = list(range(next_block, next_block + cdiv(n, self.block_size)))
-            next_block += len(seq.block_table)
-            scheduled.append(ScheduledSeq(seq, n, 0))
+        self.kv_cache = self._new_cache(sum(cdiv(n, self.block_size) for n in lengths))
+        scheduled = self._synthetic_step(lengths, decodes=0)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -160,6 +155,35 @@ class ModelRunner:
         self.kv_cache = saved
         torch.cuda.empty_cache()
         return peak
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One eager step of decodes beside a prompt chunk filling the token budget, so
+        that first-use costs (kernel compiles, library heuristics, allocator growth)
+        are paid here and not by the first requests. It writes K/V into blocks no
+        request holds yet."""
+        cfg = self.config
+        decodes = min(cfg.max_num_seqs - 1, cfg.max_num_batched_tokens - 1, 8)
+        chunk = min(cfg.max_num_batched_tokens - decodes, cfg.max_model_len)
+        lengths = [min(cfg.max_model_len, 2 * self.block_size + 1)] * decodes + [chunk]
+        if sum(cdiv(n, self.block_size) for n in lengths) > self.kv_cache.num_blocks:
+            return
+        self._run(self._synthetic_step(lengths, decodes))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _synthetic_step(self, lengths: list[int], decodes: int) -> list[ScheduledSeq]:
+        """Sequences of the given lengths on consecutive blocks; the first ``decodes``
+        feed their last token, the others their whole prompt. All sample with top-p."""
+        params = SamplingParams(temperature=1.0, top_p=0.9)
+        scheduled, next_block = [], 0
+        for i, n in enumerate(lengths):
+            seq = Sequence(f"synthetic-{i}", [1] * n, params)
+            seq.block_table = list(range(next_block, next_block + cdiv(n, self.block_size)))
+            next_block += len(seq.block_table)
+            start = n - 1 if i < decodes else 0
+            scheduled.append(ScheduledSeq(seq, n - start, start))
+        return scheduled
 
     # ---- steps ----
     def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -57,7 +57,7 @@ class StepInputs:
         self.chunk_tokens, self.chunk_seqs = chunk_tokens, chunk_seqs
         self.device = device
         self.seq_stride = aligned(max_seqs)  # decode layout: one section per stride
-        general = 3 * max_tokens + 4 * max_seqs + 1 + max_seqs * max_blocks + 8 * ALIGN
+        general = 3 * max_tokens + 4 * max_seqs + 1 + max_seqs * max_blocks + 9 * ALIGN
         decode = 4 * self.seq_stride + max_seqs * max_blocks
         size = max(general, decode, self._chunk_offsets()[-1])
         cuda = device.type == "cuda"
@@ -140,11 +140,13 @@ class StepInputs:
         nd = int(np.count_nonzero(counts == 1)) if n else 0
         if nd and not (counts[:nd] == 1).all():
             raise AssertionError("decodes must come before prefill chunks")
+        # decode and prefill tables are separate sections: a slice of one would start
+        # unaligned (see ALIGN)
         sections = [f.ids, f.positions, f.slots, f.sample_rows, ctx[:nd], ctx[nd:],
-                    np.concatenate(([0], np.cumsum(counts[nd:]))), tables.reshape(-1)]
+                    np.concatenate(([0], np.cumsum(counts[nd:]))),
+                    tables[:nd].reshape(-1), tables[nd:].reshape(-1)]
         views = self._pack(sections)
-        v_ids, v_pos, v_slots, v_sample, v_dlens, v_plens, v_qstart, v_tables = views
-        v_tables = v_tables.view(n, w)
+        v_ids, v_pos, v_slots, v_sample, v_dlens, v_plens, v_qstart, v_dtables, v_ptables = views
         prefills = [
             PrefillChunk(i - nd, int(first[i]), int(counts[i]), int(ctx[i]))
             for i in range(nd, n)
@@ -152,13 +154,13 @@ class StepInputs:
         meta = AttentionMetadata(
             slot_mapping=v_slots,
             num_decodes=nd,
-            decode_block_tables=v_tables[:nd] if nd else None,
+            decode_block_tables=v_dtables.view(nd, w) if nd else None,
             decode_seq_lens=v_dlens if nd else None,
             decode_max_seq_len=int(ctx[:nd].max()) if nd else 0,
             prefills=prefills,
             prefill_query_start=v_qstart if prefills else None,
             prefill_seq_lens=v_plens if prefills else None,
-            prefill_block_tables=v_tables[nd:] if prefills else None,
+            prefill_block_tables=v_ptables.view(n - nd, w) if prefills else None,
             prefill_max_query_len=int(counts[nd:].max()) if prefills else 0,
         )
         return StepBatch(v_ids, v_pos, meta, v_sample, f.num_tokens)

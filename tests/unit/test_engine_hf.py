@@ -66,6 +66,17 @@ def test_batched_mixed_lengths(model_dirs: dict[str, Path], family: str) -> None
     assert [out[f"r{i}"] for i in range(len(ps))] == ref
 
 
+def test_warm_up_step_leaves_no_trace(tiny_llama_dir: Path) -> None:
+    """The start-up warm-up step (run on CUDA) writes K/V into blocks no request
+    holds: later requests still get the reference tokens and the books balance."""
+    ps = prompts(3, 5, 60, seed=4)
+    ref = hf_greedy(tiny_llama_dir, ps, GREEDY.max_tokens)
+    e = engine(tiny_llama_dir, num_kv_blocks=64, max_num_batched_tokens=64)
+    e.runner._warm_up()
+    out = run(e, {f"r{i}": p for i, p in enumerate(ps)})
+    assert [out[f"r{i}"] for i in range(len(ps))] == ref
+
+
 def test_chunked_prefill(tiny_llama_dir: Path) -> None:
     ps = prompts(4, 40, 90, seed=3)
     ref = hf_greedy(tiny_llama_dir, ps, GREEDY.max_tokens)

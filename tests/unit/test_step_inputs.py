@@ -30,3 +30,40 @@ def test_rows_follow_growth_preemption_and_reuse() -> None:
             n = len(x.seq.block_table)
             assert got[i, :n].tolist() == x.seq.block_table, (step, i)
         assert got.shape == (len(batch), WIDTH)
+
+
+def test_every_section_is_aligned() -> None:
+    """Triton specialises kernels on 16-byte pointer alignment: every integer section
+    of every layout starts aligned, whatever the numbers of decodes and chunks."""
+    import torch
+
+    from services.engine.step_inputs import StepInputs
+
+    inputs = StepInputs(max_tokens=256, max_seqs=7, max_blocks=9, block_size=4,
+                        device=torch.device("cpu"), chunk_tokens=64, chunk_seqs=5)
+    params = SamplingParams(max_tokens=1)
+    rng = random.Random(0)
+    for nd, np_ in ((1, 1), (3, 2), (5, 0), (0, 3)):
+        scheduled = []
+        for i in range(nd + np_):
+            n = rng.randint(2, 30)
+            seq = Sequence(f"s{i}", [1] * n, params)
+            seq.block_table = list(range(10 * i, 10 * i + -(-n // 4)))
+            start = n - 1 if i < nd else rng.randint(0, n - 1)
+            scheduled.append(ScheduledSeq(seq, n - start, start))
+        batch = inputs.fill_general(scheduled)
+        m = batch.meta
+        views = [batch.input_ids, batch.positions, batch.sample_rows, m.slot_mapping,
+                 m.decode_block_tables, m.decode_seq_lens, m.prefill_block_tables,
+                 m.prefill_query_start, m.prefill_seq_lens]
+        for rows in (1, 4, 7):
+            d = inputs.decode_views(rows)
+            views += [d.input_ids, d.positions, d.meta.slot_mapping,
+                      d.meta.decode_block_tables, d.meta.decode_seq_lens]
+        c = inputs.chunk_views(32)
+        views += [c.input_ids, c.positions, c.meta.slot_mapping, c.meta.prefill_block_tables,
+                  c.meta.prefill_query_start, c.meta.prefill_seq_lens,
+                  inputs.fill_chunks(scheduled[:5], 64)]
+        for v in views:
+            if v is not None:
+                assert v.data_ptr() % 16 == 0
