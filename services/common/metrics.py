@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -34,6 +39,35 @@ class WorkerMetrics:
 
     def observe_decoded(self, n: int) -> None:
         self.tokens.labels(self.role, "decoded").inc(n)
+
+    def watch_engine(self, stats: Callable[[], Any]) -> None:
+        """Export the engine's own counters (``EngineStats``), read at scrape time."""
+        REGISTRY.register(_EngineCollector(self.role, stats))
+
+
+class _EngineCollector(Collector):
+    COUNTERS = (  # (metric, EngineStats field, help)
+        ("splitserve_engine_computed_tokens", "num_computed_tokens",
+         "Tokens run through the model"),
+        ("splitserve_engine_imported_tokens", "num_imported_tokens",
+         "Tokens whose KV was handed in (store, migration, swap-in)"),
+        ("splitserve_engine_prefix_hit_tokens", "num_prefix_hit_tokens",
+         "Tokens taken from the engine's prefix cache"),
+        ("splitserve_engine_preemptions", "num_preemptions",
+         "Sequences preempted because the KV cache ran out"),
+        ("splitserve_engine_swapped_out", "num_swapped_out",
+         "Preempted sequences whose KV was swapped out (not recomputed)"),
+    )
+
+    def __init__(self, role: str, stats: Callable[[], Any]) -> None:
+        self.role, self.stats = role, stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        st = self.stats()
+        for name, field, text in self.COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["role"])
+            family.add_metric([self.role], getattr(st, field))
+            yield family
 
 
 class GatewayMetrics:

@@ -242,6 +242,7 @@ class WorkerServicer:
 
     def attach(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
+        self.metrics.watch_engine(lambda: ctx.loop.stats)
 
     def ready_ctx(self, context: grpc.ServicerContext) -> WorkerContext:
         if self.ctx is None:

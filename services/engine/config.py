@@ -146,6 +146,7 @@ def load_model_config(model: str) -> ModelConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PREEMPTION_MODES = ("swap", "recompute")
 
 
 @dataclass(kw_only=True)
@@ -163,6 +164,11 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # when the KV cache runs out, a preempted sequence's KV is copied to host memory and
+    # copied back when it resumes (swap), or dropped and computed again (recompute);
+    # swap falls back to recompute beyond swap_space_gb of swapped KV
+    preemption_mode: str = "swap"
+    swap_space_gb: float = 4.0
     # auto (triton on CUDA where the head size allows, torch elsewhere) | torch | triton
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (CUDA + triton only)
@@ -195,6 +201,12 @@ class EngineConfig(EngineOptions):
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
             )
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+            )
+        if self.swap_space_gb < 0:
+            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

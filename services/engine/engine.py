@@ -40,6 +40,10 @@ class LLMEngine:
         )
         self.seqs: dict[str, Sequence] = {}
         self._steps = self._computed = self._generated = self._finished = self._aborted = 0
+        self._swapped_bytes: dict[int, int] = {}  # seq_id -> bytes of its swapped-out KV
+        self.num_swapped_out = 0
+        if config.preemption_mode == "swap":
+            self.scheduler.on_preempt = self._swap_out_preempted
 
     # ---- facts ----
     @property
@@ -192,6 +196,23 @@ class LLMEngine:
         del self.seqs[request_id]
         return out
 
+    def _swap_out_preempted(self, seq: Sequence) -> None:
+        """Swap preemption: copy the KV ``seq`` has computed to host memory and hand it
+        back as the KV it brings, so that it resumes without computing it again. Over
+        ``swap_space_gb`` of swapped KV it is recomputed instead."""
+        n = seq.num_computed_tokens if seq.block_table else 0
+        blocks = cdiv(n, self.block_size)
+        live = {s.seq_id for s in self.scheduler.waiting if s.kv_blocks}
+        self._swapped_bytes = {k: v for k, v in self._swapped_bytes.items() if k in live}
+        nbytes = blocks * self.block_nbytes
+        budget = self.config.swap_space_gb * (1 << 30)
+        if not blocks or sum(self._swapped_bytes.values()) + nbytes > budget:
+            return
+        seq.kv_blocks = self.kv_cache.export_blocks(seq.block_table[:blocks])
+        seq.kv_num_tokens, seq.kv_first_block = n, 0
+        self._swapped_bytes[seq.seq_id] = nbytes
+        self.num_swapped_out += 1
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -306,6 +327,7 @@ class LLMEngine:
             num_imported_tokens=sch.num_imported_tokens,
             num_generated_tokens=self._generated,
             num_preemptions=sch.num_preemptions,
+            num_swapped_out=self.num_swapped_out,
             num_finished=self._finished,
             num_aborted=self._aborted,
         )

@@ -83,5 +83,6 @@ class EngineStats:
     num_imported_tokens: int  # tokens whose KV came with add_request(kv_blocks=...)
     num_generated_tokens: int
     num_preemptions: int
+    num_swapped_out: int  # preemptions that swapped the KV out instead of dropping it
     num_finished: int
     num_aborted: int

@@ -1,4 +1,4 @@
-"""Continuous batching with chunked prefill and recompute preemption (no torch here).
+"""Continuous batching with chunked prefill and preemption (no torch here).
 
 One step is a list of (sequence, number of new tokens). There is no separate
 prefill or decode phase: a decode is a sequence with one new token, a prefill
@@ -8,8 +8,10 @@ chunk is a sequence with many, and both share a step under the token budget
 1. running sequences first, in admission order: each gets ``min(uncomputed,
    budget)`` tokens (1 for a decode). When the blocks run out, the most
    recently admitted running sequence is preempted (its blocks are freed, it
-   goes back to the front of the queue keeping its output tokens, and later
-   re-prefills prompt+outputs, hitting the prefix cache where it can);
+   goes back to the front of the queue keeping its output tokens). The engine's
+   ``on_preempt`` hook may first copy its KV out (swap) so that it comes back
+   with it; otherwise it re-prefills prompt+outputs, hitting the prefix cache
+   where it can;
 2. then, unless something was preempted this step, waiting sequences are
    admitted in FCFS order while budget, ``max_num_seqs`` and blocks last; a
    prompt longer than the remaining budget is split across steps.
@@ -20,7 +22,7 @@ A sequence samples a token in a step whose chunk reaches its last token.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # called with a sequence about to be preempted, while its blocks still hold its KV
+        self.on_preempt: Callable[[Sequence], None] | None = None
         self.num_prefix_hit_tokens = 0
         self.num_imported_tokens = 0
 
@@ -108,6 +112,8 @@ class Scheduler:
         return seq
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_cached_tokens = 0

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     request,
     running_cluster,
 )
+from tests.integration.test_security import metric
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +89,26 @@ def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluste
     assert _metric(one_seat_pair, "splitserve_preemptions_total") >= 1
     assert wait_until(lambda: (st := one_seat_pair.store.stats()).pins == 0
                       and st.owners == 0, timeout_s=15)
+
+
+def test_decode_worker_swaps_instead_of_recomputing(tiny_llama_dir: Path, tmp_path: Path,
+                                                    reference: LLM) -> None:
+    """A decode worker whose KV cache cannot hold its four streams preempts inside its
+    engine (preemption_mode: swap): the streams still equal the reference, and the
+    worker ran each answer token through the model once (no recompute)."""
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    settings.model.num_kv_blocks = 16  # 256 token slots for 4 x 90 tokens
+    prompts = [[11 + i] * 10 + list(range(60 + 20 * i, 80 + 20 * i)) for i in range(4)]
+    want = expected(reference, prompts, 60)
+    with running_cluster(settings, tmp_path) as rc:
+        streams = [Stream(rc, p, 60, common_pb2.PRIORITY_CLASS_NORMAL) for p in prompts]
+        for s in streams:
+            s.join(timeout=120)
+        assert [s.error for s in streams] == [None] * 4
+        assert [s.result.tokens for s in streams] == want
+        port = rc.settings.decode[0].http_port
+        preempted = metric(port, "splitserve_engine_preemptions_total")
+        assert preempted >= 1
+        assert metric(port, "splitserve_engine_swapped_out_total") == preempted
+        assert metric(port, "splitserve_engine_computed_tokens_total") == 4 * (60 - 1)
+        assert wait_until(lambda: rc.store.stats().pins == 0, timeout_s=15)

@@ -86,14 +86,34 @@ def test_chunked_prefill(tiny_llama_dir: Path) -> None:
     assert e.stats().num_steps >= sum(len(p) for p in ps) // 7  # prompts were split
 
 
-def test_preemption_by_recompute(tiny_qwen3_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption(tiny_qwen3_dir: Path, mode: str) -> None:
+    """A KV cache too small for the batch preempts; either way the tokens equal the
+    reference. Swapped sequences come back with their KV: every token's KV is
+    computed exactly once (the prompt, then each output but the last)."""
     ps = prompts(6, 20, 35, seed=4)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     ref = hf_greedy(tiny_qwen3_dir, ps, params.max_tokens)
-    e = engine(tiny_qwen3_dir, num_kv_blocks=12)  # 192 token slots for ~6 * 60 tokens
+    e = engine(tiny_qwen3_dir, num_kv_blocks=12,  # 192 token slots for ~6 * 60 tokens
+               preemption_mode=mode, enable_prefix_caching=False)
     out = run(e, {f"r{i}": p for i, p in enumerate(ps)}, params)
     assert e.stats().num_preemptions > 0
     assert [out[f"r{i}"] for i in range(len(ps))] == ref
+    once = sum(len(p) + params.max_tokens - 1 for p in ps)
+    if mode == "swap":
+        assert e.num_swapped_out == e.stats().num_preemptions
+        assert e.stats().num_computed_tokens == once
+    else:
+        assert e.stats().num_computed_tokens > once
+
+
+def test_swap_space_bounds_swapped_kv(tiny_qwen3_dir: Path) -> None:
+    """With no swap space, swap preemption falls back to recomputing."""
+    ps = prompts(6, 20, 35, seed=4)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    e = engine(tiny_qwen3_dir, num_kv_blocks=12, swap_space_gb=0.0)
+    run(e, {f"r{i}": p for i, p in enumerate(ps)}, params)
+    assert e.stats().num_preemptions > 0 and e.num_swapped_out == 0
 
 
 def test_sharded_checkpoint_and_mistral_arch(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ CHANGED = {
     "dtype": "bfloat16", "device": "cuda", "block_size": 32, "num_kv_blocks": 100,
     "kv_cache_memory_gb": 2.5, "gpu_memory_utilization": 0.5, "max_num_seqs": 7,
     "max_num_batched_tokens": 333, "max_model_len": 4096, "enable_prefix_caching": False,
-    "attention_backend": "triton", "enforce_eager": False, "seed": 9,
+    "attention_backend": "triton", "enforce_eager": True, "seed": 9,
+    "preemption_mode": "recompute", "swap_space_gb": 1.5,
 }
 
 
