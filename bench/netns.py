@@ -102,7 +102,7 @@ class StoreInNetns:
         return f"{self.pair.inner_ip}:{self.settings.kvstore.port}"
 
     def start(self, timeout_s: float = 60.0) -> StoreInNetns:
-        from kvstore.client import KVStoreClient
+        from services.transfer.store_client import KVStoreClient
 
         self.starts += 1
         log = open(self.workdir / f"store-{self.starts}.log", "wb")  # noqa: SIM115

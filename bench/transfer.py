@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
-from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, TransferSettings, load_settings
 from services.transfer import ShmUnavailable, UcxUnavailable
+from services.transfer.contract.checksum import IMPLEMENTATION as CRC_IMPL
+from services.transfer.store_client import KVStoreClient
 
 MiB = 1 << 20
 
@@ -182,10 +182,10 @@ def measure_tiers(mib: int, block: int, repeat: int, disk_path: str | None) -> d
     cpu put (copy + crc32), cpu get (pin + view + crc32), demotion to disk (each put of
     ``mib`` pushes as much down: copy, crc32, write, fsync, rename), disk get (read +
     crc32) warm (page cache) and cold (pages dropped with fadvise first)."""
-    from kvstore.checksum import crc32
     from kvstore.store import KVStoreCore
     from kvstore.tiers import CpuTier
     from kvstore.tiers.disk import DiskTier
+    from services.transfer.contract.checksum import crc32
 
     count = max(1, mib * MiB // block)
     nbytes = count * block

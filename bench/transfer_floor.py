@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.checksum import crc32
 from services.common.launcher import free_port
 from services.transfer.bulk import Copy, address, crc_copy, threads
+from services.transfer.contract.checksum import crc32
 from services.transfer.memory import tune_malloc
 
 SERVICE = "splitserve.bench.Floor"

@@ -17,10 +17,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kvstore.checksum import crc32
 from kvstore.tiers.base import BlockMeta, Tier
 from kvstore.types import Block, Move, StoreStats, TierCounters
 from services.common.logging import get_logger
+from services.transfer.contract.checksum import crc32
 
 log = get_logger("kvstore")
 MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion gives up

@@ -11,7 +11,6 @@ import threading
 import uuid
 from collections.abc import Sequence
 
-from kvstore.checksum import crc32
 from kvstore.moves import MAX_TRIES
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -27,6 +26,7 @@ from kvstore.types import (
     StoreStats,
     check_key,
 )
+from services.transfer.contract.checksum import crc32
 
 
 class Puts:

@@ -1,7 +1,7 @@
 """The KV store service: ``splitserve.v1.KVStore`` over the index of :mod:`kvstore.store`.
 
 Control RPCs use the generated messages; the two bulk streams (PutBlocks, GetBlocks)
-use the hand-rolled wire codec of :mod:`services.transfer.wire`, so a payload is copied
+use the hand-rolled wire codec of :mod:`services.transfer.contract.wire`, so a payload is copied
 once between the socket buffer and the arena.
 
 Tiers and transports: the shm transport maps the CPU arena (the first tier) and reads
@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterator
 import grpc
 from prometheus_client import REGISTRY, Counter, Histogram
 
-from kvstore.checksum import IMPLEMENTATION as CRC_IMPL
-from kvstore.checksum import crc32
 from kvstore.metrics import StoreCollector
 from kvstore.store import (
     InvalidArgument,
@@ -45,8 +43,10 @@ from services.common.logging import get_logger
 from services.common.registry import Member, advertised_host, start_registrar
 from services.common.server import run_until_signal, start_server
 from services.common.settings import ClusterSettings
-from services.transfer import wire
 from services.transfer.bulk import address, copy
+from services.transfer.contract import wire
+from services.transfer.contract.checksum import IMPLEMENTATION as CRC_IMPL
+from services.transfer.contract.checksum import crc32
 from services.transfer.grpc_transport import MAX_CHUNK_BYTES
 from services.transfer.host_id import host_id
 from services.transfer.memory import tune_malloc

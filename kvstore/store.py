@@ -17,7 +17,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvstore.checksum import crc32
 from kvstore.moves import Moves
 from kvstore.owners import Owners
 from kvstore.puts import Puts
@@ -41,6 +40,7 @@ from kvstore.types import (
     check_key,
     hex_keys,
 )
+from services.transfer.contract.checksum import crc32
 
 __all__ = [
     "MAX_KEY_BYTES", "BegunPut", "Block", "InvalidArgument", "KVStoreCore", "Location",

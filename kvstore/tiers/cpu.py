@@ -10,18 +10,7 @@ from multiprocessing import shared_memory
 from kvstore.tiers.allocator import SpanAllocator
 from kvstore.tiers.base import Slot, Tier
 from services.transfer.arena_names import new_arena_name
-
-# The arena starts with a header naming it, so that a client that opened a shared
-# memory segment by name can check it is the arena Describe told it about. Half a
-# page, so that blocks (sizes are multiples of pages) start mid-page: a copy between a
-# block and a buffer that starts 16 bytes into a page (what malloc gives for large
-# buffers) then avoids 4K aliasing, which costs x3-4 in memcpy speed on x86.
-HEADER_BYTES = 2048
-MAGIC = b"SPLITSERVE-KV-ARENA\x00"
-
-
-def arena_header(store_id: str) -> bytes:
-    return MAGIC + store_id.encode() + b"\x00"
+from services.transfer.contract.arena import HEADER_BYTES, arena_header
 
 
 class CpuTier(Tier):

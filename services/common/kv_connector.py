@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.client import KVStoreClient
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 
-from kvstore.client import KVStoreClient
 from services.common.auth import call_metadata, server_interceptors
 from services.common.deadline import DeadlineExceeded
 from services.common.engine_loop import EngineLoop, EngineStopped
@@ -34,6 +33,7 @@ from services.common.server import (
 )
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from services.engine.block_hash import HashContext
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2, worker_pb2
 
 

@@ -18,16 +18,18 @@ from services.common.logging import get_logger
 from services.common.settings import TransferSettings
 from services.transfer.base import (
     Buffer,
+    KVTransport,
+    PutResult,
+    as_view,
+)
+from services.transfer.contract.errors import (
     ChecksumError,
     InvalidRequestError,
     KVStoreError,
-    KVTransport,
     MissingBlocksError,
-    PutResult,
     StaleTransportError,
     StoreFullError,
     TransportFailure,
-    as_view,
     wrap_rpc_error,
 )
 from services.transfer.grpc_transport import GrpcTransport

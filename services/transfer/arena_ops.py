@@ -10,7 +10,12 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.transfer.base import Buffer, InvalidRequestError
+from services.transfer.base import (
+    Buffer,
+)
+from services.transfer.contract.errors import (
+    InvalidRequestError,
+)
 from services.transfer.grpc_transport import GrpcTransport
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 

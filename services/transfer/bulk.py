@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kvstore.checksum import crc32
+from services.transfer.contract.checksum import crc32
 
 # below this many bytes one thread does it all: a hand-off costs tens of microseconds
 PARALLEL_MIN_BYTES = 2 << 20

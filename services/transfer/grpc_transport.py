@@ -7,19 +7,21 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from services.transfer import wire
 from services.transfer.base import (
     Buffer,
-    ChecksumError,
-    InvalidRequestError,
     KVTransport,
     PutResult,
     bounded,
     check_payloads,
     output_views,
-    wrap_rpc_error,
 )
 from services.transfer.bulk import empty
+from services.transfer.contract import wire
+from services.transfer.contract.errors import (
+    ChecksumError,
+    InvalidRequestError,
+    wrap_rpc_error,
+)
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2

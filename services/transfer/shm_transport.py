@@ -28,22 +28,24 @@ from services.transfer.arena_ops import (
 )
 from services.transfer.base import (
     Buffer,
-    InvalidRequestError,
     KVTransport,
     PutResult,
-    StaleTransportError,
     bounded,
     check_payloads,
     output_views,
-    wrap_rpc_error,
 )
 from services.transfer.bulk import Copy, address, crc_copy, empty
+from services.transfer.contract.arena import arena_header
+from services.transfer.contract.errors import (
+    InvalidRequestError,
+    StaleTransportError,
+    wrap_rpc_error,
+)
 from services.transfer.host_id import host_id
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
-MAGIC = b"SPLITSERVE-KV-ARENA\x00"  # kvstore.tiers.cpu writes it at the arena's start
 POPULATE_MAX_BYTES = 8 << 30
 
 
@@ -71,7 +73,7 @@ def _open_arena(name: str, nbytes: int, store_id: str) -> mmap.mmap:
         mm = mmap.mmap(fd, size, flags=flags)
     finally:
         os.close(fd)
-    expect = MAGIC + store_id.encode() + b"\x00"
+    expect = arena_header(store_id)
     if mm[: len(expect)] != expect:
         mm.close()
         raise ShmUnavailable(f"{path} is not the arena of store {store_id}")

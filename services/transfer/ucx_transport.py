@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 
-from kvstore.checksum import crc32
 from services.transfer import ucx_loop
 from services.transfer.arena_ops import (
     abort_put,
@@ -37,18 +36,21 @@ from services.transfer.arena_ops import (
 )
 from services.transfer.base import (
     Buffer,
-    InvalidRequestError,
-    KVStoreError,
     KVTransport,
     PutResult,
-    StaleTransportError,
-    TransportFailure,
     bounded,
     check_payloads,
     output_views,
-    wrap_rpc_error,
 )
 from services.transfer.bulk import empty
+from services.transfer.contract.checksum import crc32
+from services.transfer.contract.errors import (
+    InvalidRequestError,
+    KVStoreError,
+    StaleTransportError,
+    TransportFailure,
+    wrap_rpc_error,
+)
 from services.transfer.memory import tune_malloc
 from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc

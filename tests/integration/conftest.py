@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.client import KVStoreClient
 from services.common.auth import call_metadata
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from services.engine import LLM, SamplingParams
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 MODEL_NAME = "tiny-llama"

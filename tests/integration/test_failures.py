@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import generation_pb2_grpc
 from tests.integration.conftest import cluster_settings, collect, request, start_cluster
 

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from bench.netns import NetnsPair, StoreInNetns, netns_pair, unavailable
-from kvstore.client import KVStoreClient
 from services.common.settings import ClusterSettings, TransferSettings
 from services.transfer import ShmUnavailable, ucx_loop
+from services.transfer.store_client import KVStoreClient
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 UCX = ucx_loop.unavailable() is None

@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from bench.netns import StoreInNetns, netns_pair, unavailable
-from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster
 from services.common.server import wait_until
 from services.engine import LLM
 from services.transfer import ucx_loop
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import generation_pb2_grpc
 from tests.integration.conftest import cluster_settings, collect, expected, request
 from tests.integration.test_cluster import prompts

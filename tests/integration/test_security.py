@@ -18,12 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.client import KVStoreClient
 from services.common.auth import SECRET_METADATA_KEY
 from services.common.server import wait_until
 from services.common.settings import ClusterSettings, TransferSettings
 from services.engine import LLM, SamplingParams
 from services.engine.block_hash import HashContext, block_hashes
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.integration.conftest import (
     MODEL_NAME,

@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, TransferSettings
 from services.transfer import InvalidRequestError, MissingBlocksError, StoreFullError
+from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 MiB = 1 << 20

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 
-from kvstore.checksum import crc32
 from kvstore.store import (
     MAX_KEY_BYTES,
     InvalidArgument,
@@ -17,6 +16,7 @@ from kvstore.store import (
     ResourceExhausted,
 )
 from kvstore.tiers.cpu import CpuTier
+from services.transfer.contract.checksum import crc32
 from splitserve.v1 import common_pb2
 
 BLOCK = 1024
@@ -453,8 +453,8 @@ def test_threads_putting_getting_and_releasing_keep_the_books_straight():
 
 
 def test_release_quietly_survives_an_unreachable_store() -> None:
-    from kvstore.client import KVStoreClient
     from services.common.launcher import free_port
+    from services.transfer.store_client import KVStoreClient
 
     with KVStoreClient(f"127.0.0.1:{free_port()}", timeout_s=2.0) as client:
         assert client.release_quietly("some-request") is False

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvstore.tiers.allocator import SpanAllocator
-from services.transfer import wire
+from services.transfer.contract import wire
 from splitserve.v1 import common_pb2, kvstore_pb2
 
 

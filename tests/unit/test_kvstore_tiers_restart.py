@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.client import KVStoreClient
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, TransferSettings
 from services.transfer import MissingBlocksError
+from services.transfer.store_client import KVStoreClient
 
 BLOCK = 64 << 10
 
