@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvstore.moves import MAX_TRIES
 from kvstore.types import (
@@ -36,6 +36,7 @@ class Puts:
     _pending: dict[str, PendingPut]
     _next_expiry: float
     _s: StoreStats
+    demote_soon: Callable[[], None]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int) -> BegunPut:
         """Reserves a slot for every block not already held. Present blocks are pinned
@@ -139,7 +140,8 @@ class Puts:
                     self._lru_add(b)
             self._s.blocks_stored += stored
             self._s.bytes_stored += nbytes
-            return stored, len(p.entries) - stored
+        self.demote_soon()
+        return stored, len(p.entries) - stored
 
     def abort_put(self, put_id: str) -> bool:
         with self._lock:

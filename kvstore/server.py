@@ -354,6 +354,7 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
     core = None
     try:
         core = KVStoreCore(tiers, pin_ttl_s=ks.pin_ttl_s)
+        core.set_watermarks(ks.demote_high, ks.demote_low)
         tier = arena_tier(tiers)
         servicer = KVStoreServicer(core, tier, store_id, settings.transfer.chunk_bytes)
         if ucx := start_ucx_listener(settings, core, tier, store_id):

@@ -17,6 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from kvstore.demotion import Demotion
 from kvstore.moves import Moves
 from kvstore.owners import Owners
 from kvstore.puts import Puts
@@ -49,9 +50,9 @@ __all__ = [
 SEEN_KEYS = 1 << 16  # keys remembered for the ``admit: seen`` rule
 
 
-class KVStoreCore(Space, Moves, Puts, Owners):
-    """Index, pins, two-phase puts, demotion, promotion and LRU eviction over a list of
-    tiers (fastest first)."""
+class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
+    """Index, pins, two-phase puts, demotion (on demand and by watermarks), promotion
+    and LRU eviction over a list of tiers (fastest first)."""
 
     def __init__(self, tiers: Sequence[Tier], pin_ttl_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, *,

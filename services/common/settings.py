@@ -57,12 +57,19 @@ class KVStoreSettings(Endpoint):
     shm: bool = True  # expose the CPU arena as shared memory to workers on this host
     pin_ttl_s: float = 300.0  # pins of an owner nobody releases expire after this
     tiers: list[dict[str, Any]] = field(default_factory=list)
+    # a tier above the last filled past demote_high of its bytes has its coldest blocks
+    # moved down, in the background, until it is at demote_low (1.0, 1.0: off)
+    demote_high: float = 0.9
+    demote_low: float = 0.8
 
     _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10,
               "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.demote_low <= self.demote_high <= 1.0:
+            raise SettingsError(f"kvstore: need 0 < demote_low <= demote_high <= 1, got "
+                                f"demote_low={self.demote_low}, demote_high={self.demote_high}")
         for i, t in enumerate(self.tiers):
             where = f"kvstore.tiers[{i}]"
             if not isinstance(t, dict) or not isinstance(t.get("kind"), str):

@@ -188,3 +188,28 @@ def test_tiers_from_settings(tmp_path):
         a = DiskTier(4096, tmp_path)
         DiskTier(4096, tmp_path)
     a.close()
+
+
+def test_watermarks_demote_in_the_background_before_the_tier_is_full(tmp_path):
+    """Past the high mark (7 of 8 blocks), the coldest blocks go down to disk on the
+    demoter's thread until the cpu tier is at the low mark (4 of 8); pinned blocks
+    stay; every block still reads back its bytes."""
+    core, cpu, disk = make(tmp_path, cpu_blocks=8, disk_blocks=16)
+    core.set_watermarks(high=0.8, low=0.5)
+    core.put("pinner", [common_pb2.BlockRef(key=key(0), num_tokens=16)], [payload(0)], BLOCK)
+    put(core, range(1, 6))
+    assert cpu.free_bytes == 2 * BLOCK and tier(core, "cpu").demotions == 0  # 6 of 8: below
+    put(core, [6, 7])  # 8 of 8: past the high mark; the puts themselves did not demote
+    deadline = time.monotonic() + 10
+    while cpu.capacity_bytes - cpu.free_bytes > 4 * BLOCK:
+        assert time.monotonic() < deadline, "the demoter did not bring the tier down"
+        time.sleep(0.01)
+    assert where(core, 0) == "cpu"  # pinned: never demoted
+    assert [where(core, i) for i in (1, 2, 3, 4)] == ["disk"] * 4  # the coldest went
+    assert [where(core, i) for i in (5, 6, 7)] == ["cpu"] * 3
+    assert all(read(core, i) == payload(i) for i in range(8))
+
+
+def test_watermarks_must_be_ordered():
+    with pytest.raises(SettingsError, match="demote_low <= demote_high"):
+        KVStoreSettings(demote_high=0.5, demote_low=0.8)
