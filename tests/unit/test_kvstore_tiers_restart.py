@@ -34,6 +34,7 @@ def settings_for(tmp: Path) -> tuple[ClusterSettings, Path]:
     s = with_free_ports(ClusterSettings())
     s.kvstore.tiers = [{"kind": "cpu", "bytes": 8 * BLOCK},
                        {"kind": "disk", "bytes": "64MiB", "path": str(tmp / "kv")}]
+    s.kvstore.demote_high = s.kvstore.demote_low = 1.0  # demote on demand only: exact counts
     config = tmp / "cluster.yaml"
     s.dump_yaml(config)
     return s, config
