@@ -13,6 +13,11 @@ Like vLLM's v1 connector it has two sides:
 Prefill, decode — and later preemption and migration — go through it; nothing
 else moves KV between a worker and the store. No torch here except the staging
 buffer, imported where an engine runs.
+
+The store being unreachable (killed, restarting) costs reuse, never a request:
+``load_prefix`` then finds only the engine's own prefix, and ``save`` says the
+blocks did not get there, so the caller hands nothing over and the next worker
+computes what is missing.
 """
 
 from __future__ import annotations
@@ -22,8 +27,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
+from services.common.logging import get_logger
 from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2
+
+log = get_logger("kv-connector")
+
+
+def store_unreachable(e: BaseException) -> bool:
+    """A store call that failed because the store could not be reached (UNAVAILABLE:
+    down, restarting, a link gone), as opposed to an answer about the request."""
+    return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def tail_key(request_id: str) -> bytes:
@@ -77,7 +93,14 @@ class KVConnector:
         token is always computed): the engine's held prefix, then the longest prefix of
         the rest the store holds."""
         engine = self.engine_prefix(hashes)
-        payloads = self._fetch(owner, hashes[engine:], prefix=True)
+        try:
+            payloads = self._fetch(owner, hashes[engine:], prefix=True)
+        except grpc.RpcError as e:
+            if not store_unreachable(e):
+                raise
+            log.warning("store_unreachable", request_id=owner, error=e.details(),
+                        fallback="computing the prefix")
+            payloads = []
         return KVLoad(engine, payloads, (engine + len(payloads)) * self.block_size)
 
     def load_exact(self, owner: str, keys: Sequence[bytes], full_blocks: int,
@@ -101,17 +124,26 @@ class KVConnector:
         return list(staged[:held].unbind(0))
 
     # ---- worker side: out ----
-    def save(self, owner: str, out: Any, with_tail: bool) -> None:
+    def save(self, owner: str, out: Any, with_tail: bool) -> bool:
         """Puts the blocks a step reported (``StepOutput.exported_blocks``, and the
         partial tail under the owner's private key when ``with_tail``) into the store,
-        pinned for ``owner``."""
+        pinned for ``owner``. False (logged) when the store cannot be reached."""
         blocks = list(out.exported_blocks)
         refs = [common_pb2.BlockRef(key=b.block_hash, num_tokens=b.num_tokens) for b in blocks]
         if with_tail and out.tail_block is not None:
             blocks.append(out.tail_block)
             refs.append(tail_ref(owner, out.tail_block.num_tokens))
-        if blocks:
+        if not blocks:
+            return True
+        try:
             self.store.put(owner, refs, [b.payload for b in blocks], self.block_nbytes)
+        except grpc.RpcError as e:
+            if not store_unreachable(e):
+                raise
+            log.warning("store_unreachable", request_id=owner, error=e.details(),
+                        fallback="blocks not saved")
+            return False
+        return True
 
     def release(self, owner: str) -> None:
         """Drops ``owner``'s pins (and its private tail); quiet if the store is away."""

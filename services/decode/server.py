@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from services.common.deadline import RequestDeadline
-from services.common.kv_connector import KVLoad
+from services.common.kv_connector import KVLoad, store_unreachable
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
 from services.common.settings import ClusterSettings
@@ -24,6 +24,7 @@ from services.common.worker import (
 )
 from services.engine.block_hash import block_hashes
 from services.transfer.base import call_deadline
+from services.transfer.contract.errors import MissingBlocksError
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = get_logger("decode")
@@ -64,9 +65,10 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         )
         n = 0
         prefills = not request.output_token_ids  # colocated: this worker computes the prompt
+        saving = True  # until the store is found unreachable: a gap would end the chain
         with deadline.enforced(lambda: ctx.loop.abort(rid)), self._aborted_on_exit(ctx, stream):
             for out in stream:
-                self._save_answer(ctx, rid, out, active)
+                saving = saving and self._save_answer(ctx, rid, out, active)
                 chunk = worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason(out.finish_reason if out.finished else None),
@@ -93,32 +95,41 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
     @staticmethod
     def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest) -> KVLoad:
         """The blocks named by the request; with none named (a resumed request, or a
-        colocated cluster's new one): whatever prefix of prompt + outputs the engine
-        and the store hold."""
+        colocated cluster's new one), or when they are lost with the store: whatever
+        prefix of prompt + outputs the engine and the store hold (the engine computes
+        the rest)."""
         rid = request.request_id
         if request.blocks:
             full = sum(1 for b in request.blocks if not b.partial)
-            return ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
-                                     request.kv_num_tokens)
+            try:
+                return ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
+                                         request.kv_num_tokens)
+            except grpc.RpcError as e:  # the store went away, or came back without them
+                if not (isinstance(e, MissingBlocksError) or store_unreachable(e)):
+                    raise
+                log.warning("handed_blocks_lost", request_id=rid, error=e.details(),
+                            fallback="computing what the store does not hold")
         tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
         hashes = block_hashes(tokens, ctx.hash_ctx, cache_salt=request.cache_salt)
         return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size])
 
     @staticmethod
     def _save_answer(ctx: WorkerContext, rid: str, out: Any,
-                     active: Callable[[], bool]) -> None:
+                     active: Callable[[], bool]) -> bool:
         """Full blocks go to the store as they fill (the answer's, and the prompt's when
         this worker prefilled), so that the next turn of a conversation, another worker
-        after a failure or a preemption finds them there. Best effort: a full store
-        costs that reuse, never this answer."""
+        after a failure or a preemption finds them there. Best effort: a full or absent
+        store costs that reuse, never this answer. False once the store is away."""
         if not active():  # the call is over: its pins were (or are being) released
-            return
+            return True
         try:
-            ctx.kv.save(rid, out, with_tail=False)
+            saved = ctx.kv.save(rid, out, with_tail=False)
             if not active():  # ended while putting: the release may have come first
                 ctx.kv.release(rid)
+            return saved
         except Exception as e:  # noqa: BLE001 (the stream goes on whatever the store says)
             log.warning("answer_blocks_not_saved", request_id=rid, error=str(e))
+            return True
 
 
 def serve(settings: ClusterSettings, index: int) -> None:

@@ -72,16 +72,19 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
             cache_salt=request.cache_salt, **load.engine_kwargs(),
         )
         first, first_at = None, 0.0
+        stored = True  # every block reached the store: they can be handed over
         with deadline.enforced(lambda: ctx.loop.abort(rid)):
             for out in stream:
                 if out.finished:  # the first token goes out before the last blocks move
                     first = self._first_token(out, params, len(prompt), load.num_tokens)
                     first_at = time.perf_counter()
                     yield first
-                ctx.kv.save(rid, out, with_tail=True)
+                stored = stored and ctx.kv.save(rid, out, with_tail=True)
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
         if len(prompt) % bs:
             refs.append(tail_ref(rid, len(prompt) % bs))
+        if not stored:  # the store is away: hand over nothing, the decode side computes
+            refs = []
         elapsed = time.perf_counter() - start
         self.metrics.observe_prefill(first.num_computed_tokens, first.num_cached_tokens, elapsed)
         log.info("prefilled", request_id=rid, prompt_tokens=len(prompt),
@@ -89,7 +92,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                  store_blocks=load.store_blocks,
                  fetch_s=round(fetched - start, 5), first_token_s=round(first_at - start, 5),
                  seconds=round(elapsed, 4))
-        yield worker_pb2.PrefillResponse(request_id=rid, blocks=refs, kv_num_tokens=len(prompt),
+        yield worker_pb2.PrefillResponse(request_id=rid, blocks=refs,
+                                         kv_num_tokens=len(prompt) if refs else 0,
                                          prefill_seconds=elapsed, kv_ready=True)
 
     @staticmethod

@@ -170,3 +170,21 @@ def test_chaos_workers_killed_and_restarted(two_of_each: RunningCluster,
     assert [r.tokens for r in got] == want
     assert kills, "nothing was killed"
     _nothing_left(two_of_each, [("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)])
+
+
+def test_store_killed_and_restarted_mid_stream(two_decoders: RunningCluster,
+                                               reference: LLM) -> None:
+    """The store dies (SIGKILL) under running streams and comes back empty: streams
+    in flight go on, and requests that arrive meanwhile recompute what the store lost
+    instead of failing; every stream equals the reference; nothing leaks."""
+    first = _prompts(6, seed=15, lo=20, hi=60)
+    later = _prompts(6, seed=16, lo=20, hi=60)
+    streams = Streams(two_decoders, first, max_tokens=300)
+    assert all(e.wait(60) for e in streams.first)
+    two_decoders.cluster.kill("kvstore", 0)
+    arrivals = Streams(two_decoders, later, max_tokens=40)  # while the store is away
+    time.sleep(0.5)
+    two_decoders.cluster.start_service("kvstore", 0)
+    assert [r.tokens for r in streams.join()] == expected(reference, first, 300)
+    assert [r.tokens for r in arrivals.join()] == expected(reference, later, 40)
+    _nothing_left(two_decoders, [("prefill", 0), ("decode", 0), ("decode", 1)])
