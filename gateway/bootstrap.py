@@ -179,8 +179,9 @@ async def serve_async(settings: ClusterSettings) -> None:
 
 
 def queue_for(gw: GatewaySettings) -> AdmissionController:
-    """The admission queue, ordered by ``gateway.queue_policy``."""
-    return AdmissionController(gw.max_inflight, gw.max_queue, ordering=gw.queue_policy)
+    """The admission queue, ordered by ``gateway.queue_policy`` and ``queue_aging_s``."""
+    return AdmissionController(gw.max_inflight, gw.max_queue, ordering=gw.queue_policy,
+                               aging_s=gw.queue_aging_s)
 
 
 def router_for(gw: GatewaySettings, index: KVIndex | None) -> Router:

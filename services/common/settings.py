@@ -122,6 +122,9 @@ class GatewaySettings(Endpoint):
     # Order of requests waiting for a slot: fcfs | priority (class, then arrival) |
     # deadline (class, then earliest deadline_ms first)
     queue_policy: str = "priority"
+    # Aging: a waiting request's class rises by one per this many seconds waited, so a
+    # low class waits at most (class gap) x this behind later higher-class arrivals; 0 -> off
+    queue_aging_s: float = 10.0
     # kv_aware: this many prompt tokens to compute weigh as one request in flight; a block
     # the worker must fetch from the store costs store_block_cost of computing it
     route_token_weight: int = 512
