@@ -157,7 +157,7 @@ async def serve_async(settings: ClusterSettings) -> None:
         servicer.attach(FlowDeps(pool, router,
                                  kvstore_pb2_grpc.KVStoreStub(store_channel),
                                  servicer.model.tokenizer, servicer.metrics,
-                                 settings.model.block_size, metadata))
+                                 settings.model.block_size, metadata, gw))
         pool.on_change = lambda: loop.create_task(gh.follow(pool))
         await gh.follow(pool)
         await stopping.wait()

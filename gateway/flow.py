@@ -13,7 +13,8 @@ to another prefill worker; after it, and for a decode worker, another decode wor
 resumes from the tokens streamed so far: it takes whatever KV the store holds for
 them (the prompt's blocks and the answer's blocks saved as they filled) and computes
 only the rest, so the client's stream goes on with no token lost or repeated. At
-most ``MAX_MIGRATIONS`` times per request; then, or with no worker left, UNAVAILABLE.
+most ``gateway.max_migrations`` times per request; then, or with no worker left,
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
 from services.common.logging import get_logger
 from services.common.metrics import GatewayMetrics
+from services.common.settings import GatewaySettings
 from splitserve.v1 import common_pb2, generation_pb2, kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 
 log = get_logger("gateway")
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
 RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
-MAX_MIGRATIONS = 3  # worker failures one request survives
 
 Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
@@ -65,12 +66,14 @@ class FlowDeps:
     metrics: GatewayMetrics
     block_size: int
     metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
+    # its preemption policy and max_migrations
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
     preemptor: Preemptor | None = None  # default: over the pool's decode workers
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.preemptor is None:
-            self.preemptor = Preemptor(self.pool.workers)
+            self.preemptor = Preemptor(self.pool.workers, self.settings.preemption)
 
     def release_pins(self, owner: str) -> asyncio.Task[None]:
         """Drops the store pins of ``owner`` in a task of its own (a cleanup must not be
@@ -182,7 +185,8 @@ class RequestFlow:
         """Carry on elsewhere after a worker failure, or re-raise ``error``."""
         lc = self.lifecycle
         if (error.code != grpc.StatusCode.UNAVAILABLE or lc.stop is not None
-                or self.migrations >= MAX_MIGRATIONS or lc.remaining_s() <= 0):
+                or self.migrations >= self.deps.settings.max_migrations
+                or lc.remaining_s() <= 0):
             raise error
         self.migrations += 1
         lc.phase = Phase.MIGRATING
