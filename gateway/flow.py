@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -31,6 +31,7 @@ from gateway.detokenizer import TextStream
 from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.preemption import Decoding, Preemptor
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
+from gateway.sessions import session_owner, tokens_with_kv
 from gateway.tokenizer import Tokenizer
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
@@ -66,7 +67,7 @@ class FlowDeps:
     metrics: GatewayMetrics
     block_size: int
     metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
-    # its preemption policy and max_migrations
+    # its preemption policy, max_migrations and session_ttl_s
     settings: GatewaySettings = field(default_factory=GatewaySettings)
     preemptor: Preemptor | None = None  # default: over the pool's decode workers
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
@@ -82,6 +83,18 @@ class FlowDeps:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
+
+    async def pin(self, owner: str, keys: Sequence[bytes]) -> int:
+        """Pins the held prefix of ``keys`` in the store for ``owner`` (a session, for
+        ``session_ttl_s``) -> blocks pinned; 0 when the store fails (best effort: the
+        next turn then recomputes what is missing)."""
+        req = kvstore_pb2.PinRequest(owner=owner, keys=keys, ttl_s=self.settings.session_ttl_s)
+        try:
+            resp = await self.store.Pin(req, metadata=self.metadata, timeout=RELEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.warning("pin_failed", owner=owner, code=e.code().name, error=e.details())
+            return 0
+        return resp.num_blocks
 
     async def _release(self, owner: str) -> None:
         try:
@@ -112,6 +125,9 @@ class RequestFlow:
         self.num_output = 0
         self.num_cached = 0
         self.migrations = 0
+        self.outputs: list[int] = []  # every token sent
+        self.session = (session_owner(cache_salt, req.session_id)
+                        if req.session_id and deps.settings.session_ttl_s > 0 else "")
         # named once (kv_aware routing only): where the prompt's KV already is
         self.block_hashes = deps.router.name_blocks(req.prompt_token_ids, cache_salt)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
@@ -120,22 +136,39 @@ class RequestFlow:
         self.first: worker_pb2.PrefillResponse | None = None  # the first token's message
         self.first_token_at: float | None = None
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
+        if self.session and req.end_session:
+            lifecycle.on_release(lambda: deps.release_pins(self.session))
 
     async def run(self, send: Send) -> None:
         if not self.deps.pool.workers(PREFILL):  # colocated: decode workers prefill too
-            reason = await self._decode([], [], 0, send)
+            reason = await self._decode(self.outputs, [], 0, send)
             self.deps.metrics.cached_tokens.inc(self.num_cached)
-            await send(self.final(reason))
-            return
+        else:
+            reason = await self._prefill_then_decode(send)
+        await self._keep_session()
+        await send(self.final(reason))
+
+    async def _prefill_then_decode(self, send: Send) -> int:
+        """The split path -> the finish reason."""
         first, kv = await self._prefill(send)
         self.deps.metrics.cached_tokens.inc(self.num_cached)
-        reason = first.finish_reason
+        self.outputs.append(first.first_token_id)
         if self.text.stopped:
-            reason = common_pb2.FINISH_REASON_STOP
-        if not reason:
-            blocks, kv_tokens = (kv.blocks, kv.kv_num_tokens) if kv else ([], 0)
-            reason = await self._decode([first.first_token_id], blocks, kv_tokens, send)
-        await send(self.final(reason))
+            return common_pb2.FINISH_REASON_STOP
+        if first.finish_reason:
+            return first.finish_reason
+        blocks, kv_tokens = (kv.blocks, kv.kv_num_tokens) if kv else ([], 0)
+        return await self._decode(self.outputs, blocks, kv_tokens, send)
+
+    async def _keep_session(self) -> None:
+        """The session goes on: this turn's KV stays pinned in the store under it (before
+        the last message, so a client's next turn finds it)."""
+        namer = self.deps.router.block_namer
+        if not self.session or self.req.end_session or namer is None:
+            return
+        keys = namer(tokens_with_kv(self.req.prompt_token_ids, self.outputs), self.cache_salt)
+        kept = await self.deps.pin(self.session, keys)
+        log.info("session_kept", request_id=self.req.request_id, blocks=kept, of=len(keys))
 
     async def _prefill(self, send: Send) -> tuple[worker_pb2.PrefillResponse,
                                                   worker_pb2.PrefillResponse | None]:

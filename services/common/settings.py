@@ -158,6 +158,9 @@ class GatewaySettings(Endpoint):
     queue_aging_s: float = 10.0
     preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
     max_migrations: int = 3  # worker failures one request survives; then UNAVAILABLE
+    # A request with a session_id keeps its prompt's and answer's KV pinned in the store
+    # for the next turn this long after it ends (each turn renews it); 0 -> sessions off
+    session_ttl_s: float = 600.0
     # kv_aware: this many prompt tokens to compute weigh as one request in flight; a block
     # the worker must fetch from the store costs store_block_cost of computing it
     route_token_weight: int = 512
