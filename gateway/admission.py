@@ -3,9 +3,11 @@
 
 Waiting requests are ordered by priority class (higher first), then by arrival
 (``ordering="priority"``, the default), or by deadline within a class
-(``"edf"``), or by arrival only (``"fcfs"``). When the queue is full, a request of
-a higher class pushes out the newest waiter of the lowest class (that waiter is
-refused as if it had arrived to a full queue). A freed slot goes straight to the
+(``"edf"``), or by arrival only (``"fcfs"``); with ``aging_s`` a waiter's class
+rises by one per ``aging_s`` seconds waited, so no class starves (see
+:mod:`gateway.queue_order`). When the queue is full, a request of a higher class
+that sorts ahead of the last waiter pushes it out (that waiter is refused as if it
+had arrived to a full queue). A freed slot goes straight to the
 head of the queue, so a slot is never free while someone waits.
 
 Usage, from any thread::
@@ -23,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -32,10 +33,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.queue_order import QueueKey, QueueOrder
 from splitserve.v1 import common_pb2
 
-ORDERINGS = ("priority", "edf", "fcfs")
-ALIASES = {"deadline": "edf"}  # gateway.queue_policy: fcfs | priority | deadline
 PRIORITY_NORMAL = common_pb2.PRIORITY_CLASS_NORMAL
 MIN_RETRY_S = 0.05
 MAX_RETRY_S = 300.0
@@ -103,7 +103,7 @@ class Ticket:
         self.released_at: float | None = None
         self.state = WAITING
         self.rejection: AdmissionRejected | None = None
-        self._key: tuple[float, ...] = ()
+        self._key: QueueKey = ()
         self._event = threading.Event()  # set when the state leaves WAITING
         self._waker: Callable[[], None] | None = None  # called then too (wait_async)
 
@@ -145,6 +145,7 @@ class AdmissionController:
         max_queue: int,
         *,
         ordering: str = "priority",
+        aging_s: float = 0.0,
         default_service_s: float = 1.0,
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
@@ -153,18 +154,14 @@ class AdmissionController:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        ordering = ALIASES.get(ordering, ordering)
-        if ordering not in ORDERINGS:
-            raise ValueError(f"unknown ordering (gateway.queue_policy) {ordering!r}; known: fcfs, "
-                             "priority, deadline (edf)")
+        self.order = QueueOrder(ordering, aging_s)
         self.max_inflight = max_inflight
         self.max_queue = max_queue
-        self.ordering = ordering
         self._default_service_s = default_service_s
         self._clock = clock
         self._lock = threading.Lock()
         self._seq = itertools.count()
-        self._waiting: list[tuple[tuple[float, ...], Ticket]] = []  # sorted, head first
+        self._waiting: list[tuple[QueueKey, Ticket]] = []  # sorted, head first
         self._inflight = 0
         self._service_s: deque[float] = deque(maxlen=history)
         self._admitted_total = 0
@@ -272,10 +269,10 @@ class AdmissionController:
             if self._inflight < self.max_inflight:
                 self._admit_locked(ticket, now)
                 return ticket
-            ticket._key = self._key(ticket)
+            ticket._key = self.order.key(priority, ticket.deadline, now, ticket.seq)
             if len(self._waiting) >= self.max_queue:
                 victim = self._waiting[-1][1] if self._waiting else None
-                if victim is None or victim.priority >= priority:
+                if victim is None or not self._pushes_out(ticket, victim):
                     self._rejected_total += 1
                     raise self._rejection_locked()
                 self._remove(victim, REJECTED)
@@ -335,12 +332,11 @@ class AdmissionController:
 
     # -- internals (under the lock) ------------------------------------------------------
 
-    def _key(self, t: Ticket) -> tuple[float, ...]:
-        if self.ordering == "fcfs":
-            return (t.seq,)
-        if self.ordering == "edf":
-            return (-t.priority, math.inf if t.deadline is None else t.deadline, t.seq)
-        return (-t.priority, t.seq)
+    @staticmethod
+    def _pushes_out(newcomer: Ticket, last: Ticket) -> bool:
+        """A full queue's last waiter gives way to a newcomer of a higher class that
+        sorts ahead of it (with aging, a long waiter may sort ahead of a higher class)."""
+        return last.priority < newcomer.priority and newcomer._key < last._key
 
     def _admit_locked(self, t: Ticket, now: float) -> None:
         t.state = ADMITTED

@@ -157,7 +157,7 @@ async def serve_async(settings: ClusterSettings) -> None:
         servicer.attach(FlowDeps(pool, router,
                                  kvstore_pb2_grpc.KVStoreStub(store_channel),
                                  servicer.model.tokenizer, servicer.metrics,
-                                 settings.model.block_size, metadata))
+                                 settings.model.block_size, metadata, gw))
         pool.on_change = lambda: loop.create_task(gh.follow(pool))
         await gh.follow(pool)
         await stopping.wait()
@@ -179,8 +179,9 @@ async def serve_async(settings: ClusterSettings) -> None:
 
 
 def queue_for(gw: GatewaySettings) -> AdmissionController:
-    """The admission queue, ordered by ``gateway.queue_policy``."""
-    return AdmissionController(gw.max_inflight, gw.max_queue, ordering=gw.queue_policy)
+    """The admission queue, ordered by ``gateway.queue_policy`` and ``queue_aging_s``."""
+    return AdmissionController(gw.max_inflight, gw.max_queue, ordering=gw.queue_policy,
+                               aging_s=gw.queue_aging_s)
 
 
 def router_for(gw: GatewaySettings, index: KVIndex | None) -> Router:

@@ -13,14 +13,15 @@ to another prefill worker; after it, and for a decode worker, another decode wor
 resumes from the tokens streamed so far: it takes whatever KV the store holds for
 them (the prompt's blocks and the answer's blocks saved as they filled) and computes
 only the rest, so the client's stream goes on with no token lost or repeated. At
-most ``MAX_MIGRATIONS`` times per request; then, or with no worker left, UNAVAILABLE.
+most ``gateway.max_migrations`` times per request; then, or with no worker left,
+UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -30,18 +31,19 @@ from gateway.detokenizer import TextStream
 from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.preemption import Decoding, Preemptor
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
+from gateway.sessions import session_owner, tokens_with_kv
 from gateway.tokenizer import Tokenizer
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
 from services.common.logging import get_logger
 from services.common.metrics import GatewayMetrics
+from services.common.settings import GatewaySettings
 from splitserve.v1 import common_pb2, generation_pb2, kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 
 log = get_logger("gateway")
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
 RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
-MAX_MIGRATIONS = 3  # worker failures one request survives
 
 Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
@@ -65,12 +67,14 @@ class FlowDeps:
     metrics: GatewayMetrics
     block_size: int
     metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
+    # its preemption policy, max_migrations and session_ttl_s
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
     preemptor: Preemptor | None = None  # default: over the pool's decode workers
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.preemptor is None:
-            self.preemptor = Preemptor(self.pool.workers)
+            self.preemptor = Preemptor(self.pool.workers, self.settings.preemption)
 
     def release_pins(self, owner: str) -> asyncio.Task[None]:
         """Drops the store pins of ``owner`` in a task of its own (a cleanup must not be
@@ -79,6 +83,18 @@ class FlowDeps:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
+
+    async def pin(self, owner: str, keys: Sequence[bytes]) -> int:
+        """Pins the held prefix of ``keys`` in the store for ``owner`` (a session, for
+        ``session_ttl_s``) -> blocks pinned; 0 when the store fails (best effort: the
+        next turn then recomputes what is missing)."""
+        req = kvstore_pb2.PinRequest(owner=owner, keys=keys, ttl_s=self.settings.session_ttl_s)
+        try:
+            resp = await self.store.Pin(req, metadata=self.metadata, timeout=RELEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.warning("pin_failed", owner=owner, code=e.code().name, error=e.details())
+            return 0
+        return resp.num_blocks
 
     async def _release(self, owner: str) -> None:
         try:
@@ -109,6 +125,9 @@ class RequestFlow:
         self.num_output = 0
         self.num_cached = 0
         self.migrations = 0
+        self.outputs: list[int] = []  # every token sent
+        self.session = (session_owner(cache_salt, req.session_id)
+                        if req.session_id and deps.settings.session_ttl_s > 0 else "")
         # named once (kv_aware routing only): where the prompt's KV already is
         self.block_hashes = deps.router.name_blocks(req.prompt_token_ids, cache_salt)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
@@ -117,22 +136,39 @@ class RequestFlow:
         self.first: worker_pb2.PrefillResponse | None = None  # the first token's message
         self.first_token_at: float | None = None
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
+        if self.session and req.end_session:
+            lifecycle.on_release(lambda: deps.release_pins(self.session))
 
     async def run(self, send: Send) -> None:
         if not self.deps.pool.workers(PREFILL):  # colocated: decode workers prefill too
-            reason = await self._decode([], [], 0, send)
+            reason = await self._decode(self.outputs, [], 0, send)
             self.deps.metrics.cached_tokens.inc(self.num_cached)
-            await send(self.final(reason))
-            return
+        else:
+            reason = await self._prefill_then_decode(send)
+        await self._keep_session()
+        await send(self.final(reason))
+
+    async def _prefill_then_decode(self, send: Send) -> int:
+        """The split path -> the finish reason."""
         first, kv = await self._prefill(send)
         self.deps.metrics.cached_tokens.inc(self.num_cached)
-        reason = first.finish_reason
+        self.outputs.append(first.first_token_id)
         if self.text.stopped:
-            reason = common_pb2.FINISH_REASON_STOP
-        if not reason:
-            blocks, kv_tokens = (kv.blocks, kv.kv_num_tokens) if kv else ([], 0)
-            reason = await self._decode([first.first_token_id], blocks, kv_tokens, send)
-        await send(self.final(reason))
+            return common_pb2.FINISH_REASON_STOP
+        if first.finish_reason:
+            return first.finish_reason
+        blocks, kv_tokens = (kv.blocks, kv.kv_num_tokens) if kv else ([], 0)
+        return await self._decode(self.outputs, blocks, kv_tokens, send)
+
+    async def _keep_session(self) -> None:
+        """The session goes on: this turn's KV stays pinned in the store under it (before
+        the last message, so a client's next turn finds it)."""
+        namer = self.deps.router.block_namer
+        if not self.session or self.req.end_session or namer is None:
+            return
+        keys = namer(tokens_with_kv(self.req.prompt_token_ids, self.outputs), self.cache_salt)
+        kept = await self.deps.pin(self.session, keys)
+        log.info("session_kept", request_id=self.req.request_id, blocks=kept, of=len(keys))
 
     async def _prefill(self, send: Send) -> tuple[worker_pb2.PrefillResponse,
                                                   worker_pb2.PrefillResponse | None]:
@@ -182,7 +218,8 @@ class RequestFlow:
         """Carry on elsewhere after a worker failure, or re-raise ``error``."""
         lc = self.lifecycle
         if (error.code != grpc.StatusCode.UNAVAILABLE or lc.stop is not None
-                or self.migrations >= MAX_MIGRATIONS or lc.remaining_s() <= 0):
+                or self.migrations >= self.deps.settings.max_migrations
+                or lc.remaining_s() <= 0):
             raise error
         self.migrations += 1
         lc.phase = Phase.MIGRATING

@@ -5,8 +5,10 @@ A decode worker saves every full block of an answer into the store as it fills
 (see services/decode), so a preempted request loses at most its partial last
 block: the gateway just stops its decode call (the worker frees the sequence) and
 later resumes it on any decode worker from the tokens streamed so far, like a
-migration. The client's stream only pauses. Policy: a class preempts only
-strictly lower classes; a request is preempted at most ``max_preemptions`` times.
+migration. The client's stream only pauses. Policy (``gateway.preemption``): a class
+preempts only classes at least ``min_class_gap`` below it and not ``protected``; a
+request is preempted at most ``max_per_request`` times; ``enabled: false`` turns it off
+(a higher class then waits for a place like anyone else).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from gateway.router import DECODE, WorkerInfo
 from services.common.logging import get_logger
+from services.common.settings import PreemptionSettings
 
 log = get_logger("gateway")
 RESUME_POLL_S = 0.05
@@ -38,7 +41,7 @@ class Decoding:
 @dataclass
 class Preemptor:
     workers: Callable[[str], list[WorkerInfo]]  # the pool's workers of a role
-    max_preemptions: int = 2
+    policy: PreemptionSettings = field(default_factory=PreemptionSettings)
     _placed: dict[str, set[Decoding]] = field(default_factory=dict)  # worker id -> requests
     _asking: set[Decoding] = field(default_factory=set)
 
@@ -70,10 +73,10 @@ class Preemptor:
     def make_room(self, d: Decoding) -> bool:
         """If every decode worker is full, preempt the lowest-priority, latest placed
         request below ``d``'s class. True when one was preempted."""
-        if not self.all_full():
+        if not self.policy.enabled or not self.all_full():
             return False
         victims = [v for placed in self._placed.values() for v in placed
-                   if v.priority < d.priority and v.preemptions < self.max_preemptions]
+                   if self.may_preempt(d, v)]
         if not victims:
             return False
         victim = min(victims, key=lambda v: v.priority)
@@ -82,6 +85,13 @@ class Preemptor:
                  for_request=d.request_id, for_priority=d.priority)
         victim.preempt()
         return True
+
+    def may_preempt(self, d: Decoding, victim: Decoding) -> bool:
+        """The policy: may ``d`` take ``victim``'s place?"""
+        p = self.policy
+        return (p.enabled and victim.preemptions < p.max_per_request
+                and d.priority - victim.priority >= p.min_class_gap
+                and victim.priority not in p.protected_classes())
 
     async def wait_for_room(self, d: Decoding, timeout_s: float) -> None:
         """A paused request waits until a decode worker has a place and no request of

@@ -88,6 +88,7 @@ class ValidatedRequest:
     priority: int = PRIORITY_NORMAL  # a PriorityClass value, never UNSPECIFIED
     deadline_ms: int | None = None
     session_id: str = ""
+    end_session: bool = False  # the session's kept KV goes when this request ends
     input_kind: str = "prompt"  # "prompt" | "prompt_token_ids" | "chat"
     request_id_assigned: bool = False  # True when the client sent none
     cache_salt: str = ""  # as the client sent it (the tenant's salt is added by the server)
@@ -323,6 +324,8 @@ def precheck(
     Raises :class:`RequestError` (INVALID_ARGUMENT or NOT_FOUND)."""
     check_id(req.request_id, "request_id")
     check_id(req.session_id, "session_id")
+    if req.end_session and not req.session_id:
+        raise invalid("end_session needs the session_id of the session to end")
     if len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise invalid(f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters, "
                       f"got {len(req.cache_salt)}")
@@ -363,6 +366,7 @@ def complete(pre: Prechecked, ids: list[int]) -> ValidatedRequest:
         priority=pre.priority,
         deadline_ms=req.deadline_ms or None,
         session_id=req.session_id,
+        end_session=req.end_session,
         input_kind=req.WhichOneof("input") or "",
         request_id_assigned=not req.request_id,
         cache_salt=req.cache_salt,

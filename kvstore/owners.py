@@ -1,5 +1,8 @@
 """Owners and their pins: pin, unpin, release, expiry of owners nobody releases.
 
+An owner's pins expire ``pin_ttl_s`` after its last use, or after its own TTL when a
+:meth:`Owners.pin` set one (a session keeping a paused conversation's KV).
+
 Internals of :class:`kvstore.store.KVStoreCore` (a mixin); public methods take the
 lock, the others run under it.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from kvstore.types import Block, OwnerState, PendingPut, StoreStats, check_key
+from kvstore.types import Block, InvalidArgument, OwnerState, PendingPut, StoreStats, check_key
 
 
 class Owners:
@@ -20,6 +23,26 @@ class Owners:
     _pending: dict[str, PendingPut]
     _next_expiry: float
     _s: StoreStats
+    _prefix: Callable[[list[bytes]], list[Block]]  # the held prefix of keys
+
+    def pin(self, owner: str, keys: Sequence[bytes], ttl_s: float = 0.0) -> int:
+        """Pins the longest held prefix of ``keys`` for ``owner`` (no read, no hit
+        counted); ``ttl_s`` > 0 becomes the owner's own pin TTL -> blocks pinned."""
+        if not owner:
+            raise InvalidArgument("Pin needs an owner (who holds the pins until Release)")
+        if not ttl_s >= 0:
+            raise InvalidArgument(f"Pin's ttl_s must be >= 0 seconds (0: the store's "
+                                  f"pin_ttl_s), got {ttl_s}")
+        wanted = [check_key(k) for k in keys]
+        with self._lock:
+            self._expire()
+            held = self._prefix(wanted)
+            if not held and owner not in self._owners:
+                return 0  # nothing to keep: no empty owner
+            o = self._owner(owner, ttl_s)
+            for b in held:
+                self._pin(o, owner, b)
+            return len(held)
 
     def release(self, owner: str) -> int:
         """Drops every pin of ``owner`` and deletes its private blocks -> pins dropped."""
@@ -46,11 +69,12 @@ class Owners:
         with self._lock:
             self._expire()
 
-    def _owner(self, owner: str) -> OwnerState:
-        expires = self._clock() + self.pin_ttl_s
+    def _owner(self, owner: str, ttl_s: float = 0.0) -> OwnerState:
         o = self._owners.get(owner)
         if o is None:
-            o = self._owners[owner] = OwnerState(expires)
+            o = self._owners[owner] = OwnerState(0.0)
+        o.ttl_s = ttl_s or o.ttl_s
+        expires = self._clock() + (o.ttl_s or self.pin_ttl_s)
         o.expires_at = expires
         self._next_expiry = min(self._next_expiry, expires)
         return o

@@ -287,6 +287,11 @@ class KVStoreServicer:
         return kvstore_pb2.ReleaseResponse(released=self.core.release(request.owner))
 
     @_rpc
+    def Pin(self, request, context):  # noqa: N802
+        return kvstore_pb2.PinResponse(
+            num_blocks=self.core.pin(request.owner, request.keys, request.ttl_s))
+
+    @_rpc
     def Stats(self, request, context):  # noqa: N802
         s = self.core.stats()
         return kvstore_pb2.StatsResponse(
@@ -337,6 +342,7 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.Server) -> None:
             servicer.GetBlocks, request_deserializer=pb.GetRequest.FromString,
             response_serializer=wire.identity),
         "Release": unary(servicer.Release, pb.ReleaseRequest),
+        "Pin": unary(servicer.Pin, pb.PinRequest),
         "Stats": unary(servicer.Stats, pb.StatsRequest),
         "Prefetch": unary(servicer.Prefetch, pb.PrefetchRequest),
     }

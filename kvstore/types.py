@@ -95,6 +95,7 @@ class OwnerState:
     expires_at: float
     pins: set[Block] = field(default_factory=set)
     private: set[Block] = field(default_factory=set)
+    ttl_s: float = 0.0  # > 0: its own pin TTL (a session's), else the store's pin_ttl_s
 
 
 @dataclass(slots=True)

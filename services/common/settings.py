@@ -16,8 +16,14 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from services.engine.config import EngineOptions
+from splitserve.v1 import common_pb2
 
 MiB = 1 << 20
+# priority class names (lower case, as the config writes them) -> the proto's values
+PRIORITY_CLASSES = {
+    n.removeprefix("PRIORITY_CLASS_").lower(): v
+    for n, v in common_pb2.PriorityClass.items() if v != common_pb2.PRIORITY_CLASS_UNSPECIFIED
+}
 
 
 @dataclass
@@ -102,6 +108,31 @@ class KVStoreSettings(Endpoint):
 
 
 @dataclass
+class PreemptionSettings:
+    """Who may take a full decode batch's place from whom (``gateway.preemption``)."""
+
+    enabled: bool = True  # false: a higher class waits for a free place instead
+    max_per_request: int = 2  # a request is paused at most this many times
+    min_class_gap: int = 1  # a class preempts only classes at least this far below it
+    protected: list[str] = field(default_factory=list)  # classes never preempted: [high, ...]
+
+    def __post_init__(self) -> None:
+        if self.max_per_request < 0:
+            raise SettingsError("gateway.preemption.max_per_request: must be >= 0, got "
+                                f"{self.max_per_request}")
+        if self.min_class_gap < 1:
+            raise SettingsError("gateway.preemption.min_class_gap: must be >= 1 (a class "
+                                f"never preempts its own), got {self.min_class_gap}")
+        unknown = [c for c in self.protected if c.lower() not in PRIORITY_CLASSES]
+        if unknown:
+            raise SettingsError(f"gateway.preemption.protected: unknown class(es) {unknown}; "
+                                f"known: {sorted(PRIORITY_CLASSES)}")
+
+    def protected_classes(self) -> frozenset[int]:
+        return frozenset(PRIORITY_CLASSES[c.lower()] for c in self.protected)
+
+
+@dataclass
 class GatewaySettings(Endpoint):
     port: int = 50051
     http_port: int = 8051
@@ -129,6 +160,14 @@ class GatewaySettings(Endpoint):
     # Order of requests waiting for a slot: fcfs | priority (class, then arrival) |
     # deadline (class, then earliest deadline_ms first)
     queue_policy: str = "priority"
+    # Aging: a waiting request's class rises by one per this many seconds waited, so a
+    # low class waits at most (class gap) x this behind later higher-class arrivals; 0 -> off
+    queue_aging_s: float = 10.0
+    preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
+    max_migrations: int = 3  # worker failures one request survives; then UNAVAILABLE
+    # A request with a session_id keeps its prompt's and answer's KV pinned in the store
+    # for the next turn this long after it ends (each turn renews it); 0 -> sessions off
+    session_ttl_s: float = 600.0
     # kv_aware: this many prompt tokens to compute weigh as one request in flight; a block
     # the worker must fetch from the store costs store_block_cost of computing it
     route_token_weight: int = 512

@@ -1,6 +1,7 @@
 """Preemption: a high-priority request that finds the decode batch full takes the
 place of a low-priority one, which pauses and resumes from the store with exactly
-the single engine's tokens; nothing leaks."""
+the single engine's tokens; nothing leaks. The cluster's policy needs a gap of two
+classes (``gateway.preemption.min_class_gap``): one class above waits instead."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from tests.integration.test_security import metric
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def one_seat_pair(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[RunningCluster]:
+@pytest.fixture(scope="module")
+def one_seat_pair(tiny_llama_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
     settings.model.max_num_seqs = 2  # the decode batch is full with two requests
-    with running_cluster(settings, tmp_path) as rc:
+    settings.gateway.preemption.min_class_gap = 2
+    with running_cluster(settings, tmp_path_factory.mktemp("preemption")) as rc:
         yield rc
 
 
@@ -60,8 +63,10 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         def marked() -> Iterator:
+            received = 0
             for msg in self.cluster.stub.Generate(self.req, timeout=120):
-                if len(msg.token_ids):
+                received += len(msg.token_ids)
+                if received > 1:  # past the prefill's token: decoding
                     self.started.set()
                 yield msg
 
@@ -72,23 +77,46 @@ class Stream(threading.Thread):
         self.ended_at = time.monotonic()
 
 
-def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluster,
-                                                    reference: LLM) -> None:
-    low_prompts = [[7 + i] * 20 + list(range(30, 50)) for i in range(2)]
-    high_prompt = list(range(100, 140))
+def _two_lows_then_a_high(cluster: RunningCluster, reference: LLM, low_class: int,
+                         first: int) -> tuple[list[Stream], Stream]:
+    """Two ``low_class`` requests fill the decode batch, then a HIGH one arrives; all
+    three get exactly the single engine's tokens. Returns (lows, high), ended."""
+    low_prompts = [[first + i] * 20 + list(range(30, 50)) for i in range(2)]
+    high_prompt = list(range(first + 100, first + 140))
     want = [*expected(reference, low_prompts, 400), *expected(reference, [high_prompt], 20)]
-    lows = [Stream(one_seat_pair, p, 400, common_pb2.PRIORITY_CLASS_BATCH)
-            for p in low_prompts]
+    lows = [Stream(cluster, p, 400, low_class) for p in low_prompts]
     assert all(s.started.wait(60) for s in lows)
-    high = Stream(one_seat_pair, high_prompt, 20, common_pb2.PRIORITY_CLASS_HIGH)
+    high = Stream(cluster, high_prompt, 20, common_pb2.PRIORITY_CLASS_HIGH)
     for s in [*lows, high]:
         s.join(timeout=120)
     assert [s.error for s in [*lows, high]] == [None] * 3
-    assert [s.result.tokens for s in [*lows, high]] == want  # paused, resumed, exact
+    assert [s.result.tokens for s in [*lows, high]] == want  # paused or not, exact
+    return lows, high
+
+
+def _no_pins_left(cluster: RunningCluster) -> bool:
+    return wait_until(lambda: (st := cluster.store.stats()).pins == 0 and st.owners == 0,
+                      timeout_s=15)
+
+
+def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluster,
+                                                    reference: LLM) -> None:
+    before = _metric(one_seat_pair, "splitserve_preemptions_total")
+    lows, high = _two_lows_then_a_high(one_seat_pair, reference,
+                                       common_pb2.PRIORITY_CLASS_BATCH, first=7)
     assert high.ended_at < min(s.ended_at for s in lows)  # served first
-    assert _metric(one_seat_pair, "splitserve_preemptions_total") >= 1
-    assert wait_until(lambda: (st := one_seat_pair.store.stats()).pins == 0
-                      and st.owners == 0, timeout_s=15)
+    assert _metric(one_seat_pair, "splitserve_preemptions_total") >= before + 1
+    assert _no_pins_left(one_seat_pair)
+
+
+def test_one_class_above_waits_under_a_gap_of_two(one_seat_pair: RunningCluster,
+                                                  reference: LLM) -> None:
+    before = _metric(one_seat_pair, "splitserve_preemptions_total")
+    lows, high = _two_lows_then_a_high(one_seat_pair, reference,
+                                       common_pb2.PRIORITY_CLASS_NORMAL, first=9)
+    assert high.ended_at > min(s.ended_at for s in lows)  # waited for a place
+    assert _metric(one_seat_pair, "splitserve_preemptions_total") == before
+    assert _no_pins_left(one_seat_pair)
 
 
 def test_decode_worker_swaps_instead_of_recomputing(tiny_llama_dir: Path, tmp_path: Path,

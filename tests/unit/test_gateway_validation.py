@@ -205,6 +205,12 @@ def test_ids(name: str) -> None:
     validate_request(prompt(**{name: "é" * 128}), [MODEL])
 
 
+def test_end_session_needs_a_session() -> None:
+    assert "end_session needs the session_id" in refused(prompt(end_session=True))
+    v = validate_request(prompt(session_id="s", end_session=True), [MODEL])
+    assert v.end_session and v.session_id == "s"
+
+
 def test_prepare_prompt_helper() -> None:
     assert prepare_prompt(prompt(prompt="ab"), TOK) == [97, 98]
     assert prepare_prompt(req(prompt_token_ids=generation_pb2.TokenIds(ids=[7])), None) == [7]

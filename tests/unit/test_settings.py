@@ -27,6 +27,10 @@ def test_partial_file_keeps_defaults(tmp_path: Path) -> None:
     ("decode: {port: 1}\n", "decode"),
     ("- 1\n", "mapping"),
     ("model: [\n", "YAML"),
+    ("gateway:\n  preemption: {enabeld: false}\n", "enabeld"),
+    ("gateway:\n  preemption: {protected: [urgent]}\n", "unknown class"),
+    ("gateway:\n  preemption: {min_class_gap: 0}\n", "min_class_gap"),
+    ("gateway:\n  preemption: {max_per_request: -1}\n", "max_per_request"),
 ])
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "c.yaml"

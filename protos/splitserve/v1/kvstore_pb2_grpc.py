@@ -77,6 +77,11 @@ class KVStoreStub:
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/splitserve.v1.KVStore/Pin',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.v1.KVStore/Stats',
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -147,6 +152,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Pins the longest held prefix of the keys for an owner, moving no bytes (e.g. a
+        paused conversation's KV kept under its session until it continues).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -203,6 +216,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PinRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.PinResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -434,6 +452,33 @@ class KVStore:
             '/splitserve.v1.KVStore/Release',
             splitserve_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
             splitserve_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/Pin',
+            splitserve_dot_v1_dot_kvstore__pb2.PinRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,
