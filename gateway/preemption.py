@@ -9,11 +9,16 @@ migration. The client's stream only pauses. Policy (``gateway.preemption``): a c
 preempts only classes at least ``min_class_gap`` below it and not ``protected``; a
 request is preempted at most ``max_per_request`` times; ``enabled: false`` turns it off
 (a higher class then waits for a place like anyone else).
+
+Whether a worker is full is judged from its last load report corrected by what this
+gateway did since: a request that ended here frees its place at once, not at the
+worker's next report, so a paused request resumes as soon as the place is free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,17 +49,30 @@ class Preemptor:
     policy: PreemptionSettings = field(default_factory=PreemptionSettings)
     _placed: dict[str, set[Decoding]] = field(default_factory=dict)  # worker id -> requests
     _asking: set[Decoding] = field(default_factory=set)
+    # worker id -> load_seq of its report at each end of a request placed there since
+    _ended: dict[str, list[int]] = field(default_factory=dict)
+    _freed: asyncio.Event | None = None  # set when a place frees; a new one after
 
     def full(self, worker: WorkerInfo) -> bool:
-        """No place for one more sequence: the batch is full (by what it reported and
-        what this gateway sent it since) or the engine already queues requests."""
+        """No place for one more sequence: the batch is full (by what it reported, less
+        what ended here since, and what this gateway sent it) or the engine already
+        queues requests."""
         if not worker.healthy:
             return True
-        if worker.waiting:
+        ended = self._ended_since_report(worker)
+        if worker.waiting > ended:
             return True
         ours = len(self._placed.get(worker.worker_id, ()))
         limit = worker.max_num_seqs
-        return bool(limit) and max(worker.running, ours) >= limit
+        return bool(limit) and max(worker.running - ended, ours) >= limit
+
+    def _ended_since_report(self, worker: WorkerInfo) -> int:
+        seqs = self._ended.get(worker.worker_id)
+        if not seqs:
+            return 0
+        fresh = [s for s in seqs if s == worker.load_seq]  # a newer report counts them
+        self._ended[worker.worker_id] = fresh
+        return len(fresh)
 
     def all_full(self) -> bool:
         return all(self.full(w) for w in self.workers(DECODE))
@@ -100,7 +118,10 @@ class Preemptor:
         end = loop.time() + timeout_s
         with self.asking(d):
             while loop.time() < end and (self.all_full() or self._higher_asking(d)):
-                await asyncio.sleep(RESUME_POLL_S)
+                if self._freed is None:
+                    self._freed = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), RESUME_POLL_S)
 
     def _higher_asking(self, d: Decoding) -> bool:
         return any(o.priority > d.priority for o in self._asking if o is not d)
@@ -110,7 +131,13 @@ class Preemptor:
         """``d`` is decoding on ``worker`` for the duration."""
         d.worker_id = worker.worker_id
         self._placed.setdefault(worker.worker_id, set()).add(d)
+        placed_at = worker.load_seq
         try:
             yield
         finally:
             self._placed.get(worker.worker_id, set()).discard(d)
+            if worker.load_seq != placed_at:  # a report counted it: correct that report
+                self._ended.setdefault(worker.worker_id, []).append(worker.load_seq)
+            if self._freed is not None:  # wake the paused requests now
+                self._freed.set()
+                self._freed = None

@@ -55,9 +55,11 @@ class WorkerInfo:
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
     max_num_seqs: int = 0  # 0: not reported
+    load_seq: int = 0  # counts the load reports taken in (tells a stale one from a new)
 
     def update_load(self, load: worker_pb2.WorkerLoad) -> None:
         """Takes in a worker's ``GetLoad`` answer."""
+        self.load_seq += 1
         self.running = load.running
         self.waiting = load.waiting
         self.queued_tokens = load.queued_tokens

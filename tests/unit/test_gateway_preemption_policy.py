@@ -68,3 +68,30 @@ def test_policy_from_the_cluster_yaml(tmp_path: Path) -> None:
     assert gw.preemption == PreemptionSettings(enabled=False, max_per_request=5,
                                                protected=["critical"])
     assert gw.preemption.protected_classes() == {CRITICAL}
+
+
+def test_a_place_freed_here_counts_before_the_next_load_report() -> None:
+    """The worker's last report still shows a request that ended here: the place is
+    free at once; a later report is believed as it is."""
+    from splitserve.v1 import worker_pb2
+
+    worker = WorkerInfo("d0", "127.0.0.1:1", DECODE)
+    pre = Preemptor(lambda role: [worker] if role == DECODE else [])
+
+    def report(running: int) -> None:
+        worker.update_load(worker_pb2.WorkerLoad(running=running, max_num_seqs=1))
+
+    report(0)
+    d = decoding("d", NORMAL, [])
+    with pre.placed(d, worker):
+        report(1)  # the worker now reports it running
+        assert pre.full(worker)
+    assert not pre.full(worker)  # ended here: free before the worker says so
+    report(1)  # a newer report: someone else's request holds the place
+    assert pre.full(worker)
+    report(0)
+    quick = decoding("quick", NORMAL, [])
+    with pre.placed(quick, worker):
+        pass  # ended before any report counted it: nothing to correct
+    report(1)
+    assert pre.full(worker)
