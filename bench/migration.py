@@ -75,6 +75,7 @@ def _trial(cluster: Any, stub: Any, args: argparse.Namespace, seed: int) -> dict
     list(stub.Generate(again, timeout=60))
     recompute = time.perf_counter() - start
     cluster.start_service("decode", killed[0])
+    time.sleep(1.5)  # the gateway's next polls find it again (reconnect backoff <= 1 s)
     return {"gap_s": gap, "recompute_s": recompute, "tokens": len(tokens)}
 
 

@@ -19,10 +19,18 @@ from services.common.observability import Readiness, start_http
 from services.common.rpc_guard import GuardInterceptor
 from services.common.settings import Endpoint
 
+# A peer that went away is tried again every second at most (gRPC's default backoff
+# grows to two minutes), so a restarted worker or store is found again at once.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.so_reuseport", 0),
+    *RECONNECT_OPTIONS,
 ]
 
 

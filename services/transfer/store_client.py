@@ -21,6 +21,7 @@ import grpc
 
 from services.common.auth import SECRET_METADATA_KEY, secret_metadata_from_env, with_metadata
 from services.common.logging import get_logger
+from services.common.server import RECONNECT_OPTIONS
 from services.common.settings import TransferSettings
 from services.transfer import (
     Buffer,
@@ -43,6 +44,7 @@ T = TypeVar("T")
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    *RECONNECT_OPTIONS,
 ]
 
 
