@@ -41,6 +41,7 @@ class Decoding:
     worker_id: str = ""
     preemptions: int = 0
     waiting: bool = False  # asking for a place (a new arrival or a paused request)
+    placed_order: int = 0  # when it was last placed (larger: later)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Preemptor:
     # worker id -> load_seq of its report at each end of a request placed there since
     _ended: dict[str, list[int]] = field(default_factory=dict)
     _freed: asyncio.Event | None = None  # set when a place frees; a new one after
+    _placements: int = 0
 
     def full(self, worker: WorkerInfo) -> bool:
         """No place for one more sequence: the batch is full (by what it reported, less
@@ -97,7 +99,8 @@ class Preemptor:
                    if self.may_preempt(d, v)]
         if not victims:
             return False
-        victim = min(victims, key=lambda v: v.priority)
+        # the lowest class; within it the latest placed, which has computed the least
+        victim = min(victims, key=lambda v: (v.priority, -v.placed_order))
         victim.preemptions += 1
         log.info("preempting", request_id=victim.request_id, priority=victim.priority,
                  for_request=d.request_id, for_priority=d.priority)
@@ -130,6 +133,8 @@ class Preemptor:
     def placed(self, d: Decoding, worker: WorkerInfo) -> Iterator[None]:
         """``d`` is decoding on ``worker`` for the duration."""
         d.worker_id = worker.worker_id
+        self._placements += 1
+        d.placed_order = self._placements
         self._placed.setdefault(worker.worker_id, set()).add(d)
         placed_at = worker.load_seq
         try:

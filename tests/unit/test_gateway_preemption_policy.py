@@ -95,3 +95,12 @@ def test_a_place_freed_here_counts_before_the_next_load_report() -> None:
         pass  # ended before any report counted it: nothing to correct
     report(1)
     assert pre.full(worker)
+
+
+def test_the_victim_is_the_lowest_class_then_the_latest_placed() -> None:
+    stopped: list[str] = []
+    early, late = decoding("early", BATCH, stopped), decoding("late", BATCH, stopped)
+    normal = decoding("normal", NORMAL, stopped)
+    with full_worker_with(PreemptionSettings(), early, normal, late) as pre:
+        assert pre.make_room(decoding("high", HIGH, stopped))
+    assert stopped == ["late"]
