@@ -20,20 +20,18 @@ from grpc_reflection.v1alpha import reflection
 from gateway.admission import AdmissionController
 from gateway.cluster_view import ClusterView
 from gateway.flow import FlowDeps
-from gateway.kv_index import KVIndex, prompt_hashes
+from gateway.kv_index import KVIndex
+from gateway.models import gateway_models
 from gateway.openai_http import start_openai_front
-from gateway.router import BlockNamer, Router, make_router
+from gateway.router import Router, make_router
 from gateway.server import SERVICE_NAME, GenerationServicer
 from gateway.tls import grpc_server_credentials
-from gateway.tokenizer import load_tokenizer
-from gateway.validation import ServedModel
 from gateway.workers import WorkerPool
 from services.common.auth import call_metadata
 from services.common.logging import get_logger
 from services.common.observability import Readiness, start_http
 from services.common.server import GRPC_OPTIONS
 from services.common.settings import ClusterSettings, GatewaySettings
-from services.engine.config import load_model_config
 from splitserve.v1 import kvstore_pb2_grpc
 
 log = get_logger("gateway")
@@ -47,14 +45,6 @@ SERVER_OPTIONS = [
     ("grpc.server.max_pending_requests_hard_limit", 1 << 17),
 ]
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def served_model(settings: ClusterSettings) -> ServedModel:
-    """The model's limits, read from its config without loading weights."""
-    mc = load_model_config(settings.model.path)
-    max_len = settings.model.max_model_len or mc.max_position_embeddings
-    return ServedModel(settings.model.name, max_len, mc.vocab_size,
-                       load_tokenizer(settings.model))
 
 
 class GatewayHealth:
@@ -73,7 +63,7 @@ class GatewayHealth:
             await self.servicer.set(name, SERVING if ready else NOT_SERVING)
 
     async def follow(self, pool: WorkerPool) -> None:
-        missing = pool.missing_roles()
+        missing = pool.missing_workers()
         reasons = [f"no healthy {' or '.join(missing)} worker"] if missing else []
         await self.set(not missing, "; ".join(reasons + [self.degraded] * bool(self.degraded)))
 
@@ -105,8 +95,8 @@ async def _wait_for_peers(settings: ClusterSettings, pool: WorkerPool, gh: Gatew
     end = loop.time() + settings.ready_timeout_s
     while not pool.all_roles_healthy() and not stopping.is_set():
         if loop.time() >= end:
-            raise RuntimeError("no healthy prefill and decode workers within "
-                               f"{settings.ready_timeout_s}s")
+            raise RuntimeError(f"no healthy {' or '.join(pool.missing_workers())} worker "
+                               f"within {settings.ready_timeout_s}s")
         await asyncio.sleep(0.1)
 
 
@@ -127,7 +117,7 @@ def _start_grpc(settings: ClusterSettings, servicer: GenerationServicer,
 
 
 async def serve_async(settings: ClusterSettings) -> None:
-    servicer = GenerationServicer(settings, served_model(settings))
+    servicer = GenerationServicer(settings, gateway_models(settings))
     health_servicer = health_async.HealthServicer()
     server = _start_grpc(settings, servicer, health_servicer)
     await server.start()
@@ -149,15 +139,12 @@ async def serve_async(settings: ClusterSettings) -> None:
     servicer.admission = queue_for(gw)
     index = KVIndex() if settings.redis_url else None
     router = router_for(gw, index)
-    router.block_namer = block_namer(settings)
     view = follow_registry(settings, pool, router, index, gh)
     store_channel = grpc.aio.insecure_channel(settings.kvstore.address, options=GRPC_OPTIONS)
     try:
         await _wait_for_peers(settings, pool, gh, stopping)
-        servicer.attach(FlowDeps(pool, router,
-                                 kvstore_pb2_grpc.KVStoreStub(store_channel),
-                                 servicer.model.tokenizer, servicer.metrics,
-                                 settings.model.block_size, metadata, gw))
+        servicer.attach(FlowDeps(pool, router, kvstore_pb2_grpc.KVStoreStub(store_channel),
+                                 servicer.metrics, metadata, gw))
         pool.on_change = lambda: loop.create_task(gh.follow(pool))
         await gh.follow(pool)
         await stopping.wait()
@@ -193,12 +180,6 @@ def router_for(gw: GatewaySettings, index: KVIndex | None) -> Router:
         if index is not None:
             kwargs["prefix_hits"] = lambda w, hashes: index.prefix_blocks(w.worker_id, hashes)
     return make_router(gw.routing, **kwargs)
-
-
-def block_namer(settings: ClusterSettings) -> BlockNamer:
-    """Names a prompt's blocks as the workers' engines do (model id, block size, dtype)."""
-    m = settings.model
-    return lambda ids, salt: prompt_hashes(ids, m.name, m.block_size, m.dtype, salt)
 
 
 def follow_registry(settings: ClusterSettings, pool: WorkerPool, router: Router,

@@ -29,10 +29,10 @@ import grpc
 
 from gateway.detokenizer import TextStream
 from gateway.lifecycle import Phase, RequestLifecycle
+from gateway.models import GatewayModel
 from gateway.preemption import Decoding, Preemptor
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
 from gateway.sessions import session_owner, tokens_with_kv
-from gateway.tokenizer import Tokenizer
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
 from services.common.logging import get_logger
@@ -63,18 +63,20 @@ class FlowDeps:
     pool: WorkerPool
     router: Router
     store: kvstore_pb2_grpc.KVStoreStub  # on the serving loop's channel
-    tokenizer: Tokenizer
     metrics: GatewayMetrics
-    block_size: int
     metadata: tuple[tuple[str, str], ...] = ()  # the cluster secret
     # its preemption policy, max_migrations and session_ttl_s
     settings: GatewaySettings = field(default_factory=GatewaySettings)
-    preemptor: Preemptor | None = None  # default: over the pool's decode workers
+    _preemptors: dict[str, Preemptor] = field(default_factory=dict)  # model ->
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def __post_init__(self) -> None:
-        if self.preemptor is None:
-            self.preemptor = Preemptor(self.pool.workers, self.settings.preemption)
+    def preemptor(self, model: str) -> Preemptor:
+        """The preemptor over ``model``'s decode workers: a request only ever takes
+        the place of a request of its own model."""
+        if model not in self._preemptors:
+            self._preemptors[model] = Preemptor(lambda role: self.pool.workers(role, model),
+                                                self.settings.preemption)
+        return self._preemptors[model]
 
     def release_pins(self, owner: str) -> asyncio.Task[None]:
         """Drops the store pins of ``owner`` in a task of its own (a cleanup must not be
@@ -116,12 +118,14 @@ def _worker_error(phase: str, worker: WorkerInfo, e: grpc.RpcError,
 
 
 class RequestFlow:
-    def __init__(self, deps: FlowDeps, req: ValidatedRequest, lifecycle: RequestLifecycle,
-                 cache_salt: str = "") -> None:
-        self.deps, self.req, self.lifecycle = deps, req, lifecycle
+    def __init__(self, deps: FlowDeps, model: GatewayModel, req: ValidatedRequest,
+                 lifecycle: RequestLifecycle, cache_salt: str = "") -> None:
+        self.deps, self.model, self.req, self.lifecycle = deps, model, req, lifecycle
         self.cache_salt = cache_salt
         self.arrival = time.monotonic() - lifecycle.elapsed_s()
-        self.text = TextStream(deps.tokenizer, req.stop, req.prompt_token_ids)
+        self.text = TextStream(model.tokenizer, req.stop, req.prompt_token_ids)
+        self.metrics = deps.metrics.of_model(model.name)
+        self.preemptor = deps.preemptor(model.name)
         self.num_output = 0
         self.num_cached = 0
         self.migrations = 0
@@ -129,7 +133,8 @@ class RequestFlow:
         self.session = (session_owner(cache_salt, req.session_id)
                         if req.session_id and deps.settings.session_ttl_s > 0 else "")
         # named once (kv_aware routing only): where the prompt's KV already is
-        self.block_hashes = deps.router.name_blocks(req.prompt_token_ids, cache_salt)
+        self.block_hashes = deps.router.name_blocks(model.name_blocks, req.prompt_token_ids,
+                                                    cache_salt)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
         self._call: grpc.aio.Call | None = None  # the worker call in flight
         self._interrupted: tuple[str, str] | None = None  # (lost | preempted, why)
@@ -140,9 +145,9 @@ class RequestFlow:
             lifecycle.on_release(lambda: deps.release_pins(self.session))
 
     async def run(self, send: Send) -> None:
-        if not self.deps.pool.workers(PREFILL):  # colocated: decode workers prefill too
+        if not self.deps.pool.workers(PREFILL, self.model.name):  # colocated: decode prefills
             reason = await self._decode(self.outputs, [], 0, send)
-            self.deps.metrics.cached_tokens.inc(self.num_cached)
+            self.metrics.cached_tokens.inc(self.num_cached)
         else:
             reason = await self._prefill_then_decode(send)
         await self._keep_session()
@@ -151,7 +156,7 @@ class RequestFlow:
     async def _prefill_then_decode(self, send: Send) -> int:
         """The split path -> the finish reason."""
         first, kv = await self._prefill(send)
-        self.deps.metrics.cached_tokens.inc(self.num_cached)
+        self.metrics.cached_tokens.inc(self.num_cached)
         self.outputs.append(first.first_token_id)
         if self.text.stopped:
             return common_pb2.FINISH_REASON_STOP
@@ -163,10 +168,10 @@ class RequestFlow:
     async def _keep_session(self) -> None:
         """The session goes on: this turn's KV stays pinned in the store under it (before
         the last message, so a client's next turn finds it)."""
-        namer = self.deps.router.block_namer
-        if not self.session or self.req.end_session or namer is None:
+        if not self.session or self.req.end_session:
             return
-        keys = namer(tokens_with_kv(self.req.prompt_token_ids, self.outputs), self.cache_salt)
+        keys = self.model.name_blocks(tokens_with_kv(self.req.prompt_token_ids, self.outputs),
+                                      self.cache_salt)
         kept = await self.deps.pin(self.session, keys)
         log.info("session_kept", request_id=self.req.request_id, blocks=kept, of=len(keys))
 
@@ -237,7 +242,7 @@ class RequestFlow:
 
     def _route(self, phase: str, num_tokens: int) -> tuple[WorkerInfo, RouteRequest]:
         route = RouteRequest(request_id=self.lifecycle.internal_id, model=self.req.model,
-                             num_tokens=num_tokens, block_size=self.deps.block_size,
+                             num_tokens=num_tokens, block_size=self.model.block_size,
                              priority=self.req.priority, phase=phase,
                              block_hashes=self.block_hashes if phase == PREFILL else ())
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
@@ -295,14 +300,14 @@ class RequestFlow:
                 self.deps.metrics.preemptions.inc()
                 log.info("preempted", request_id=self.req.request_id,
                          tokens_so_far=self.num_output)
-                await self.deps.preemptor.wait_for_room(self.decoding, lc.remaining_s())
+                await self.preemptor.wait_for_room(self.decoding, lc.remaining_s())
             except FlowError as e:
                 self._migrate_or_raise(e, DECODE)
             blocks, kv_tokens = [], 0  # resume: the next worker asks the store itself
 
     async def _decode_on_worker(self, outputs: list[int], blocks: list[common_pb2.BlockRef],
                                 kv_tokens: int, send: Send) -> int:
-        req, lc, pre = self.req, self.lifecycle, self.deps.preemptor
+        req, lc, pre = self.req, self.lifecycle, self.preemptor
         with ExitStack() as asking:
             asking.enter_context(pre.asking(self.decoding))
             pre.make_room(self.decoding)
@@ -345,14 +350,14 @@ class RequestFlow:
         if ttft:
             self.first_token_at = time.monotonic()
             resp.ttft_seconds = self.first_token_at - self.arrival
-            self.deps.metrics.ttft.observe(resp.ttft_seconds)
+            self.metrics.ttft.observe(resp.ttft_seconds)
         return resp
 
     def final(self, reason: int) -> generation_pb2.GenerateResponse:
         """The last message: finish reason, usage, any text held back."""
         cached = self.num_cached
         end = time.monotonic()
-        m = self.deps.metrics
+        m = self.metrics
         m.e2e.observe(end - self.arrival)
         if self.num_output > 1 and self.first_token_at is not None:
             m.tpot.observe((end - self.first_token_at) / (self.num_output - 1))

@@ -134,7 +134,8 @@ class Generation:
             self.parsed = self.parse(self.request.body)
         except SchemaError as e:
             raise Refusal(e.code, e.message, param=e.param) from e
-        self.answer = Answer(self.parsed, self.parsed.request.model or self.servicer.model.name)
+        default = self.servicer.served[0].name  # a request naming none: the only model
+        self.answer = Answer(self.parsed, self.parsed.request.model or default)
         return self.parsed.request, client
 
     async def send(self, msg: generation_pb2.GenerateResponse) -> None:

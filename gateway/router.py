@@ -69,6 +69,10 @@ class WorkerInfo:
         if load.model:
             self.model = load.model
 
+    def serves(self, model: str) -> bool:
+        """Whether a request for ``model`` ("" -> any) may go here."""
+        return not model or self.model in ("", model)
+
 
 @dataclass(frozen=True)
 class RouteRequest:
@@ -115,25 +119,22 @@ class Router(ABC):
     def __init__(self, token_weight: int = 512, kv_weight: float = 4.0) -> None:
         self.token_weight = max(1, token_weight)  # this many queued tokens count as one request
         self.kv_weight = kv_weight  # a full KV cache counts as this many requests
-        # (prompt token ids, cache salt) -> the prompt's full-block hashes; set by the
-        # gateway for policies that use them (gateway.kv_index.prompt_hashes)
-        self.block_namer: BlockNamer | None = None
         self._lock = threading.Lock()
         self._loads: dict[str, _Load] = {}
 
-    def name_blocks(self, token_ids: Sequence[int], cache_salt: str = "") -> tuple[bytes, ...]:
-        """The prompt's block hashes, named once per request (the flow puts them in its
-        prefill RouteRequest); () when this policy does not look at them."""
-        if self.block_namer is None or not self.uses_block_hashes:
-            return ()
-        return self.block_namer(token_ids, cache_salt)
+    def name_blocks(self, namer: BlockNamer, token_ids: Sequence[int],
+                    cache_salt: str = "") -> tuple[bytes, ...]:
+        """The prompt's block hashes by ``namer`` (the request's model names them: model id,
+        block size, dtype), named once per request (the flow puts them in its prefill
+        RouteRequest); () when this policy does not look at them."""
+        return namer(token_ids, cache_salt) if self.uses_block_hashes else ()
 
     # -- the interface -------------------------------------------------------------------
 
     def pick(self, candidates: Sequence[WorkerInfo], request: RouteRequest) -> WorkerInfo:
         """A healthy worker of ``candidates`` serving ``request.model``; raises
         :class:`NoHealthyWorkerError` when there is none."""
-        pool = [w for w in candidates if not request.model or w.model in ("", request.model)]
+        pool = [w for w in candidates if w.serves(request.model)]
         healthy = [w for w in pool if w.healthy]
         if not healthy:
             raise NoHealthyWorkerError(request.phase, request.model, len(pool))

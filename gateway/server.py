@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,12 +24,13 @@ from gateway.admission import AdmissionController, AdmissionRejected
 from gateway.flow import FlowDeps, FlowError, RequestFlow, Send
 from gateway.identity import Client, ClientIdentifier, effective_cache_salt
 from gateway.lifecycle import Phase, RequestLifecycle
+from gateway.models import GatewayModel
 from gateway.router import NoHealthyWorkerError
+from gateway.tokenizer import TokenizerError
 from gateway.validation import (
     InputLimits,
     Prechecked,
     RequestError,
-    ServedModel,
     complete,
     precheck,
     tokenize,
@@ -67,9 +68,9 @@ def parse(cls: type[Message], raw: bytes) -> Message:
 
 
 class GenerationServicer:
-    def __init__(self, settings: ClusterSettings, model: ServedModel) -> None:
+    def __init__(self, settings: ClusterSettings, served: Sequence[GatewayModel]) -> None:
         gw = settings.gateway
-        self.settings, self.model = settings, model
+        self.settings, self.served = settings, list(served)  # the first is the default
         self.admission = AdmissionController(gw.max_inflight, gw.max_queue)
         self.limits = InputLimits(gw.max_prompt_bytes, gw.max_chat_messages)
         self.identifier = ClientIdentifier(gw.api_keys)
@@ -103,10 +104,13 @@ class GenerationServicer:
         """One request from any front: ``intake`` gives the request and its client (or
         raises :class:`Refusal`), ``send`` streams the answers. Returns the outcome ("ok",
         "aborted"); raises :class:`Refusal`, or ``CancelledError`` when the client left."""
-        outcome = "error"
+        outcome, model = "error", ""
         try:
             req, client = intake()
-            outcome = await self._generate(req, client, send)
+            deps = self._ready_deps()
+            pre = self._precheck(req)
+            model = pre.model.name
+            outcome = await self._generate(pre, client, deps, send)
             return outcome
         except Refusal as r:
             outcome = r.code.name.lower()
@@ -115,7 +119,7 @@ class GenerationServicer:
             outcome = "cancelled"  # the client went away
             raise
         finally:
-            self.metrics.requests.labels(outcome).inc()
+            self.metrics.requests.labels(model, outcome).inc()
 
     def identify(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Client:
         """The calling client (its key's tenant, or its connection); raises
@@ -134,14 +138,18 @@ class GenerationServicer:
                           "the gateway is not serving (starting or shutting down)")
         return self.deps
 
-    async def _generate(self, req: generation_pb2.GenerateRequest, client: Client,
-                        send: Send) -> str:
-        """Serves one request; returns its outcome ("ok", "aborted"), raises Refusal."""
-        deps = self._ready_deps()
+    def _precheck(self, req: generation_pb2.GenerateRequest) -> Prechecked:
+        """Every check short of tokenizing; the model is resolved here (NOT_FOUND names
+        the served models)."""
         try:
-            pre = precheck(req, [self.model], self.limits)
+            return precheck(req, self.served, self.limits)
         except RequestError as e:
             raise Refusal(e.code, e.message) from e
+
+    async def _generate(self, pre: Prechecked, client: Client, deps: FlowDeps,
+                        send: Send) -> str:
+        """Serves one request; returns its outcome ("ok", "aborted"), raises Refusal."""
+        req = pre.request
         deadline_s = (req.deadline_ms / 1000 if req.deadline_ms
                       else self.settings.gateway.max_request_s)
         lc = RequestLifecycle(req.request_id, client.owner, deadline_s)
@@ -150,11 +158,12 @@ class GenerationServicer:
         lc.on_cancel(task.cancel)
         flow: RequestFlow | None = None
         try:
-            ids = await self._admit_and_tokenize(lc, pre, deps)
+            ids = await self._admit_and_tokenize(lc, pre)
             vreq = dataclasses.replace(complete(pre, ids), request_id=lc.public_id)
-            deps.metrics.prompt_tokens.inc(len(ids))
+            deps.metrics.prompt_tokens.labels(vreq.model).inc(len(ids))
             await self._wait_for_slot(lc)
-            flow = RequestFlow(deps, vreq, lc, effective_cache_salt(client, req.cache_salt))
+            flow = RequestFlow(deps, pre.model, vreq, lc,
+                               effective_cache_salt(client, req.cache_salt))
             await flow.run(send)
             return "ok"
         except asyncio.CancelledError:
@@ -193,10 +202,10 @@ class GenerationServicer:
         self.active[key] = lc
         lc.on_release(lambda: self.active.pop(key, None))
 
-    async def _admit_and_tokenize(self, lc: RequestLifecycle, pre: Prechecked,
-                                  deps: FlowDeps) -> list[int]:
+    async def _admit_and_tokenize(self, lc: RequestLifecycle, pre: Prechecked) -> list[int]:
         """Takes a place (refused at once when there is none), then tokenizes off the
-        loop while the place waits for its slot."""
+        loop (the model's tokenizer is built there at its first use) while the place
+        waits for its slot."""
         try:
             ticket = self.admission.try_admit(pre.priority, deadline=lc.remaining_s())
         except AdmissionRejected as e:
@@ -208,7 +217,11 @@ class GenerationServicer:
         size = pre.request.ByteSize()
         pool = self._large if size > LARGE_PROMPT_BYTES else self._small
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, tokenize, pre, self.model.tokenizer)
+        try:
+            return await loop.run_in_executor(pool, tokenize, pre)
+        except TokenizerError as e:  # its files changed or broke since the gateway started
+            raise Refusal(grpc.StatusCode.INTERNAL,
+                          f"model {pre.model.name!r} cannot tokenize: {e}") from e
 
     async def _wait_for_slot(self, lc: RequestLifecycle) -> None:
         try:
@@ -243,15 +256,15 @@ class GenerationServicer:
             await context.abort(r.code, r.message)
 
     def models(self) -> generation_pb2.ListModelsResponse:
-        """The served models; raises :class:`Refusal` UNAVAILABLE while not serving."""
-        deps = self._ready_deps()
-        info = generation_pb2.ModelInfo(
-            id=self.model.name, max_model_len=self.model.max_model_len,
-            block_size=deps.block_size,
-            prefill_workers=sum(w.healthy for w in deps.pool.workers("prefill")),
-            decode_workers=sum(w.healthy for w in deps.pool.workers("decode")),
-        )
-        return generation_pb2.ListModelsResponse(models=[info])
+        """The served models, in config order, with their healthy workers; raises
+        :class:`Refusal` UNAVAILABLE while not serving."""
+        pool = self._ready_deps().pool
+        return generation_pb2.ListModelsResponse(models=[
+            generation_pb2.ModelInfo(
+                id=m.name, max_model_len=m.max_model_len, block_size=m.block_size,
+                prefill_workers=sum(w.healthy for w in pool.workers("prefill", m.name)),
+                decode_workers=sum(w.healthy for w in pool.workers("decode", m.name)),
+            ) for m in self.served])
 
     def handlers(self) -> grpc.GenericRpcHandler:
         """The service's methods, taking raw request bytes."""

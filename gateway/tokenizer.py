@@ -218,15 +218,20 @@ def tokenizer_path(model: ModelSettings) -> Path | None:
     return Path(model.path) / "tokenizer.json"
 
 
-def load_tokenizer(model: ModelSettings) -> Tokenizer:
-    """The tokenizer of ``model``; raises :class:`TokenizerError` when it is missing."""
+def check_tokenizer(model: ModelSettings) -> Path | None:
+    """:func:`tokenizer_path`, which must exist; raises :class:`TokenizerError` (what to
+    set) when it does not. Cheap: nothing is read."""
     path = tokenizer_path(model)
-    if path is None:
-        return Tokenizer.byte_level()
-    if not path.exists():
+    if path is not None and not path.exists():
         where = "model.tokenizer" if model.tokenizer else f"model.path ({model.path})"
         raise TokenizerError(
             f"model {model.name!r}: no tokenizer at {path}; set {where} to a "
             "directory holding tokenizer.json or to the file itself"
         )
-    return Tokenizer.from_file(path)
+    return path
+
+
+def load_tokenizer(model: ModelSettings) -> Tokenizer:
+    """The tokenizer of ``model``; raises :class:`TokenizerError` when it is missing."""
+    path = check_tokenizer(model)
+    return Tokenizer.byte_level() if path is None else Tokenizer.from_file(path)

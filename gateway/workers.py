@@ -46,17 +46,18 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """Prefill and decode workers from the config. Create it on the serving loop."""
+    """Prefill and decode workers from the config, each of its model. Create it on the
+    serving loop."""
 
     def __init__(self, settings: ClusterSettings, metadata: Sequence[tuple[str, str]] = (),
                  *, poll_s: float = 0.25, poll_timeout_s: float = 1.0,
                  failures_to_down: int = 2) -> None:
-        self.model = settings.model.name
+        self.models = [m.name for m in settings.served_models()]
         self.metadata = tuple(metadata)
         self.handles: dict[str, WorkerHandle] = {}
         for role, endpoints in ((PREFILL, settings.prefill), (DECODE, settings.decode)):
             for ep in endpoints:
-                self._add(role, ep.address, self.model).seed = True
+                self._add(role, ep.address, settings.model_of(ep).name).seed = True
         self.poll_s, self.poll_timeout_s = poll_s, poll_timeout_s
         self.failures_to_down = failures_to_down
         self.on_change: Callable[[], None] = lambda: None
@@ -102,20 +103,29 @@ class WorkerPool:
 
     # -- what the router and the flow use -----------------------------------------------
 
-    def workers(self, role: str) -> list[WorkerInfo]:
-        return [h.info for h in self.handles.values() if h.info.role == role]
+    def workers(self, role: str, model: str = "") -> list[WorkerInfo]:
+        """The workers of ``role`` that serve ``model`` ("" -> of every model)."""
+        return [h.info for h in self.handles.values()
+                if h.info.role == role and h.info.serves(model)]
 
     def stub(self, info: WorkerInfo) -> worker_pb2_grpc.PrefillWorkerStub:
         return self.handles[info.worker_id].stub
 
-    def missing_roles(self) -> list[str]:
-        """The roles with no healthy worker: while any, the gateway cannot serve."""
-        # with no prefill worker at all the cluster is colocated: decode workers prefill
-        needed = [r for r in ROLES if r == DECODE or self.workers(r)]
-        return [r for r in needed if not any(w.healthy for w in self.workers(r))]
+    def missing_roles(self, model: str = "") -> list[str]:
+        """The roles with no healthy worker of ``model``: while any, it cannot be served."""
+        # with no prefill worker at all the model is colocated: decode workers prefill
+        needed = [r for r in ROLES if r == DECODE or self.workers(r, model)]
+        return [r for r in needed if not any(w.healthy for w in self.workers(r, model))]
+
+    def missing_workers(self) -> list[str]:
+        """What the gateway lacks to serve every model, said for a person ("decode",
+        "prefill for model 'b'"); empty when it can serve them all."""
+        several = len(self.models) > 1
+        return [role + (f" for model {model!r}" if several else "")
+                for model in self.models for role in self.missing_roles(model)]
 
     def all_roles_healthy(self) -> bool:
-        return not self.missing_roles()
+        return not self.missing_workers()
 
     def track(self, info: WorkerInfo, on_down: Callable[[str], None]) -> Callable[[], None]:
         """A call is in flight on ``info``: ``on_down(why)`` if the worker goes down.

@@ -40,10 +40,13 @@ def _ensure_secret(settings: ClusterSettings) -> None:
 
 def _print_endpoints(cluster: LocalCluster) -> None:
     print("SplitServe is up:")
+    several = len(cluster.settings.served_models()) > 1
     for svc in cluster.services:
         ep = svc.endpoint
         http = f"  http://{ep.host}:{ep.http_port}/metrics" if ep.http_port else ""
-        print(f"  {svc.name:<10} grpc {ep.address}{http}")
+        worker = svc.role in ("prefill", "decode")
+        model = f"  model {cluster.settings.model_of(ep).name}" if several and worker else ""
+        print(f"  {svc.name:<10} grpc {ep.address}{http}{model}")
     if cluster.redis is not None:
         print(f"  {'redis':<10} {cluster.redis.url}  (started by up: the cluster registry)")
     gw = cluster.settings.gateway.address
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(settings, log_dir)
     _ensure_secret(settings)
-    print(f"starting {settings.model.name} ({settings.model.path}); logs in {log_dir}", flush=True)
+    models = ", ".join(f"{m.name} ({m.path})" for m in settings.served_models())
+    print(f"starting {models}; logs in {log_dir}", flush=True)
     cluster = LocalCluster(settings, config_path, log_dir)
     _stop_on_signals()
     try:

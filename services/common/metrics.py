@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -70,23 +71,47 @@ class _EngineCollector(Collector):
             yield family
 
 
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The gateway's per-request series of one model (children labelled ``model``)."""
+
+    ttft: Histogram
+    tpot: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    cached_tokens: Counter
+    output_tokens: Counter
+
+
 class GatewayMetrics:
+    """Request series carry the model's name (``model``; "" for a request refused
+    before its model was known)."""
+
     def __init__(self) -> None:
         self.ttft = Histogram("splitserve_time_to_first_token_seconds",
-                              "Arrival to first token streamed", buckets=LATENCY_BUCKETS)
+                              "Arrival to first token streamed", ["model"],
+                              buckets=LATENCY_BUCKETS)
         self.tpot = Histogram("splitserve_time_per_output_token_seconds",
-                              "Mean time between output tokens of a request",
+                              "Mean time between output tokens of a request", ["model"],
                               buckets=LATENCY_BUCKETS)
         self.e2e = Histogram("splitserve_request_latency_seconds", "Arrival to last token",
-                             buckets=LATENCY_BUCKETS)
-        self.requests = Counter("splitserve_requests", "Finished requests", ["outcome"])
-        self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens received")
+                             ["model"], buckets=LATENCY_BUCKETS)
+        self.requests = Counter("splitserve_requests", "Finished requests",
+                                ["model", "outcome"])
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens received",
+                                     ["model"])
         self.cached_tokens = Counter("splitserve_cached_prompt_tokens",
-                                     "Prompt tokens whose KV came from a cache")
-        self.output_tokens = Counter("splitserve_output_tokens", "Tokens streamed to clients")
+                                     "Prompt tokens whose KV came from a cache", ["model"])
+        self.output_tokens = Counter("splitserve_output_tokens", "Tokens streamed to clients",
+                                     ["model"])
         self.queued = Gauge("splitserve_queued_requests", "Requests waiting for admission")
         self.inflight = Gauge("splitserve_inflight_requests", "Requests being served")
         self.migrations = Counter("splitserve_migrations",
                                   "Requests moved to another worker after one failed")
         self.preemptions = Counter("splitserve_preemptions",
                                    "Requests paused to give their place to a higher class")
+
+    def of_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self.ttft.labels(model), self.tpot.labels(model),
+                            self.e2e.labels(model), self.prompt_tokens.labels(model),
+                            self.cached_tokens.labels(model), self.output_tokens.labels(model))

@@ -37,6 +37,13 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
+@dataclass
+class WorkerEndpoint(Endpoint):
+    """A prefill or decode worker: where it listens, and the model it serves."""
+
+    model: str = ""  # a name of models:; "" -> the first (or only) model
+
+
 @dataclass(kw_only=True)
 class ModelSettings(EngineOptions):
     """The served model, and every engine option (``EngineOptions``: dtype, device,
@@ -184,20 +191,25 @@ class TransferSettings:
     fallback_cooldown_s: float = 10.0  # a transport that failed mid-request sits out this long
 
 
-def _default_prefill() -> list[Endpoint]:
-    return [Endpoint(port=50071, http_port=8071)]
+def _default_prefill() -> list[WorkerEndpoint]:
+    return [WorkerEndpoint(port=50071, http_port=8071)]
 
 
-def _default_decode() -> list[Endpoint]:
-    return [Endpoint(port=50081, http_port=8081)]
+def _default_decode() -> list[WorkerEndpoint]:
+    return [WorkerEndpoint(port=50081, http_port=8081)]
 
 
 @dataclass
 class ClusterSettings:
+    """``model`` is the one served model; a cluster of several lists them in ``models``
+    instead (``model`` is then the first of them) and names each worker's model on its
+    ``prefill``/``decode`` entry."""
+
     model: ModelSettings = field(default_factory=ModelSettings)
+    models: list[ModelSettings] = field(default_factory=list)  # [] -> [model]
     kvstore: KVStoreSettings = field(default_factory=KVStoreSettings)
-    prefill: list[Endpoint] = field(default_factory=_default_prefill)
-    decode: list[Endpoint] = field(default_factory=_default_decode)
+    prefill: list[WorkerEndpoint] = field(default_factory=_default_prefill)
+    decode: list[WorkerEndpoint] = field(default_factory=_default_decode)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     redis_url: str | None = None  # the cluster registry (redis://host:port/db); None -> config
@@ -209,8 +221,36 @@ class ClusterSettings:
     log_level: str = "info"
     ready_timeout_s: float = 120.0
 
+    def __post_init__(self) -> None:
+        if self.models and self.model not in self.models:
+            if self.model != ModelSettings():
+                raise SettingsError(BOTH_MODEL_SECTIONS)
+            self.model = self.models[0]
+        check_models(self)
+
+    def served_models(self) -> list[ModelSettings]:
+        """Every model of the cluster, in config order (the first is the default)."""
+        return self.models or [self.model]
+
+    def model_of(self, endpoint: Endpoint) -> ModelSettings:
+        """The model a worker entry serves (a plain ``Endpoint`` built in code, with no
+        ``model``, serves the first one)."""
+        name = getattr(endpoint, "model", "")
+        served = self.served_models()
+        if not name:
+            return served[0]
+        for model in served:
+            if model.name == name:
+                return model
+        raise SettingsError(f"{name!r} is not a model of this cluster; name one of: "
+                            f"{', '.join(m.name for m in served)} (or add it to models:)")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a mapping ``from_dict`` takes back, with the model section in
+        use: ``model`` or ``models``."""
+        data = dataclasses.asdict(self)
+        del data["model" if self.models else "models"]
+        return data
 
     def dump_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -218,6 +258,29 @@ class ClusterSettings:
 
 class SettingsError(ValueError):
     """A configuration problem, with the key path that caused it."""
+
+
+BOTH_MODEL_SECTIONS = ("both 'model:' and 'models:' are set; a cluster of one model "
+                       "uses 'model:', of several 'models:' (move the 'model:' section "
+                       "into the 'models:' list)")
+
+
+def check_models(settings: ClusterSettings) -> None:
+    """Model names are set and unique; every worker entry names a model of the cluster."""
+    names = [m.name for m in settings.served_models()]
+    for i, name in enumerate(names):
+        where = f"models[{i}].name" if settings.models else "model.name"
+        if not name:
+            raise SettingsError(f"{where}: empty; give every model the id clients ask for")
+        if name in names[:i]:
+            raise SettingsError(f"{where}: {name!r} is given twice; model names must be "
+                                "unique")
+    for role in ("prefill", "decode"):
+        for i, ep in enumerate(getattr(settings, role)):
+            try:
+                settings.model_of(ep)
+            except SettingsError as e:
+                raise SettingsError(f"{role}[{i}].model: {e}") from None
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -269,4 +332,6 @@ def load_settings(path: str | Path | None = None) -> ClusterSettings:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SettingsError(f"{p}: not valid YAML: {e}") from e
+    if isinstance(data, dict) and "model" in data and data.get("models"):
+        raise SettingsError(f"{p}: {BOTH_MODEL_SECTIONS}")
     return from_dict(ClusterSettings, data, str(p))

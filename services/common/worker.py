@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -180,6 +181,12 @@ def endpoint_for(settings: ClusterSettings, role: str, index: int) -> Endpoint:
     return endpoints[index]
 
 
+def worker_settings(settings: ClusterSettings, endpoint: Endpoint) -> ClusterSettings:
+    """The cluster's settings as the worker of ``endpoint`` sees them: ``model`` is the
+    model that entry serves (its engine options, its name in loads and the registry)."""
+    return dataclasses.replace(settings, model=settings.model_of(endpoint))
+
+
 def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
                  handle: ServiceHandle) -> WorkerContext:
     """Loads the model, reaches the store; the caller then marks the service ready."""
@@ -266,6 +273,7 @@ def serve_worker(role: str, servicer: WorkerServicer,
                  settings: ClusterSettings, index: int) -> None:
     """Runs one prefill or decode worker until SIGTERM: health first, then the model."""
     endpoint = endpoint_for(settings, role, index)
+    settings = worker_settings(settings, endpoint)
     service = worker_pb2.DESCRIPTOR.services_by_name[f"{role.capitalize()}Worker"].full_name
     handle = start_server(role, endpoint, lambda server: add_servicer(servicer, server),
                           [service], interceptors=server_interceptors(settings))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +14,7 @@ import grpc
 import pytest
 
 from services.common.auth import call_metadata
-from services.common.launcher import LocalCluster, with_free_ports
+from services.common.launcher import LocalCluster, ServiceProcess, spawn, with_free_ports
 from services.common.settings import ClusterSettings, Endpoint, ModelSettings
 from services.engine import LLM, SamplingParams
 from services.transfer.store_client import KVStoreClient
@@ -130,3 +133,28 @@ def running_cluster(settings: ClusterSettings, tmp: Path) -> Iterator[RunningClu
         store.close()
         channel.close()
         cluster.stop()
+
+
+def start_unlisted(rc: RunningCluster, role: str, endpoint: Endpoint,
+                   tmp: Path) -> ServiceProcess:
+    """A worker of ``role`` at ``endpoint``, which the gateway's config does not name (it
+    joins through the registry); stopped with the cluster."""
+    extra = copy.deepcopy(rc.settings)
+    entries = getattr(extra, role)
+    entries.append(endpoint)
+    config = tmp / f"extra-{role}.yaml"
+    extra.dump_yaml(config)
+    index = len(entries) - 1
+    svc = ServiceProcess(role, index, endpoint, spawn(role, index, config, tmp))
+    rc.cluster.services.append(svc)
+    rc.cluster._wait_ready(svc)
+    return svc
+
+
+def metric(port: int, pattern: str) -> float:
+    """The value of the series matching ``pattern`` (a regex of the whole name and
+    labels) on the /metrics of ``port``; 0 when there is none."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^" + pattern + r" ([0-9.e+]+)$", text, re.M)
+    return float(m[1]) if m else 0.0

@@ -14,7 +14,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.v1 import generation_pb2
-from tests.integration.conftest import RunningCluster, cluster_settings, running_cluster
+from tests.integration.conftest import (
+    MODEL_NAME,
+    RunningCluster,
+    cluster_settings,
+    running_cluster,
+)
 from tests.integration.test_cluster import _all_released
 from tests.integration.test_failures import _readyz
 
@@ -55,7 +60,8 @@ def _metric(port: int, line_start: str) -> float:
 def test_600_streams_end_ok_or_refused_while_health_answers(cluster: RunningCluster,
                                                              tmp_path: Path) -> None:
     gw = cluster.settings.gateway
-    refused_metric = 'splitserve_requests_total{outcome="resource_exhausted"}'
+    refused_metric = ('splitserve_requests_total'
+                      f'{{model="{MODEL_NAME}",outcome="resource_exhausted"}}')
     refused_before = _metric(gw.http_port, refused_metric)
     out = tmp_path / "load.json"
     load = _load(cluster, out, "--streams", "600", "--max-tokens", "64")

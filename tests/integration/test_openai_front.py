@@ -173,7 +173,8 @@ def _cancelled_requests(cluster: RunningCluster) -> float:
     url = f"http://127.0.0.1:{cluster.settings.gateway.http_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith('splitserve_requests_total{outcome="cancelled"}'):
+            if line.startswith(f'splitserve_requests_total{{model="{MODEL_NAME}",'
+                               'outcome="cancelled"}'):
                 return float(line.split()[-1])
     return 0.0
 

@@ -5,8 +5,6 @@ leaves the cluster serving, then rebuilt."""
 
 from __future__ import annotations
 
-import copy
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common.launcher import ServiceProcess, free_port, spawn, start_redis
+from services.common.launcher import free_port, start_redis
 from services.common.registry import Keys, read_members
 from services.common.server import wait_until
 from services.common.settings import Endpoint
@@ -25,8 +23,10 @@ from tests.integration.conftest import (
     RunningCluster,
     cluster_settings,
     expected,
+    metric,
     request,
     running_cluster,
+    start_unlisted,
 )
 
 TTL_S = 1.5
@@ -44,15 +44,8 @@ def reg_cluster(tiny_llama_dir: Path,
 
 
 
-def _metric(port: int, pattern: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    m = re.search(r"^" + pattern + r" ([0-9.e+]+)$", text, re.M)
-    return float(m[1]) if m else 0.0
-
-
 def _decoded(port: int) -> float:
-    return _metric(port, r'splitserve_worker_tokens_total\{kind="decoded",role="decode"\}')
+    return metric(port, r'splitserve_worker_tokens_total\{kind="decoded",role="decode"\}')
 
 
 def _decode_workers(rc: RunningCluster) -> int:
@@ -78,25 +71,13 @@ def _readyz(rc: RunningCluster) -> int:
         return e.code
 
 
-def _start_unlisted_decode(rc: RunningCluster, tmp: Path) -> tuple[ServiceProcess, Endpoint]:
-    """A decode worker at an address the gateway's config does not name."""
-    extra = copy.deepcopy(rc.settings)
-    ep = Endpoint(port=free_port(), http_port=free_port())
-    extra.decode.append(ep)
-    config = tmp / "extra.yaml"
-    extra.dump_yaml(config)
-    svc = ServiceProcess("decode", 1, ep, spawn("decode", 1, config, tmp))
-    rc.cluster.services.append(svc)  # stopped with the cluster
-    rc.cluster._wait_ready(svc)
-    return svc, ep
-
-
 def test_registered_members_and_a_late_worker(reg_cluster: RunningCluster, reference: LLM,
                                               tmp_path: Path) -> None:
     rc, s = reg_cluster, reg_cluster.settings
     assert _members(rc) == {f"kvstore/{s.kvstore.address}", f"prefill/{s.prefill[0].address}",
                             f"decode/{s.decode[0].address}"}
-    svc, ep = _start_unlisted_decode(rc, tmp_path)
+    ep = Endpoint(port=free_port(), http_port=free_port())
+    svc = start_unlisted(rc, "decode", ep, tmp_path)
     assert wait_until(lambda: _decode_workers(rc) == 2, timeout_s=5)  # one heartbeat + a poll
     prompts = [[7 + i] * 20 for i in range(4)]  # round_robin: both decode workers serve
     for p in prompts:
@@ -116,10 +97,10 @@ def test_registered_members_and_a_late_worker(reg_cluster: RunningCluster, refer
 def test_redis_lost_and_back(reg_cluster: RunningCluster, reference: LLM) -> None:
     rc, s = reg_cluster, reg_cluster.settings
     gw_port = s.gateway.http_port
-    assert _metric(gw_port, "splitserve_registry_connected") == 1
+    assert metric(gw_port, "splitserve_registry_connected") == 1
     port = rc.cluster.redis.port
     rc.cluster.redis.stop()
-    assert wait_until(lambda: _metric(gw_port, "splitserve_registry_connected") == 0,
+    assert wait_until(lambda: metric(gw_port, "splitserve_registry_connected") == 0,
                       timeout_s=5)
     assert _readyz(rc) == 200  # degraded, still serving with its last view
     p = [3] * 40
@@ -129,6 +110,6 @@ def test_redis_lost_and_back(reg_cluster: RunningCluster, reference: LLM) -> Non
     want = {f"kvstore/{s.kvstore.address}", f"prefill/{s.prefill[0].address}",
             f"decode/{s.decode[0].address}"}
     assert wait_until(lambda: _members(rc) == want, timeout_s=10)
-    assert wait_until(lambda: _metric(gw_port, "splitserve_registry_connected") == 1,
+    assert wait_until(lambda: metric(gw_port, "splitserve_registry_connected") == 1,
                       timeout_s=5)
     assert rc.generate(request(p, max_tokens=5)).tokens == expected(reference, [p], 5)[0]
