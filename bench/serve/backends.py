@@ -20,7 +20,8 @@ class Outcome:
 
 
 class Backend(Protocol):
-    async def generate(self, prompt: list[int], max_tokens: int, session_id: str) -> Outcome: ...
+    async def generate(self, prompt: list[int], max_tokens: int, session_id: str,
+                       last_turn: bool = True) -> Outcome: ...
 
     async def close(self) -> None: ...
 
@@ -47,13 +48,16 @@ class GrpcBackend:
             self._model = models.models[0].id
         return self._model
 
-    async def generate(self, prompt: list[int], max_tokens: int, session_id: str) -> Outcome:
+    async def generate(self, prompt: list[int], max_tokens: int, session_id: str,
+                       last_turn: bool = True) -> Outcome:
+        """One turn; the session's KV stays pinned in the store for the next turn until
+        its last one ends it."""
         import grpc
 
         from splitserve.v1 import common_pb2, generation_pb2
 
         req = generation_pb2.GenerateRequest(
-            model=await self.model(), session_id=session_id,
+            model=await self.model(), session_id=session_id, end_session=last_turn,
             prompt_token_ids=generation_pb2.TokenIds(ids=prompt),
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         )
@@ -93,7 +97,8 @@ class OpenAIBackend:
             self._model = page.data[0].id
         return self._model
 
-    async def generate(self, prompt: list[int], max_tokens: int, session_id: str) -> Outcome:
+    async def generate(self, prompt: list[int], max_tokens: int, session_id: str,
+                       last_turn: bool = True) -> Outcome:
         import openai
 
         out = Outcome()

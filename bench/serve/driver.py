@@ -74,7 +74,8 @@ class Driver:
                 self.cut_short += 1
                 break
             sent = time.perf_counter() - self._start
-            out = await self.backend.generate(prompt, turn.max_tokens, session.session_id)
+            last = i == len(session.turns) - 1
+            out = await self.backend.generate(prompt, turn.max_tokens, session.session_id, last)
             self.records.append(_record(session, i, sent, prompt, out))
             self.on_done()
             if not out.ok:
