@@ -44,6 +44,7 @@ log = get_logger("gateway")
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
 RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
+LOOKUP_TIMEOUT_S = 0.2  # a slow store answer is not worth delaying the request
 
 Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
@@ -85,6 +86,17 @@ class FlowDeps:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         return task
+
+    async def store_prefix(self, keys: Sequence[bytes]) -> int:
+        """Leading blocks of ``keys`` the store holds (``Lookup``); 0 when it does not
+        answer in time (routing then weighs only the workers' own caches)."""
+        try:
+            resp = await self.store.Lookup(kvstore_pb2.LookupRequest(keys=keys),
+                                           metadata=self.metadata, timeout=LOOKUP_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.debug("lookup_failed", code=e.code().name, error=e.details())
+            return 0
+        return resp.num_blocks
 
     async def pin(self, owner: str, keys: Sequence[bytes]) -> int:
         """Pins the held prefix of ``keys`` in the store for ``owner`` (a session, for
@@ -135,6 +147,7 @@ class RequestFlow:
         # named once (kv_aware routing only): where the prompt's KV already is
         self.block_hashes = deps.router.name_blocks(model.name_blocks, req.prompt_token_ids,
                                                     cache_salt)
+        self.store_blocks = 0  # leading blocks of block_hashes the store holds (Lookup)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
         self._call: grpc.aio.Call | None = None  # the worker call in flight
         self._interrupted: tuple[str, str] | None = None  # (lost | preempted, why)
@@ -192,6 +205,8 @@ class RequestFlow:
     ) -> tuple[worker_pb2.PrefillResponse, worker_pb2.PrefillResponse]:
         req, lc = self.req, self.lifecycle
         lc.phase = Phase.PREFILL
+        if self.block_hashes and not self.store_blocks:  # kv_aware: what the store holds
+            self.store_blocks = await self.deps.store_prefix(self.block_hashes)
         worker, route = self._route(PREFILL, len(req.prompt_token_ids))
         call_req = worker_pb2.PrefillRequest(
             request_id=lc.internal_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
@@ -244,7 +259,8 @@ class RequestFlow:
         route = RouteRequest(request_id=self.lifecycle.internal_id, model=self.req.model,
                              num_tokens=num_tokens, block_size=self.model.block_size,
                              priority=self.req.priority, phase=phase,
-                             block_hashes=self.block_hashes if phase == PREFILL else ())
+                             block_hashes=self.block_hashes if phase == PREFILL else (),
+                             store_blocks=self.store_blocks if phase == PREFILL else 0)
         worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
         return worker, route
 

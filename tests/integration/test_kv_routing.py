@@ -89,6 +89,8 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     time.sleep(0.5)  # the gateway's next registry read
     before = [_engine_blocks(p) for p in ports]
     other_prefilled = _prefilled(ports[other])
+    store_port = rc.settings.kvstore.http_port
+    looked_up = _value(_metrics(store_port), "splitserve_kvstore_lookup_hit_blocks_total")
     for i in range(3):
         prompt = prefix + _tokens(7 + i, 10 + i)
         got = rc.generate(request(prompt, max_tokens=4))
@@ -97,6 +99,9 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     after = [_engine_blocks(p) for p in ports]
     assert after[holder] - before[holder] == 3 * PREFIX_BLOCKS  # its own prefix cache
     assert after[other] == before[other] and _prefilled(ports[other]) == other_prefilled
+    # the gateway asked the store too (a worker without the prefix could fetch it)
+    hit = _value(_metrics(store_port), "splitserve_kvstore_lookup_hit_blocks_total")
+    assert hit - looked_up == 3 * PREFIX_BLOCKS
     assert wait_until(lambda: rc.store.stats().pinned_blocks == 0, timeout_s=10)
 
 
