@@ -37,7 +37,7 @@ UNSUPPORTED_UNLESS = {
 COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
     "stream_options", "ignore_eos", "top_k", "stop_token_ids", "cache_salt",
-    "return_token_ids",
+    "return_token_ids", "session_id", "end_session",
 })
 COMPLETION_FIELDS = COMMON | {"prompt"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
@@ -199,6 +199,8 @@ def _parse_common(data: dict[str, Any], max_tokens_field: str,
                           f"n={n}; send {n} requests instead", "n")
     req.model = _string(data, "model")
     req.cache_salt = _string(data, "cache_salt")
+    req.session_id = _string(data, "session_id")  # extras: a conversation's KV kept between
+    req.end_session = _boolean(data, "end_session")  # turns (see gateway/sessions.py)
     max_tokens = _integer(data, max_tokens_field, 1, UINT32_MAX)
     if max_tokens is None and max_tokens_field != "max_tokens":  # the older chat name
         max_tokens = _integer(data, "max_tokens", 1, UINT32_MAX)

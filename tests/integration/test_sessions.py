@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.launcher import free_port
 from services.common.server import wait_until
 from services.engine import LLM
 from tests.integration.conftest import (
@@ -29,8 +30,8 @@ KEY_A, KEY_B = "session-key-a", "session-key-b"
 @pytest.fixture(scope="module")
 def keyed_pair(tiny_llama_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
-    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1,
-                                session_ttl_s=TTL_S, api_keys=[KEY_A, KEY_B])
+    settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1, session_ttl_s=TTL_S,
+                                api_keys=[KEY_A, KEY_B], openai_port=free_port())
     with running_cluster(settings, tmp_path_factory.mktemp("sessions")) as rc:
         yield rc
 
@@ -84,3 +85,25 @@ def test_an_idle_session_lets_go_after_its_ttl(keyed_pair: RunningCluster) -> No
     assert held(keyed_pair, owners=1, pins=3)
     assert wait_until(lambda: (s := keyed_pair.store.stats()).pins == 0 and s.owners == 0,
                       timeout_s=TTL_S + 10)
+
+
+def test_sessions_through_the_openai_front(keyed_pair: RunningCluster) -> None:
+    """``session_id`` / ``end_session`` as extras of the official client: the second
+    turn finds the first one's KV; ending the session lets it go."""
+    import openai
+
+    base = f"http://127.0.0.1:{keyed_pair.settings.gateway.openai_port}/v1"
+    with openai.OpenAI(base_url=base, api_key=KEY_A, max_retries=0, timeout=30) as client:
+        def complete(prompt: list[int], end: bool) -> openai.types.Completion:
+            return client.completions.create(
+                model=keyed_pair.settings.model.name, prompt=prompt, max_tokens=9,
+                temperature=0.0, extra_body={"ignore_eos": True, "session_id": "oa-1",
+                                             "end_session": end, "return_token_ids": True})
+
+        p1 = list(range(400, 440))
+        first = complete(p1, end=False)
+        answer = first.choices[0].model_extra["token_ids"]
+        assert held(keyed_pair, owners=1, pins=3)
+        second = complete(p1 + answer + list(range(450, 460)), end=True)
+        assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert held(keyed_pair, owners=0, pins=0)
