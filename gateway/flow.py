@@ -32,7 +32,7 @@ from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.models import GatewayModel
 from gateway.preemption import Decoding, Preemptor
 from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
-from gateway.sessions import session_owner, tokens_with_kv
+from gateway.sessions import SessionBook, session_owner, tokens_with_kv
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
 from services.common.logging import get_logger
@@ -70,6 +70,12 @@ class FlowDeps:
     settings: GatewaySettings = field(default_factory=GatewaySettings)
     _preemptors: dict[str, Preemptor] = field(default_factory=dict)  # model ->
     _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
+    sessions: SessionBook | None = None  # default: from settings
+
+    def __post_init__(self) -> None:
+        if self.sessions is None:
+            self.sessions = SessionBook(self.settings.session_max_blocks,
+                                        self.settings.session_ttl_s)
 
     def preemptor(self, model: str) -> Preemptor:
         """The preemptor over ``model``'s decode workers: a request only ever takes
@@ -155,7 +161,7 @@ class RequestFlow:
         self.first_token_at: float | None = None
         lifecycle.on_release(lambda: deps.release_pins(lifecycle.internal_id))
         if self.session and req.end_session:
-            lifecycle.on_release(lambda: deps.release_pins(self.session))
+            lifecycle.on_release(self._end_session)
 
     async def run(self, send: Send) -> None:
         if not self.deps.pool.workers(PREFILL, self.model.name):  # colocated: decode prefills
@@ -187,6 +193,14 @@ class RequestFlow:
                                       self.cache_salt)
         kept = await self.deps.pin(self.session, keys)
         log.info("session_kept", request_id=self.req.request_id, blocks=kept, of=len(keys))
+        for old in self.deps.sessions.kept(self.lifecycle.owner, self.session, kept):
+            log.info("session_let_go", session=old, client=self.lifecycle.owner,
+                     reason="gateway.session_max_blocks")
+            self.deps.release_pins(old)
+
+    def _end_session(self) -> asyncio.Task[None]:
+        self.deps.sessions.ended(self.lifecycle.owner, self.session)
+        return self.deps.release_pins(self.session)
 
     async def _prefill(self, send: Send) -> tuple[worker_pb2.PrefillResponse,
                                                   worker_pb2.PrefillResponse | None]:

@@ -175,6 +175,9 @@ class GatewaySettings(Endpoint):
     # A request with a session_id keeps its prompt's and answer's KV pinned in the store
     # for the next turn this long after it ends (each turn renews it); 0 -> sessions off
     session_ttl_s: float = 600.0
+    # KV blocks one client (an API key's tenant) keeps pinned in sessions through this
+    # gateway; beyond, its oldest sessions are let go; 0 -> no cap
+    session_max_blocks: int = 4096
     # kv_aware: this many prompt tokens to compute weigh as one request in flight; a block
     # the worker must fetch from the store costs store_block_cost of computing it
     route_token_weight: int = 512

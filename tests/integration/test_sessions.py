@@ -24,6 +24,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.slow
 TTL_S = 4.0
+MAX_BLOCKS = 6  # per client
 KEY_A, KEY_B = "session-key-a", "session-key-b"
 
 
@@ -31,7 +32,8 @@ KEY_A, KEY_B = "session-key-a", "session-key-b"
 def keyed_pair(tiny_llama_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1, session_ttl_s=TTL_S,
-                                api_keys=[KEY_A, KEY_B], openai_port=free_port())
+                                api_keys=[KEY_A, KEY_B], openai_port=free_port(),
+                                session_max_blocks=MAX_BLOCKS)
     with running_cluster(settings, tmp_path_factory.mktemp("sessions")) as rc:
         yield rc
 
@@ -106,4 +108,17 @@ def test_sessions_through_the_openai_front(keyed_pair: RunningCluster) -> None:
         assert held(keyed_pair, owners=1, pins=3)
         second = complete(p1 + answer + list(range(450, 460)), end=True)
         assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert held(keyed_pair, owners=0, pins=0)
+
+
+def test_a_client_over_its_session_blocks_lets_its_oldest_session_go(
+        keyed_pair: RunningCluster) -> None:
+    for i, name in enumerate(("s-a", "s-b")):
+        turn(keyed_pair, KEY_B, list(range(100 + 50 * i, 140 + 50 * i)), 9, name)
+    assert held(keyed_pair, owners=2, pins=6)  # 3 blocks each: at the cap
+    turn(keyed_pair, KEY_A, list(range(300, 340)), 9, "other-client")  # not counted
+    turn(keyed_pair, KEY_B, list(range(200, 240)), 9, "s-c")
+    assert held(keyed_pair, owners=3, pins=9)  # s-a let go: 6 for KEY_B, 3 for KEY_A
+    for key, name in ((KEY_B, "s-b"), (KEY_B, "s-c"), (KEY_A, "other-client")):
+        turn(keyed_pair, key, [7], 1, name, end=True)
     assert held(keyed_pair, owners=0, pins=0)
