@@ -4,10 +4,10 @@ small calls keep answering; refusals are counted; gateway memory stays flat."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from tests.integration.conftest import (
     MODEL_NAME,
     RunningCluster,
     cluster_settings,
+    metric,
     running_cluster,
 )
 from tests.integration.test_cluster import _all_released
@@ -49,20 +50,12 @@ def _timed(fn) -> float:
     return time.monotonic() - start
 
 
-def _metric(port: int, line_start: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(line_start):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_600_streams_end_ok_or_refused_while_health_answers(cluster: RunningCluster,
                                                              tmp_path: Path) -> None:
     gw = cluster.settings.gateway
     refused_metric = ('splitserve_requests_total'
                       f'{{model="{MODEL_NAME}",outcome="resource_exhausted"}}')
-    refused_before = _metric(gw.http_port, refused_metric)
+    refused_before = metric(gw.http_port, re.escape(refused_metric))
     out = tmp_path / "load.json"
     load = _load(cluster, out, "--streams", "600", "--max-tokens", "64")
     health = health_pb2_grpc.HealthStub(cluster.channel)
@@ -90,7 +83,7 @@ def test_600_streams_end_ok_or_refused_while_health_answers(cluster: RunningClus
     assert codes.get("OK", 0) >= gw.max_inflight + gw.max_queue
     assert report["refusals_without_retry_hint"] == 0
     assert slowest < 1.0, f"health/ListModels/readyz took {slowest:.2f}s under load"
-    refused = _metric(gw.http_port, refused_metric) - refused_before
+    refused = metric(gw.http_port, re.escape(refused_metric)) - refused_before
     assert refused == codes.get("RESOURCE_EXHAUSTED", 0)
     deadline = time.monotonic() + 10
     while not _all_released(cluster):

@@ -5,9 +5,7 @@ spread, and the tokens are the single engine's."""
 from __future__ import annotations
 
 import random
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +21,7 @@ from tests.integration.conftest import (
     RunningCluster,
     cluster_settings,
     expected,
+    metric,
     request,
     running_cluster,
 )
@@ -47,23 +46,13 @@ def _tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 500) for _ in range(n)]
 
 
-def _metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def _value(text: str, pattern: str) -> float:
-    m = re.search(r"^" + pattern + r" ([0-9.e+]+)$", text, re.M)
-    return float(m[1]) if m else 0.0
-
-
 def _engine_blocks(port: int) -> float:
-    return _value(_metrics(port), r'splitserve_kv_connector_blocks_total\{role="prefill",'
+    return metric(port, r'splitserve_kv_connector_blocks_total\{role="prefill",'
                                   r'source="engine"\}')
 
 
 def _prefilled(port: int) -> float:
-    return _value(_metrics(port), r'splitserve_worker_tokens_total\{kind="prefill_computed",'
+    return metric(port, r'splitserve_worker_tokens_total\{kind="prefill_computed",'
                                   r'role="prefill"\}')
 
 
@@ -90,7 +79,7 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     before = [_engine_blocks(p) for p in ports]
     other_prefilled = _prefilled(ports[other])
     store_port = rc.settings.kvstore.http_port
-    looked_up = _value(_metrics(store_port), "splitserve_kvstore_lookup_hit_blocks_total")
+    looked_up = metric(store_port, "splitserve_kvstore_lookup_hit_blocks_total")
     for i in range(3):
         prompt = prefix + _tokens(7 + i, 10 + i)
         got = rc.generate(request(prompt, max_tokens=4))
@@ -100,7 +89,7 @@ def test_shared_prefix_goes_where_it_is_cached(kv_cluster: RunningCluster,
     assert after[holder] - before[holder] == 3 * PREFIX_BLOCKS  # its own prefix cache
     assert after[other] == before[other] and _prefilled(ports[other]) == other_prefilled
     # the gateway asked the store too (a worker without the prefix could fetch it)
-    hit = _value(_metrics(store_port), "splitserve_kvstore_lookup_hit_blocks_total")
+    hit = metric(store_port, "splitserve_kvstore_lookup_hit_blocks_total")
     assert hit - looked_up == 3 * PREFIX_BLOCKS
     assert wait_until(lambda: rc.store.stats().pinned_blocks == 0, timeout_s=10)
 

@@ -5,10 +5,8 @@ classes (``gateway.preemption.min_class_gap``): one class above waits instead.""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +22,10 @@ from tests.integration.conftest import (
     cluster_settings,
     collect,
     expected,
+    metric,
     request,
     running_cluster,
 )
-from tests.integration.test_security import metric
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +40,8 @@ def one_seat_pair(tiny_llama_dir: Path,
         yield rc
 
 
-def _metric(cluster: RunningCluster, name: str) -> float:
-    url = f"http://127.0.0.1:{cluster.settings.gateway.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        m = re.search(rf"^{name} ([0-9.e+]+)$", r.read().decode(), re.M)
-    return float(m[1]) if m else 0.0
+def _preemptions(cluster: RunningCluster) -> float:
+    return metric(cluster.settings.gateway.http_port, "splitserve_preemptions_total")
 
 
 class Stream(threading.Thread):
@@ -101,24 +96,24 @@ def _no_pins_left(cluster: RunningCluster) -> bool:
 
 def test_high_priority_takes_the_place_of_a_low_one(one_seat_pair: RunningCluster,
                                                     reference: LLM) -> None:
-    before = _metric(one_seat_pair, "splitserve_preemptions_total")
+    before = _preemptions(one_seat_pair)
     lows, high = _two_lows_then_a_high(one_seat_pair, reference,
                                        common_pb2.PRIORITY_CLASS_BATCH, first=7)
     assert high.ended_at < min(s.ended_at for s in lows)  # served first
-    assert _metric(one_seat_pair, "splitserve_preemptions_total") >= before + 1
+    assert _preemptions(one_seat_pair) >= before + 1
     assert _no_pins_left(one_seat_pair)
 
 
 def test_one_class_above_waits_under_a_gap_of_two(one_seat_pair: RunningCluster,
                                                   reference: LLM) -> None:
-    before = _metric(one_seat_pair, "splitserve_preemptions_total")
+    before = _preemptions(one_seat_pair)
     lows, high = _two_lows_then_a_high(one_seat_pair, reference,
                                        common_pb2.PRIORITY_CLASS_NORMAL, first=9)
     # waited for a place: it ends about when a low one does (its last tokens come a
     # step after a low's last; the readers' threads may see them in either order),
     # not a second or more before both, as a preempting request does
     assert high.ended_at > min(s.ended_at for s in lows) - 0.2
-    assert _metric(one_seat_pair, "splitserve_preemptions_total") == before
+    assert _preemptions(one_seat_pair) == before
     assert _no_pins_left(one_seat_pair)
 
 
@@ -138,8 +133,10 @@ def test_decode_worker_swaps_instead_of_recomputing(tiny_llama_dir: Path, tmp_pa
         assert [s.error for s in streams] == [None] * 4
         assert [s.result.tokens for s in streams] == want
         port = rc.settings.decode[0].http_port
-        preempted = metric(port, "splitserve_engine_preemptions_total")
-        assert preempted >= 1
-        assert metric(port, "splitserve_engine_swapped_out_total") == preempted
-        assert metric(port, "splitserve_engine_computed_tokens_total") == 4 * (60 - 1)
+        def engine(name: str) -> float:
+            return metric(port, rf'splitserve_engine_{name}_total\{{role="decode"\}}')
+
+        assert engine("preemptions") >= 1
+        assert engine("swapped_out") == engine("preemptions")
+        assert engine("computed_tokens") == 4 * (60 - 1)
         assert wait_until(lambda: rc.store.stats().pins == 0, timeout_s=15)
