@@ -208,6 +208,18 @@ class TextStream:
             self._parts.append(delta)
         return delta, stopped
 
+    def push_until_stop(self, ids: list[int]) -> tuple[str, list[int]]:
+        """Several ids at once, but cut as if they came one by one: (the delta, the ids
+        up to and including the one that completes a stop string)."""
+        if len(ids) < 2 or not self.stop.stops:
+            return self.push(ids)[0], ids
+        delta = ""
+        for i, t in enumerate(ids):
+            delta += self.push([t])[0]
+            if self.stop.stopped:
+                return delta, ids[: i + 1]
+        return delta, ids
+
     def finish(self) -> str:
         if self.stop.stopped:
             return ""

@@ -358,9 +358,10 @@ class RequestFlow:
                             asking.close()  # placed: paused requests may take a place again
                             self.num_cached = chunk.num_cached_tokens or self.num_cached
                             if chunk.token_ids:
-                                outputs.extend(chunk.token_ids)
-                                await send(self._emit(list(chunk.token_ids),
-                                                      ttft=self.first_token_at is None))
+                                resp = self._emit(list(chunk.token_ids),
+                                                  ttft=self.first_token_at is None)
+                                outputs.extend(resp.token_ids)  # cut at a stop string
+                                await send(resp)
                             if self.text.stopped:
                                 return common_pb2.FINISH_REASON_STOP  # cancelling frees it
                             reason = chunk.finish_reason or reason
@@ -373,7 +374,8 @@ class RequestFlow:
         return reason
 
     def _emit(self, token_ids: list[int], ttft: bool = False) -> generation_pb2.GenerateResponse:
-        delta, _ = self.text.push(token_ids)
+        """The message of new tokens (a chunk of several is cut at a stop string)."""
+        delta, token_ids = self.text.push_until_stop(token_ids)
         self.num_output += len(token_ids)
         resp = generation_pb2.GenerateResponse(request_id=self.req.request_id,
                                                token_ids=token_ids, text=delta)

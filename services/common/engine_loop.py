@@ -45,6 +45,29 @@ class RequestStream:
             if item.finished:
                 return
 
+    def batches(self) -> Iterator[list[Any]]:
+        """The outputs in order, each time all that have arrived (at least one): a
+        reader that fell behind the engine catches up in one go instead of one
+        message per step."""
+        while True:
+            batch = [self._queue.get()]
+            while not _ends(batch[-1]):
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if isinstance(batch[-1], BaseException):
+                if len(batch) > 1:
+                    yield batch[:-1]
+                raise batch[-1]
+            yield batch
+            if batch[-1].finished:
+                return
+
+
+def _ends(item: Any) -> bool:
+    return isinstance(item, BaseException) or item.finished
+
 
 @dataclass
 class _Submit:

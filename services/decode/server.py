@@ -23,6 +23,7 @@ from services.common.worker import (
     serve_worker,
 )
 from services.engine.block_hash import block_hashes
+from services.engine.outputs import merge_outputs
 from services.transfer.base import call_deadline
 from services.transfer.contract.errors import MissingBlocksError
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
@@ -67,7 +68,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         prefills = not request.output_token_ids  # colocated: this worker computes the prompt
         saving = True  # until the store is found unreachable: a gap would end the chain
         with deadline.enforced(lambda: ctx.loop.abort(rid)), self._aborted_on_exit(ctx, stream):
-            for out in stream:
+            for out in map(merge_outputs, stream.batches()):  # a late reader catches up
                 saving = saving and self._save_answer(ctx, rid, out, active)
                 chunk = worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,

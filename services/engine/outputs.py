@@ -54,6 +54,23 @@ class StepOutput:
     tail_block: ExportedBlock | None = None  # on finish, with export_kv
 
 
+def merge_outputs(outs: list[StepOutput]) -> StepOutput:
+    """Consecutive outputs of one request as one: their tokens and blocks in order,
+    the last one's end."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    return StepOutput(
+        request_id=last.request_id,
+        new_token_ids=[t for o in outs for t in o.new_token_ids],
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        num_cached_tokens=max(o.num_cached_tokens for o in outs),
+        exported_blocks=[b for o in outs for b in o.exported_blocks],
+        tail_block=last.tail_block,
+    )
+
+
 @dataclass
 class SwappedOut:
     """A request taken out of the engine with its KV (``LLMEngine.swap_out``).

@@ -227,3 +227,22 @@ def test_text_stream_end_to_end(byte_tok: Tokenizer) -> None:
     s = TextStream(byte_tok, stops=["zz"])
     out = "".join(s.push([t])[0] for t in byte_tok.encode("ends with z")) + s.finish()
     assert out == "ends with z" and not s.stopped
+
+
+def test_a_chunk_of_ids_is_cut_where_one_by_one_would_stop(byte_tok: Tokenizer) -> None:
+    """A worker catching up sends several tokens in one message: the ids after the one
+    that completes a stop string are not sent, exactly as if they had come singly."""
+    ids = byte_tok.encode("say hello world and more")
+    singly, sent = TextStream(byte_tok, ["world"]), []
+    for t in ids:
+        sent.append(t)
+        singly.push([t])
+        if singly.stopped:
+            break
+    chunked = TextStream(byte_tok, ["world"])
+    delta, kept = chunked.push_until_stop(ids[:3])
+    rest_delta, rest = chunked.push_until_stop(ids[3:])
+    assert kept + rest == sent and chunked.stopped
+    assert delta + rest_delta == singly.text == "say hello "
+    free = TextStream(byte_tok)
+    assert free.push_until_stop(ids) == ("say hello world and more", ids)
