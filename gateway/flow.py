@@ -257,7 +257,7 @@ class RequestFlow:
             raise error
         self.migrations += 1
         lc.phase = Phase.MIGRATING
-        self.deps.metrics.migrations.inc()
+        self.metrics.migrations.inc()
         log.warning("migrating", request_id=self.req.request_id, phase=phase,
                     migration=self.migrations, tokens_so_far=self.num_output, error=str(error))
 
@@ -327,7 +327,7 @@ class RequestFlow:
                 return await self._decode_on_worker(outputs, blocks, kv_tokens, send)
             except Preempted:
                 lc.phase = Phase.PREEMPTED
-                self.deps.metrics.preemptions.inc()
+                self.metrics.preemptions.inc()
                 log.info("preempted", request_id=self.req.request_id,
                          tokens_so_far=self.num_output)
                 await self.preemptor.wait_for_room(self.decoding, lc.remaining_s())

@@ -82,6 +82,10 @@ class WorkerPool:
             if handle is None:
                 handle = self._add(m.role, m.address, m.model)
                 log.info("worker_registered", worker=mid, model=m.model)
+                if m.model and m.model not in self.models:  # said once: it is added once
+                    log.warning("worker_serves_unknown_model", worker=mid, model=m.model,
+                                served=self.models, detail="no request is routed to it; "
+                                "add its model to this gateway's config (models:)")
                 asyncio.get_running_loop().create_task(self._poll(handle))
             handle.registered = True
         for wid, handle in list(self.handles.items()):

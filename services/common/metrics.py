@@ -81,6 +81,8 @@ class ModelMetrics:
     prompt_tokens: Counter
     cached_tokens: Counter
     output_tokens: Counter
+    migrations: Counter
+    preemptions: Counter
 
 
 class GatewayMetrics:
@@ -107,11 +109,13 @@ class GatewayMetrics:
         self.queued = Gauge("splitserve_queued_requests", "Requests waiting for admission")
         self.inflight = Gauge("splitserve_inflight_requests", "Requests being served")
         self.migrations = Counter("splitserve_migrations",
-                                  "Requests moved to another worker after one failed")
+                                  "Requests moved to another worker after one failed", ["model"])
         self.preemptions = Counter("splitserve_preemptions",
-                                   "Requests paused to give their place to a higher class")
+                                   "Requests paused to give their place to a higher class",
+                                   ["model"])
 
     def of_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self.ttft.labels(model), self.tpot.labels(model),
                             self.e2e.labels(model), self.prompt_tokens.labels(model),
-                            self.cached_tokens.labels(model), self.output_tokens.labels(model))
+                            self.cached_tokens.labels(model), self.output_tokens.labels(model),
+                            self.migrations.labels(model), self.preemptions.labels(model))

@@ -4,10 +4,8 @@ exactly the single engine's tokens (none lost or repeated); nothing leaks."""
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +16,13 @@ from services.common.server import wait_until
 from services.engine import LLM
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 from tests.integration.conftest import (
+    MODEL_NAME,
     Result,
     RunningCluster,
     cluster_settings,
     collect,
     expected,
+    metric,
     request,
     running_cluster,
 )
@@ -71,10 +71,8 @@ class Streams:
 
 
 def _migrations(cluster: RunningCluster) -> float:
-    url = f"http://127.0.0.1:{cluster.settings.gateway.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        m = re.search(r"^splitserve_migrations_total ([0-9.e+]+)$", r.read().decode(), re.M)
-    return float(m[1]) if m else 0.0
+    return metric(cluster.settings.gateway.http_port,
+                  rf'splitserve_migrations_total\{{model="{MODEL_NAME}"\}}')
 
 
 def _nothing_left(cluster: RunningCluster, survivors: list[tuple[str, int]]) -> None:

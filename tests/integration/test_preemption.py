@@ -17,6 +17,7 @@ from services.common.server import wait_until
 from services.engine import LLM
 from splitserve.v1 import common_pb2
 from tests.integration.conftest import (
+    MODEL_NAME,
     Result,
     RunningCluster,
     cluster_settings,
@@ -41,7 +42,8 @@ def one_seat_pair(tiny_llama_dir: Path,
 
 
 def _preemptions(cluster: RunningCluster) -> float:
-    return metric(cluster.settings.gateway.http_port, "splitserve_preemptions_total")
+    return metric(cluster.settings.gateway.http_port,
+                  rf'splitserve_preemptions_total\{{model="{MODEL_NAME}"\}}')
 
 
 class Stream(threading.Thread):
