@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
-import threading
 import time
-from pathlib import Path
 from typing import Any
+
+from bench.interrupted import longest_gap, recompute_s, request, run_trials, timed_stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,63 +45,31 @@ def _serving_decode(cluster: Any, settings: Any) -> int:
 
 
 def _trial(cluster: Any, stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
-    from splitserve.v1 import common_pb2, generation_pb2
-
     rng = random.Random(seed)
     prompt = [rng.randrange(3, 255) for _ in range(args.prompt_len)]
-    req = generation_pb2.GenerateRequest(
-        prompt_token_ids=generation_pb2.TokenIds(ids=prompt),
-        sampling=common_pb2.SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
-    times, tokens, killed = [], [], []
+    killed: list[int] = []
 
-    def kill() -> None:  # beside the reader, which must keep reading to time the gap
+    def kill() -> None:
         killed.append(_serving_decode(cluster, cluster.settings))
         cluster.kill("decode", killed[0])
 
-    killer = threading.Thread(target=kill)
-    for msg in stub.Generate(req, timeout=120):
-        now = time.perf_counter()
-        times += [now] * len(msg.token_ids)
-        tokens += msg.token_ids
-        if len(tokens) >= args.kill_after and not killer.is_alive() and not killed:
-            killer.start()
-    killer.join()
-    gap = max(b - a for a, b in zip(times, times[1:], strict=False))
-    again = generation_pb2.GenerateRequest(
-        prompt_token_ids=generation_pb2.TokenIds(ids=prompt + tokens[: args.kill_after]),
-        sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True))
-    start = time.perf_counter()
-    list(stub.Generate(again, timeout=60))
-    recompute = time.perf_counter() - start
+    times, tokens = timed_stream(stub, request(prompt, args.max_tokens), args.kill_after, kill)
+    recompute = recompute_s(stub, prompt + tokens[: args.kill_after])
     cluster.start_service("decode", killed[0])
     time.sleep(1.5)  # the gateway's next polls find it again (reconnect backoff <= 1 s)
-    return {"gap_s": gap, "recompute_s": recompute, "tokens": len(tokens)}
+    return {"gap_s": longest_gap(times), "recompute_s": recompute, "tokens": len(tokens)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import grpc
-
-    from services.common.launcher import LocalCluster, with_free_ports
     from services.common.settings import ClusterSettings, Endpoint
-    from splitserve.v1 import generation_pb2_grpc
 
     settings = ClusterSettings()
     settings.model.path = args.model
     settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
     settings.decode = [Endpoint(), Endpoint()]
-    with_free_ports(settings)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-migration-"))
-    config = tmp / "cluster.yaml"
-    settings.dump_yaml(config)
-    cluster = LocalCluster(settings, config, tmp).start()
-    channel = grpc.insecure_channel(settings.gateway.address)
-    try:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        _trial(cluster, stub, args, seed=-1)  # warm-up
-        trials = [_trial(cluster, stub, args, seed=i) for i in range(args.trials)]
-    finally:
-        channel.close()
-        cluster.stop()
+    trials = run_trials(settings, "migration",
+                        lambda cluster, stub, seed: _trial(cluster, stub, args, seed),
+                        args.trials)
     gaps = [t["gap_s"] for t in trials]
     recomputes = [t["recompute_s"] for t in trials]
     assert all(t["tokens"] == args.max_tokens for t in trials), trials
