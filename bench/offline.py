@@ -100,19 +100,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("need 1 <= --min-output <= --max-output")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark; print a summary and return the numbers."""
+def engine_config(args: argparse.Namespace) -> Any:
+    """The ``EngineConfig`` of this benchmark's options."""
     from services.engine.config import EngineConfig
-    from services.engine.engine import LLMEngine
-    from services.engine.sequence import SamplingParams
 
-    _check(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    config = EngineConfig(
+    return EngineConfig(
         model=args.model,
         dtype=dtype,
         device=args.device,
@@ -128,6 +121,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         enforce_eager=args.enforce_eager,
         seed=args.seed,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; print a summary and return the numbers."""
+    from services.engine.engine import LLMEngine
+    from services.engine.sequence import SamplingParams
+
+    _check(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = engine_config(args)
+    dtype = config.dtype
     t0 = time.perf_counter()
     engine = LLMEngine(config, use_tqdm=not args.no_tqdm)
     load_s = time.perf_counter() - t0

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.offline import _workload, add_arguments
-from services.engine.config import EngineConfig
+from bench.offline import _workload, add_arguments, engine_config
 from services.engine.engine import LLMEngine
 from services.engine.sequence import SamplingParams
 
@@ -27,12 +26,7 @@ def main() -> None:
                         help="print each Triton kernel variant made ready (compiled or "
                              "loaded from Triton's cache), with its step (0: start-up)")
     args = parser.parse_args()
-    config = EngineConfig(
-        model=args.model, dtype=args.dtype or "bfloat16", device=args.device,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len or args.max_input + args.max_output,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-    )
+    config = engine_config(args)
     steps: list[tuple[float, int, int, int]] = []  # (seconds, index, tokens, running)
     if args.log_compiles:
         _log_compiles(steps)
