@@ -19,7 +19,7 @@ from typing import Any
 
 from services.common.launcher import LocalCluster, with_free_ports
 from services.common.settings import ClusterSettings, TransferSettings, load_settings
-from services.transfer import ShmUnavailable, UcxUnavailable
+from services.transfer import ShmUnavailable, TransportUnavailable, UcxUnavailable
 from services.transfer.contract.checksum import IMPLEMENTATION as CRC_IMPL
 from services.transfer.store_client import KVStoreClient
 
@@ -30,7 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="host:port of a running KV store (default: start one here)")
     p.add_argument("--config", default=None, help="cluster YAML for the started store")
-    p.add_argument("--transport", default="all", choices=["grpc", "shm", "ucx", "all"])
+    p.add_argument("--transport", default="all",
+                   choices=["grpc", "shm", "ucx", "cuda_ipc", "all"])
+    p.add_argument("--gpu", action="store_true",
+                   help="give the started store a gpu tier (cuda:0) before its cpu tier and "
+                        "add the cuda_ipc transport: device payloads, and the cpu tier's "
+                        "blocks read to the GPU")
     p.add_argument("--netns", action="store_true",
                    help="start the store in a network namespace behind a veth pair (another "
                         "host on this machine; needs root) and measure across the link")
@@ -94,6 +99,8 @@ def _run_against(address: str, args: argparse.Namespace, chunk_bytes: int) -> di
     data = os.urandom(block * count)
     payloads = [memoryview(data)[i * block : (i + 1) * block] for i in range(count)]
     transports = ["grpc", "shm", "ucx"] if args.transport == "all" else [args.transport]
+    if args.gpu and args.transport == "all":
+        transports.insert(0, "cuda_ipc")
     result: dict[str, Any] = {"address": address, "mib": block * count / MiB,
                               "block_kib": args.block_kib, "blocks": count,
                               "repeat": args.repeat, "crc32": CRC_IMPL,
@@ -103,8 +110,14 @@ def _run_against(address: str, args: argparse.Namespace, chunk_bytes: int) -> di
         try:
             try:
                 client.transport  # noqa: B018 (opens it)
-            except (ShmUnavailable, UcxUnavailable) as e:
+            except (ShmUnavailable, UcxUnavailable, TransportUnavailable) as e:
                 result["transports"][name] = {"skipped": str(e)}
+                continue
+            if name == "cuda_ipc":
+                from bench.transfer_gpu import measure_device
+
+                result["transports"][name] = measure_device(client, data, block, count,
+                                                            args.repeat)
                 continue
             result["transports"][name] = _measure(client, payloads, block, args.repeat)
         finally:
@@ -123,6 +136,14 @@ def _print(result: dict[str, Any]) -> None:
             continue
         cells = [f"{r[k]['best']:.2f} ({r[k]['median']:.2f})" for k in ("put", "get", "get_into")]
         print(f"{name:<10} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+        if "kernel" in r:
+            k = r["kernel"]
+            print(f"{'':<10} the copy+dsum32 kernel alone: {k['best']:.1f} ({k['median']:.1f})"
+                  " GB/s (device to device, no control RPCs)")
+        if "cpu_tier_to_gpu" in r:
+            c = r["cpu_tier_to_gpu"]
+            print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
+                  f"({c['median']:.2f}) GB/s (pinned host to device, crc32 on the host)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,6 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with_free_ports(settings)
         need = args.mib * MiB * 2 + 64 * MiB
         settings.kvstore.cpu_bytes = max(settings.kvstore.cpu_bytes, need)
+        if args.gpu:  # room for every round: puts are timed without demotions
+            gpu = args.mib * MiB * (args.repeat + 2) + 64 * MiB
+            settings.kvstore.tiers = [{"kind": "gpu", "bytes": gpu, "device": "cuda:0"},
+                                      {"kind": "cpu", "bytes": gpu}]
         with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as tmp:
             config = Path(tmp) / "cluster.yaml"
             settings.dump_yaml(config)

@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--transport", default="auto", choices=["auto", "grpc", "shm"])
+    p.add_argument("--transport", default="auto",
+                   choices=["auto", "grpc", "shm", "ucx", "cuda_ipc"])
+    p.add_argument("--store-gpu-gib", type=float, default=None,
+                   help="give the store a gpu tier of this size before its cpu tier "
+                        "(default: 2 with --transport cuda_ipc, else none)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -77,6 +81,13 @@ def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
         prefill=[Endpoint()], decode=[Endpoint()],
     )
     s.transfer.transport = args.transport
+    gpu_gib = args.store_gpu_gib
+    if gpu_gib is None:
+        gpu_gib = 2.0 if args.transport == "cuda_ipc" else 0.0
+    if gpu_gib > 0:
+        s.kvstore.tiers = [{"kind": "gpu", "bytes": int(gpu_gib * (1 << 30)),
+                            "device": "cuda:0"},
+                           {"kind": "cpu", "bytes": s.kvstore.cpu_bytes}]
     s.log_level = "warning"
     return with_free_ports(s)
 

@@ -21,6 +21,7 @@ from kvstore.tiers.base import BlockMeta, Tier
 from kvstore.types import Block, Move, StoreStats, TierCounters
 from services.common.logging import get_logger
 from services.transfer.contract.checksum import crc32
+from services.transfer.contract.device_checksum import KIND_CRC32
 
 log = get_logger("kvstore")
 MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion gives up
@@ -34,44 +35,53 @@ class Moves:
     _s: StoreStats
     _ts: dict[Tier, TierCounters]
     _lru: dict[Tier, OrderedDict[bytes, Block]]
+    _rank: dict[Tier, int]
 
     # -- carrying out -----------------------------------------------------------------
     def _carry_out(self, moves: list[Move]) -> None:
         """Copies (lock not held), then finishes every move under the lock."""
         if not moves:
             return
-        ok = [self._copy(m) for m in moves]
-        for t in {m.dst for m, good in zip(moves, ok, strict=True) if good}:
+        copied = [self._copy(m) for m in moves]
+        for t in {m.dst for m, (good, _) in zip(moves, copied, strict=True) if good}:
             try:
                 t.sync()
             except OSError as e:
                 log.warning("tier_sync_failed", tier=t.name, error=str(e))
         with self._lock:
-            for m, good in zip(moves, ok, strict=True):
-                self._finish(m, good)
+            for m, (good, checksum) in zip(moves, copied, strict=True):
+                self._finish(m, good, checksum)
             self._moved.notify_all()
 
-    def _copy(self, m: Move) -> bool | None:
-        """True: copied and verified; False: the source failed its crc32 (a corrupt
-        block); None: the copy failed for another reason (the move is dropped)."""
+    def _copy(self, m: Move) -> tuple[bool | None, int]:
+        """(True, the block's checksum in its new tier): copied and verified; False: the
+        source failed its checksum (a corrupt block); None: the copy failed for another
+        reason (the move is dropped). A device tier's blocks are verified there and
+        stamped there (dsum32); host tiers' carry crc32."""
         b = m.block
+        on_host = m.src.checksum_kind == KIND_CRC32
         try:
+            if not on_host and m.src.checksum(m.src_slot) != b.checksum:
+                return False, 0
             if m.dst.has_view:
                 out = m.dst.view(m.dst_slot)
                 m.src.read_into(m.src_slot, out)
-                return crc32(out) == b.checksum
+                crc = crc32(out)
+                return (not on_host or crc == b.checksum), crc
             data = m.src.view(m.src_slot) if m.src.has_view else self._read_copy(m)
-            if crc32(data) != b.checksum:
-                return False
-            m.dst.write(m.dst_slot, data, BlockMeta(b.key, b.checksum, b.num_tokens,
-                                                    b.partial))
-            return True
+            crc = crc32(data)
+            if on_host and crc != b.checksum:
+                return False, 0
+            m.dst.write(m.dst_slot, data, BlockMeta(b.key, crc, b.num_tokens, b.partial))
+            if m.dst.checksum_kind == KIND_CRC32:
+                return True, crc
+            return True, m.dst.checksum(m.dst_slot)
         except ValueError:  # a block file with a bad header: corrupt
-            return False
+            return False, 0
         except OSError as e:
             log.warning("tier_copy_failed", src=m.src.name, dst=m.dst.name,
                         key=b.key.hex(), error=str(e))
-            return None
+            return None, 0
 
     @staticmethod
     def _read_copy(m: Move) -> memoryview:
@@ -79,7 +89,7 @@ class Moves:
         m.src.read_into(m.src_slot, out)
         return out
 
-    def _finish(self, m: Move, ok: bool | None) -> None:
+    def _finish(self, m: Move, ok: bool | None, checksum: int) -> None:
         b = m.block
         b.moving = False
         up = self.tiers.index(m.dst) < self.tiers.index(m.src)
@@ -89,14 +99,14 @@ class Moves:
             self._ts[m.src].checksum_failures += 1
             log.warning("checksum_failure", key=b.key.hex(), tier=m.src.name)
             self._remove(b)
-        if not ok or stale or (b.pinners and not up):
+        if not ok or stale or (b.pinners and not up and not m.fetch):
             m.dst.free(m.dst_slot)  # the block went, or a reader holds it where it is
             if not b.dead and not b.pinners and not b.private_owner:
                 self._lru_add(b)
             return
         self._lru_del(b)
         m.src.free(m.src_slot)
-        b.tier, b.slot = m.dst, m.dst_slot
+        b.tier, b.slot, b.checksum = m.dst, m.dst_slot, checksum
         if up:
             self._s.promotions += 1
             self._ts[m.dst].promotions += 1
@@ -107,10 +117,12 @@ class Moves:
             self._lru_add(b)
 
     # -- promotion --------------------------------------------------------------------
-    def _raise(self, blocks: Sequence[Block]) -> set[Block]:
-        """Moves ``blocks`` into the first tier (making room there by demotion) -> the
-        blocks that could not be raised (gone, corrupt, or no room: all pinned)."""
-        top = self.tiers[0]
+    def _raise(self, blocks: Sequence[Block], target: int = 0, *,
+               fetch: bool = False) -> set[Block]:
+        """Moves ``blocks`` into tier ``target`` (making room there by demotion) -> the
+        blocks that could not be moved (gone, corrupt, or no room: all pinned).
+        ``fetch``: for a reader that pinned them (they move under its pins)."""
+        top = self.tiers[target]
         protect = {b.key for b in blocks}
         waiting = list(blocks)
         for _ in range(MAX_TRIES):
@@ -129,9 +141,9 @@ class Moves:
                         continue
                     b.moving = True
                     self._lru_del(b)
-                    moves.append(Move(b, b.tier, b.slot, top, slot))
+                    moves.append(Move(b, b.tier, b.slot, top, slot, fetch))
                 if short:
-                    room = self._make_room(0, short, protect)
+                    room = self._make_room(target, short, protect)
                     moves.extend(room or ())
                     if room is None and not moves and not any(b.moving for b in waiting):
                         break  # nothing to demote: the first tier is all pinned
@@ -141,18 +153,18 @@ class Moves:
         with self._lock:
             return {b for b in blocks if b.dead or b.tier is not top}
 
-    def promote(self, keys: Sequence[bytes]) -> tuple[int, int, int, int]:
-        """Raises the held ``keys`` into the first tier -> (raised, already there, not
-        held, not raised: no room or corrupt). A corrupt block is dropped on the way."""
+    def promote(self, keys: Sequence[bytes], target: int = 0) -> tuple[int, int, int, int]:
+        """Raises the held ``keys`` into tier ``target`` (the first: the fastest) ->
+        (raised, already there or above, not held, not raised: no room or corrupt). A
+        corrupt block is dropped on the way."""
         with self._lock:
             held = [b for k in keys if (b := self._blocks.get(k)) is not None]
-        top = self.tiers[0]
-        slow = [b for b in held if b.tier is not top]
-        failed = self._raise(slow) if slow else set()
+            slow = [b for b in held if self._rank[b.tier] > target]
+        failed = self._raise(slow, target) if slow else set()
         return (len(slow) - len(failed), len(held) - len(slow), len(keys) - len(held),
                 len(failed))
 
-    def promote_later(self, keys: Sequence[bytes]) -> None:
+    def promote_later(self, keys: Sequence[bytes], target: int = 0) -> None:
         """``promote`` on a background thread; dropped when it is behind."""
         if not keys:
             return
@@ -162,13 +174,13 @@ class Moves:
                 threading.Thread(target=self._promote_loop, args=(self._promoter,),
                                  name="kv-promoter", daemon=True).start()
         with contextlib.suppress(queue.Full):  # behind: this promotion is skipped
-            self._promoter.put_nowait(list(keys))
+            self._promoter.put_nowait((list(keys), target))
 
     _promoter: queue.Queue | None = None
 
     def _promote_loop(self, q: queue.Queue) -> None:
-        while (keys := q.get()) is not None:
+        while (job := q.get()) is not None:
             try:
-                self.promote(keys)
+                self.promote(*job)
             except Exception as e:  # noqa: BLE001 (a background helper must go on)
                 log.warning("promotion_failed", error=str(e))

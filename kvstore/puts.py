@@ -37,11 +37,15 @@ class Puts:
     _next_expiry: float
     _s: StoreStats
     demote_soon: Callable[[], None]
+    home: Callable[[bool], int]
 
-    def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int) -> BegunPut:
-        """Reserves a slot for every block not already held. Present blocks are pinned
-        for ``owner`` at once; new ones when committed. Refuses (ResourceExhausted)
-        rather than evicting pinned blocks; reserves all slots or none."""
+    def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
+                  device: bool = False) -> BegunPut:
+        """Reserves a slot for every block not already held, in the writer's home tier
+        (``device``: the gpu tier). Present blocks are pinned for ``owner`` at once; new
+        ones when committed. Refuses (ResourceExhausted) rather than evicting pinned
+        blocks; reserves all slots or none."""
+        home = self.home(device)
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
         entries = []
@@ -55,7 +59,7 @@ class Puts:
             with self._lock:
                 now = self._expire()
                 todo = self._todo(owner, entries)
-                moves = self._reserve(todo, block_nbytes, protect) if todo else None
+                moves = self._reserve(todo, block_nbytes, protect, home) if todo else None
                 if moves is None:
                     return self._pend(owner, entries, now)
             self._carry_out(moves)

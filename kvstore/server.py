@@ -97,6 +97,7 @@ class KVStoreServicer:
         self.store_id = store_id
         self.chunk_bytes = max(1, min(chunk_bytes, MAX_CHUNK_BYTES))
         self.hostname = socket.gethostname()
+        self._gpu: kvstore_pb2.CudaIpcArena | bool | None = None
 
     @_rpc
     def Describe(self, request, context):  # noqa: N802 (gRPC method names)
@@ -104,7 +105,16 @@ class KVStoreServicer:
             store_id=self.store_id, shm_name=self.tier.shm_name,
             shm_bytes=self.tier.arena_bytes if self.tier.shm_name else 0,
             hostname=self.hostname, tiers=[t.name for t in self.core.tiers],
-            ucx_port=self.ucx_port, ucx_host=self.ucx_host, host_id=host_id())
+            ucx_port=self.ucx_port, ucx_host=self.ucx_host, host_id=host_id(),
+            gpu=self._gpu_arena())
+
+    def _gpu_arena(self) -> kvstore_pb2.CudaIpcArena | None:
+        """The gpu tier's arena as CUDA IPC handles, made once (None: no gpu tier)."""
+        if self._gpu is None:
+            tier = self.core.device_tier
+            ipc = tier.ipc() if tier is not None else None  # type: ignore[attr-defined]
+            self._gpu = kvstore_pb2.CudaIpcArena(**ipc) if ipc else False
+        return self._gpu or None
 
     @_rpc
     def Lookup(self, request, context):  # noqa: N802
@@ -115,7 +125,8 @@ class KVStoreServicer:
 
     @_rpc
     def BeginPut(self, request, context):  # noqa: N802
-        begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes)
+        begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes,
+                                    device=request.device)
         resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id)
         if request.packed:
             resp.offsets.extend([-1 if s.present else s.offset for s in begun.slots])
@@ -123,7 +134,8 @@ class KVStoreServicer:
             add = resp.slots.add
             for s in begun.slots:
                 add(key=s.key, present=s.present, offset=s.offset, length=s.length)
-        STORE_BYTES.labels("shm", "put").inc(sum(s.length for s in begun.slots))
+        STORE_BYTES.labels("cuda_ipc" if request.device else "shm", "put").inc(
+            sum(s.length for s in begun.slots))
         return resp
 
     @_rpc
@@ -191,10 +203,14 @@ class KVStoreServicer:
 
     @_rpc
     def Get(self, request, context):  # noqa: N802
-        # the reader maps the CPU arena: blocks of slower tiers are raised into it first
+        # the reader maps the CPU arena (and, device, the gpu arena): blocks elsewhere
+        # are moved into its home tier first
         locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix,
-                             memory=True)
+                             memory=True, device=request.device)
         resp = kvstore_pb2.GetResponse(store_id=self.store_id)
+        if request.device:
+            gpu = self.core.device_tier.name  # type: ignore[union-attr]
+            resp.on_device.extend([loc.tier == gpu for loc in locs])
         lengths = [loc.length for loc in locs]
         if request.packed:
             resp.offsets.extend([loc.offset for loc in locs])
@@ -204,7 +220,7 @@ class KVStoreServicer:
             add = resp.blocks.add
             for loc in locs:
                 add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)
-        STORE_BYTES.labels("shm", "get").inc(sum(lengths))
+        STORE_BYTES.labels("cuda_ipc" if request.device else "shm", "get").inc(sum(lengths))
         return resp
 
     def GetBlocks(self, request, context) -> Iterator[bytes]:  # noqa: N802
@@ -247,9 +263,8 @@ class KVStoreServicer:
             return msg
 
         for i, loc in enumerate(locs):
-            view = self.core.read(loc)  # a slower tier's block is read from there
-            if crc32(view) != loc.checksum:
-                self.core.drop_corrupt(loc)
+            view = self.core.verified(loc)  # another tier's block is read from there
+            if view is None:
                 log.warning("checksum_failure", key=loc.key.hex(), offset=loc.offset)
                 if not prefix:
                     raise _Corrupt(f"block {loc.key.hex()} failed its checksum and was "
@@ -396,9 +411,9 @@ def serve(settings: ClusterSettings, index: int = 0) -> None:
 
 
 def arena_tier(tiers: list[Tier]) -> CpuTier:
-    """The CPU arena that shm readers map: the first tier (a memory tier)."""
-    tier = tiers[0]
+    """The CPU arena that shm readers map: the first host memory tier."""
+    tier = next((t for t in tiers if t.has_view), None)
     if not isinstance(tier, CpuTier):
-        raise ValueError(f"kvstore.tiers[0] is a {tier.kind or tier.name} tier; the first "
-                         "tier must be cpu (the arena the shm transport maps)")
+        raise ValueError("kvstore.tiers: a store needs a cpu tier (the arena host "
+                         "transports write and the shm transport maps)")
     return tier

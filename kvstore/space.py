@@ -43,20 +43,20 @@ class Space:
         self._lru[b.tier].pop(b.key, None)
 
     # -- reserving --------------------------------------------------------------------
-    def _reserve(self, todo: list[PutEntry], nbytes: int,
-                 protect: set[bytes]) -> list[Move] | None:
-        """Slots for ``todo`` in the first tier -> None when reserved; else the moves
+    def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes],
+                 i: int = 0) -> list[Move] | None:
+        """Slots for ``todo`` in tier ``i`` -> None when reserved; else the moves
         to carry out (possibly none) before trying again. Refuses (ResourceExhausted),
         changing nothing, when even every unpinned block of the tier would not make
         room."""
-        t = self.tiers[0]
+        t = self.tiers[i]
         need = t.footprint(nbytes) * len(todo)
         free = t.free_bytes
         if need > free:  # make room all at once, or refuse changing nothing
             victims, room = self._victims(t, need - free, protect)
             if free + room < need:
-                self._refuse(todo, nbytes, need, free + room)
-            moves = self._dispose(0, victims, protect)
+                self._refuse(todo, nbytes, need, free + room, i)
+            moves = self._dispose(i, victims, protect)
             if moves:
                 return moves
         run = t.allocate_run(nbytes, len(todo))  # one call when a hole is big enough
@@ -64,22 +64,23 @@ class Space:
             for e, slot in zip(todo, run, strict=True):
                 e.tier, e.slot = t, slot
             return None
-        for i, e in enumerate(todo):  # holes: block by block
+        for j, e in enumerate(todo):  # holes: block by block
             slot = t.allocate(nbytes)
             if slot is None:
-                for done in todo[:i]:
+                for done in todo[:j]:
                     t.free(done.slot)
                     done.tier = done.slot = None
                 victims, _ = self._victims(t, t.footprint(nbytes), protect)
                 if not victims:
-                    self._refuse(todo, nbytes, need, t.free_bytes)
-                return self._dispose(0, victims, protect)
+                    self._refuse(todo, nbytes, need, t.free_bytes, i)
+                return self._dispose(i, victims, protect)
             e.tier, e.slot = t, slot
         return None
 
-    def _refuse(self, todo: list[PutEntry], nbytes: int, need: int, room: int) -> None:
+    def _refuse(self, todo: list[PutEntry], nbytes: int, need: int, room: int,
+                i: int) -> None:
         self._s.puts_refused += 1
-        t = self.tiers[0]
+        t = self.tiers[i]
         free = t.free_bytes
         room = max(room, free)
         raise ResourceExhausted(
@@ -87,7 +88,7 @@ class Space:
             f"the {t.name} tier, {free} of {t.capacity_bytes} bytes are free and "
             f"{room - free} more could be made free (the rest is pinned or being written "
             f"or moved); release owners, retry later or configure a larger "
-            f"kvstore.tiers[0].bytes")
+            f"kvstore.tiers[{i}].bytes")
 
     def _victims(self, t: Tier, need: int, protect: set[bytes]) -> tuple[list[Block], int]:
         """Least recently used unpinned blocks of ``t`` worth ``need`` bytes (or all)."""

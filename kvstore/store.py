@@ -42,6 +42,7 @@ from kvstore.types import (
     hex_keys,
 )
 from services.transfer.contract.checksum import crc32
+from services.transfer.contract.device_checksum import KIND_CRC32
 
 __all__ = [
     "MAX_KEY_BYTES", "BegunPut", "Block", "InvalidArgument", "KVStoreCore", "Location",
@@ -59,9 +60,12 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
                  promote_on_get: bool = True) -> None:
         if not tiers:
             raise ValueError("a KV store needs at least one tier")
-        if not tiers[0].has_view:
-            raise ValueError(f"the first tier ({tiers[0].name}) must be a memory tier")
         self.tiers = list(tiers)
+        host = [t for t in tiers if t.has_view]
+        if not host:
+            raise ValueError("a KV store needs a host memory tier (cpu)")
+        self.host = host[0]  # where host writers' puts land, the arena shm readers map
+        self.device_tier = next((t for t in tiers if t.on_device), None)
         self.pin_ttl_s = pin_ttl_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -114,34 +118,46 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             self._s.lookup_hit_blocks += n
             return n, per_tier
 
+    def home(self, device: bool) -> int:
+        """The index of the tier a writer or a direct reader works in: the gpu tier for
+        a device (cuda_ipc) client, the host memory tier for the others."""
+        if device:
+            if self.device_tier is None:
+                raise InvalidArgument("this store has no gpu tier: use a host transport")
+            return self._rank[self.device_tier]
+        return self._rank[self.host]
+
     def get(self, owner: str, keys: Sequence[bytes], *, prefix: bool = False,
-            memory: bool = False) -> list[Location]:
+            memory: bool = False, device: bool = False) -> list[Location]:
         """Pins every block for ``owner`` (none when empty) and says where they are.
         All or nothing: a missing key raises NotFound and pins nothing. With ``prefix``:
         the longest held prefix of ``keys`` instead (possibly none), pinned; nothing
         past it is pinned and a missing key raises nothing. Blocks of slower tiers are
-        promoted in the background; with ``memory`` (a reader of the first tier's
-        memory, i.e. shm) at once, and a block that cannot be raised (corrupt, or no
-        room) ends the prefix, or raises NotFound / ResourceExhausted."""
+        promoted into the reader's home tier (:meth:`home`) in the background; with
+        ``memory`` (a reader that maps the host arena, and with ``device`` the gpu arena
+        too) the blocks it cannot map are moved home at once, and a block that cannot
+        be moved (corrupt, or no room) ends the prefix, or raises NotFound /
+        ResourceExhausted."""
         keys = [check_key(k) for k in keys]
-        top = self.tiers[0]
+        home = self.home(device)
+        mapped = {self.host, self.tiers[home]} if memory else set(self.tiers)
         pin_owner = owner or (f"raise-{uuid.uuid4().hex}" if memory else "")
         with self._lock:
             self._expire()
             found, newly = self._find(pin_owner, keys, prefix)
-            slow = [b for b in found if b.tier is not top]
-            if not memory or not slow:
+            unmapped = [b for b in found if b.tier not in mapped]
+            if not unmapped:
                 locs = [self._location(b) for b in found]
-        if not memory or not slow:
+        if not unmapped:
             if self.promote_on_get:
-                self.promote_later([b.key for b in slow])
+                self.promote_later([b.key for b in found if self._rank[b.tier] > home], home)
             if pin_owner != owner:
                 self.release(pin_owner)
             return locs
-        failed = self._raise(slow)
+        failed = self._raise(unmapped, home, fetch=True)
         with self._lock:
             if failed:
-                found = self._cut(pin_owner, found, newly, failed, prefix)
+                found = self._cut(pin_owner, found, newly, failed, prefix, self.tiers[home])
             locs = [self._location(b) for b in found]
             if pin_owner != owner:
                 self._release(pin_owner)
@@ -177,7 +193,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         return found, newly
 
     def _cut(self, owner: str, found: list[Block], newly: set[Block], failed: set[Block],
-             prefix: bool) -> list[Block]:
+             prefix: bool, home: Tier) -> list[Block]:
         """After a failed promotion: the prefix before the first failed block, or an
         error; pins this call took on what is not returned are dropped."""
         i = next(i for i, b in enumerate(found) if b in failed)
@@ -193,10 +209,9 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         if gone:
             raise NotFound(f"{len(gone)} of {len(found)} blocks failed their checksum "
                            f"and were dropped: {hex_keys(gone)}", gone)
-        top = self.tiers[0]
         raise ResourceExhausted(
-            f"no room in the {top.name} tier to raise {len(failed)} blocks held in a "
-            f"slower tier for a shared-memory read (the {top.name} tier is pinned); "
+            f"no room in the {home.name} tier to move {len(failed)} blocks held in "
+            f"another tier there for a direct read (the {home.name} tier is pinned); "
             f"release owners, retry later, or read them with transfer.transport: grpc")
 
     def _prefix(self, keys: list[bytes]) -> list[Block]:
@@ -262,11 +277,22 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         raise NotFound(f"block {loc.key.hex()} went while being read", [loc.key])
 
     def check(self, loc: Location) -> bool:
-        """Verifies a block's crc32; a block that fails is dropped and counted."""
-        if crc32(self.read(loc)) == loc.checksum:
-            return True
+        """Verifies a block's checksum; a block that fails is dropped and counted."""
+        return self.verified(loc) is not None
+
+    def verified(self, loc: Location) -> memoryview | None:
+        """``read``, checked against the block's checksum (a device tier's on the
+        device); None (dropped and counted) when it fails."""
+        data = self.read(loc)
+        tier = self._tier(loc.tier)
+        if tier.has_view or tier.checksum_kind == KIND_CRC32:
+            ok = crc32(data) == loc.checksum
+        else:
+            ok = tier.checksum(Slot(loc.offset, loc.length)) == loc.checksum
+        if ok:
+            return data
         self.drop_corrupt(loc)
-        return False
+        return None
 
     def drop_corrupt(self, loc: Location) -> None:
         with self._lock:

@@ -107,6 +107,7 @@ class Move:
     src_slot: Slot
     dst: Tier
     dst_slot: Slot
+    fetch: bool = False  # for a reader that cannot read the block where it is (under pins)
 
 
 @dataclass

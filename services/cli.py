@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     for kind in ("offline", "transfer", "ttft", "gateway_load", "serve", "migration",
-                 "preemption"):
+                 "preemption", "agents"):
         kp = kinds.add_parser(kind)
         _load(f"bench.{kind}:add_arguments")(kp)
         kp.set_defaults(func=cmd_bench)

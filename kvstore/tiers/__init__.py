@@ -1,8 +1,8 @@
 """Storage tiers of the KV store, one interface, built from settings by ``kind``.
 
 A tier kind registers a factory with :func:`register`; :func:`build_tiers` turns the
-``kvstore.tiers`` list of the settings (fastest first) into tiers. A later ``gpu`` or
-``redis`` tier registers itself the same way (import its module before building).
+``kvstore.tiers`` list of the settings (fastest first) into tiers. ``gpu`` (a device
+arena, :mod:`kvstore.tiers.gpu`), ``cpu`` and ``disk`` are built in.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def build_tiers(specs: list[dict[str, Any]], store_id: str) -> list[Tier]:
         raise
     if not tiers:
         raise ValueError("kvstore.tiers: a KV store needs at least one tier")
+    if any(t.on_device for t in tiers):
+        from kvstore.tiers.gpu import pin_host_tiers
+
+        pin_host_tiers(tiers)
     return tiers
 
 
@@ -81,7 +85,15 @@ def _disk(spec: dict[str, Any], store_id: str, where: str) -> Tier:
     return DiskTier(o["bytes"], o["path"], fsync=o["fsync"], admit=o["admit"])
 
 
+def _gpu(spec: dict[str, Any], store_id: str, where: str) -> Tier:
+    from kvstore.tiers.gpu import GpuTier  # torch: only a store with a gpu tier needs it
+
+    o = take_options(spec, where, bytes=0, device="cuda:0")
+    return GpuTier(o["bytes"], o["device"])
+
+
 register("cpu", _cpu)
+register("gpu", _gpu)
 register("disk", _disk)
 
 __all__ = ["BlockMeta", "CpuTier", "Found", "Slot", "Tier", "build_tiers", "kinds",

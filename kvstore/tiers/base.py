@@ -5,6 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
+from services.transfer.contract.checksum import crc32
+from services.transfer.contract.device_checksum import KIND_CRC32
+
 
 class Slot(NamedTuple):
     """One contiguous span of a tier: where one block lives."""
@@ -39,6 +42,10 @@ class Tier(ABC):
     # Memory tiers hand out ``view``s that callers read and write in place; the others
     # (disk) move bytes with ``read_into``/``write``, never under the store's lock.
     has_view = True
+    # A tier in GPU memory: cuda_ipc clients read and write it in place; its blocks carry
+    # device checksums (dsum32), host tiers' carry crc32 (``checksum_kind``).
+    on_device = False
+    checksum_kind = KIND_CRC32
 
     @property
     @abstractmethod
@@ -80,6 +87,14 @@ class Tier(ABC):
     def write(self, slot: Slot, data: memoryview, meta: BlockMeta) -> None:
         """Stores ``data`` at ``slot`` (a demotion's or a promotion's copy)."""
         self.view(slot)[:] = data
+
+    def checksum(self, slot: Slot) -> int:
+        """The checksum of the bytes at ``slot`` now, of this tier's ``checksum_kind``."""
+        if self.has_view:
+            return crc32(self.view(slot))
+        out = memoryview(bytearray(slot.length))
+        self.read_into(slot, out)
+        return crc32(out)
 
     def sync(self) -> None:  # noqa: B027 (optional hook)
         """Makes the writes done so far durable (a disk tier fsyncs its directory)."""

@@ -8,12 +8,14 @@ import uuid
 from multiprocessing import shared_memory
 
 from kvstore.tiers.allocator import SpanAllocator
-from kvstore.tiers.base import Slot, Tier
+from kvstore.tiers.base import Slot
+from kvstore.tiers.span import SpanTier
 from services.transfer.arena_names import new_arena_name
+from services.transfer.bulk import address
 from services.transfer.contract.arena import HEADER_BYTES, arena_header
 
 
-class CpuTier(Tier):
+class CpuTier(SpanTier):
     """``capacity_bytes`` of host memory for blocks, plus one header page.
 
     With ``shm=True`` the arena is a ``multiprocessing.shared_memory.SharedMemory``
@@ -53,61 +55,18 @@ class CpuTier(Tier):
             n = min(step, len(self._buf) - off)
             self._buf[off : off + n] = zeros[:n] if n < len(zeros) else zeros
 
-    # -- Tier -------------------------------------------------------------------------
-    @property
-    def capacity_bytes(self) -> int:
-        return self._alloc.size
-
-    @property
-    def used_bytes(self) -> int:
-        return self._alloc.used
-
-    def footprint(self, nbytes: int) -> int:
-        return self._alloc.rounded(nbytes)
-
-    def allocate(self, nbytes: int) -> Slot | None:
-        if nbytes <= 0:
-            raise ValueError(f"cannot allocate {nbytes} bytes")
-        offset = self._alloc.allocate(nbytes)
-        return None if offset is None else Slot(offset, nbytes)
-
-    def allocate_run(self, nbytes: int, count: int) -> list[Slot] | None:
-        if nbytes <= 0 or count <= 0:
-            raise ValueError(f"cannot allocate {count} x {nbytes} bytes")
-        stride = self._alloc.rounded(nbytes)
-        offset = self._alloc.allocate(stride * count)
-        if offset is None:
-            return None
-        return [Slot(offset + i * stride, nbytes) for i in range(count)]
-
-    def free(self, slot: Slot) -> None:
-        self._alloc.free(slot.offset, slot.length)
-
-    def free_many(self, slots: list[Slot]) -> None:
-        """Neighbouring slots (blocks put together lie back to back) go in one call."""
-        rounded = self._alloc.rounded
-        start = end = -1
-        for s in sorted(slots, key=lambda s: s.offset):
-            if s.offset != end:
-                if end > start:
-                    self._alloc.free(start, end - start)
-                start = end = s.offset
-            end += rounded(s.length)
-        if end > start:
-            self._alloc.free(start, end - start)
-
     def view(self, slot: Slot) -> memoryview:
         return self._buf[slot.offset : slot.offset + slot.length]
-
-    @property
-    def largest_hole(self) -> int:
-        return self._alloc.largest_hole
 
     # -- shared memory ----------------------------------------------------------------
     @property
     def shm_name(self) -> str:
         """The name clients open (no leading slash); empty when the arena is private."""
         return self._shm.name.lstrip("/") if self._shm is not None else ""
+
+    def host_span(self) -> tuple[int, int]:
+        """(address, bytes) of the whole arena in this process (to page-lock it)."""
+        return address(self._buf), len(self._buf)
 
     @property
     def arena_bytes(self) -> int:

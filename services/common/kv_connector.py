@@ -6,7 +6,8 @@ Like vLLM's v1 connector it has two sides:
   had, and from where": the engine's own prefix cache first (a peek at its block
   hashes), then the store, only for the blocks the engine lacks;
 * the worker side loads those blocks from the store (pinned for the request,
-  straight into one host buffer the engine moves to the device in one copy) and
+  straight into one host buffer the engine moves to the device in one copy; with
+  the ``cuda_ipc`` transport, device to device with no host staging) and
   saves blocks out to the store as the engine reports them full (prefill blocks,
   decode blocks as they fill, a private partial tail).
 
@@ -75,12 +76,20 @@ class KVLoad:
 
 class KVConnector:
     def __init__(self, store: KVStoreClient, cached_prefix_blocks: Callable[[list[bytes]], int],
-                 block_size: int, block_nbytes: int, pinned_staging: bool) -> None:
+                 block_size: int, block_nbytes: int, pinned_staging: bool, *,
+                 prefix_reuse: bool = True) -> None:
         self.store = store
         self._cached_prefix_blocks = cached_prefix_blocks
         self.block_size = block_size
         self.block_nbytes = block_nbytes
         self._pinned = pinned_staging
+        self.prefix_reuse = prefix_reuse  # load_prefix asks the store (else: the engine only)
+
+    @property
+    def device_payloads(self) -> bool:
+        """Blocks move as device tensors (the store's gpu tier over cuda_ipc): the
+        engine exports to device memory and imports device rows, no host staging."""
+        return bool(getattr(self.store.transport, "device_payloads", False))
 
     # ---- scheduler side ----
     def engine_prefix(self, hashes: list[bytes]) -> int:
@@ -93,6 +102,8 @@ class KVConnector:
         token is always computed): the engine's held prefix, then the longest prefix of
         the rest the store holds."""
         engine = self.engine_prefix(hashes)
+        if not self.prefix_reuse:
+            return KVLoad(engine, [], engine * self.block_size)
         try:
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
         except grpc.RpcError as e:
@@ -115,11 +126,13 @@ class KVConnector:
     def _fetch(self, owner: str, keys: Sequence[bytes], prefix: bool) -> list[Any]:
         if not keys:
             return []
+        get = self.store.get_prefix if prefix else self.store.get
+        if self.device_payloads:  # device rows (host buffers if the transport fell back)
+            return list(get(owner, list(keys)))
         from services.engine.kv_cache import host_buffer  # torch: only where an engine runs
 
         staged = host_buffer(len(keys), self.block_nbytes, self._pinned)
         views = list(staged.numpy())  # transports view numpy rows far faster than tensors
-        get = self.store.get_prefix if prefix else self.store.get
         held = len(get(owner, list(keys), out=views))
         return list(staged[:held].unbind(0))
 

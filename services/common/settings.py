@@ -74,6 +74,9 @@ class KVStoreSettings(Endpoint):
     # moved down, in the background, until it is at demote_low (1.0, 1.0: off)
     demote_high: float = 0.9
     demote_low: float = 0.8
+    # prefill workers take a new prompt's held prefix from the store; false: they compute
+    # whatever their own engine lacks (a baseline for benchmarks)
+    prefix_reuse: bool = True
 
     _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10,
@@ -186,7 +189,8 @@ class GatewaySettings(Endpoint):
 
 @dataclass
 class TransferSettings:
-    transport: str = "auto"  # auto | grpc | shm | ucx (auto: shm, ucx, grpc, fastest first)
+    # auto | cuda_ipc | shm | ucx | grpc (auto: the fastest that works, in that order)
+    transport: str = "auto"
     chunk_bytes: int = 4 * MiB  # payload bytes per gRPC stream message
     ucx: bool = True  # the store listens on UCX when ucxx (splitserve[ucx]) is installed
     ucx_port: int = 0  # the store's UCX port; 0 -> a free one (Describe announces it)

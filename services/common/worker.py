@@ -203,7 +203,9 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
     log.info("store_connected", address=settings.kvstore.address,
              transport=store.transport_name)
     kv = KVConnector(store, engine.cached_prefix_blocks, engine.block_size,
-                     engine.block_nbytes, settings.model.device.startswith("cuda"))
+                     engine.block_nbytes, settings.model.device.startswith("cuda"),
+                     prefix_reuse=settings.kvstore.prefix_reuse)
+    engine.kv_cache.export_device = kv.device_payloads
     events = KVEventBuffer() if settings.redis_url else None
     if events is not None:
         engine.block_manager.on_kv_event = events.add

@@ -100,6 +100,8 @@ class KVCache:
         self.is_cuda = self.device.type == "cuda"
         self._copy_stream: torch.cuda.Stream | None = None  # device->host copies
         self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # host->device
+        # blocks leave as device rows (the store's gpu tier takes them over cuda_ipc)
+        self.export_device = False
 
     @property
     def block_nbytes(self) -> int:
@@ -116,17 +118,22 @@ class KVCache:
 
     # ---- blocks out ----
     def export_blocks_async(
-        self, block_ids: Sequence[int]
-    ) -> tuple[list[memoryview], Callable[[], None] | None]:
+        self, block_ids: Sequence[int], *, to_host: bool = False
+    ) -> tuple[list[Any], Callable[[], None] | None]:
         """Start copying blocks out: (payloads, wait). Each payload is a memoryview of
         exactly ``block_nbytes`` bytes that owns its memory; its bytes are there once
         ``wait()`` has returned (``wait`` is None when they already are). Later steps
-        may reuse the blocks at once: the gather is ordered before them."""
+        may reuse the blocks at once: the gather is ordered before them. With
+        ``export_device`` (and not ``to_host``) the payloads are device rows instead."""
         if not block_ids:
             return [], None
         gathered = self.as_bytes.index_select(0, self._index(block_ids))
         if not self.is_cuda:
             return self._views(gathered), None
+        if self.export_device and not to_host:  # a reader on another stream waits
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            return list(gathered.unbind(0)), ready.synchronize
         host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
         stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -138,8 +145,8 @@ class KVCache:
         return self._views(host), done.synchronize
 
     def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
-        """Copy blocks out and wait for them (see :meth:`export_blocks_async`)."""
-        payloads, wait = self.export_blocks_async(block_ids)
+        """Copy blocks out to host memory and wait for them (a swap-out)."""
+        payloads, wait = self.export_blocks_async(block_ids, to_host=True)
         if wait is not None:
             wait()
         return payloads

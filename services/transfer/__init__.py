@@ -1,8 +1,9 @@
 """The KV data plane: one interface (``KVTransport``), a transport per kind of link.
 
 ``open_transport`` walks a ladder per (client, store) pair, fastest first: ``cuda_ipc``
-(not built yet), ``shm`` (the store's arena in shared memory on this host), ``ucx``
-(ucxx installed and the store's UCX listener reachable), ``grpc`` (always).
+(the store's gpu tier mapped through CUDA IPC: same host, torch with CUDA), ``shm``
+(the store's arena in shared memory on this host), ``ucx`` (ucxx installed and the
+store's UCX listener reachable), ``grpc`` (always).
 ``TransferSettings.transport`` forces one. The choice is logged and counted
 (``splitserve_kv_transport_choices_total{transport}``); KVStoreClient steps down a
 rung when a transport fails in the middle of a request.
@@ -39,7 +40,7 @@ from services.transfer.ucx_transport import UcxTransport, UcxUnavailable, ucx_pe
 from splitserve.v1 import kvstore_pb2
 
 LADDER = ("cuda_ipc", "shm", "ucx", "grpc")  # fastest first
-TRANSPORTS = ("auto", "grpc", "shm", "ucx")
+TRANSPORTS = ("auto", "cuda_ipc", "grpc", "shm", "ucx")
 
 __all__ = [
     "LADDER", "TRANSPORTS", "Buffer", "ChecksumError", "GrpcTransport", "InvalidRequestError",
@@ -67,7 +68,16 @@ class _Peer:
 
 
 def _cuda_ipc(p: _Peer) -> KVTransport:
-    raise TransportUnavailable("the cuda_ipc transport is not built yet")
+    if not p.describe.HasField("gpu") or not p.describe.gpu.handle:
+        raise TransportUnavailable("the store has no gpu tier")
+    try:  # torch: only a process that has it (a worker) can take this rung
+        from services.transfer.cuda_ipc_transport import CudaIpcTransport, CudaIpcUnavailable
+    except ImportError as e:
+        raise TransportUnavailable(f"cuda_ipc needs torch: {e}") from e
+    try:
+        return CudaIpcTransport(p.channel, p.describe, timeout_s=p.timeout_s)
+    except CudaIpcUnavailable as e:
+        raise TransportUnavailable(str(e)) from e
 
 
 def _shm(p: _Peer) -> KVTransport:

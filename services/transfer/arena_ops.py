@@ -53,12 +53,24 @@ def abort_put(stub: kvstore_pb2_grpc.KVStoreStub, put_id: str) -> None:
 def pinned_locations(
     stub: kvstore_pb2_grpc.KVStoreStub, owner: str, keys: Sequence[bytes],
     longest_prefix: bool, timeout_s: float | None, store_id: str,
-    stale: Callable[[str], Exception],
+    stale: Callable[[str], Exception], *, device: bool = False,
 ) -> tuple[list[int], list[int], list[int]]:
     """Pins ``keys`` (or their longest held prefix) for ``owner`` with a packed Get and
     says where they lie in the arena: (offsets, lengths, checksums). Raises
-    ``stale(id)`` when another store instance answers."""
-    resp = stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys,
+    ``stale(id)`` when another store instance answers. ``device``: see
+    :func:`pinned_device_locations`."""
+    return pinned_device_locations(stub, owner, keys, longest_prefix, timeout_s, store_id,
+                                   stale, device=device)[:3]
+
+
+def pinned_device_locations(
+    stub: kvstore_pb2_grpc.KVStoreStub, owner: str, keys: Sequence[bytes],
+    longest_prefix: bool, timeout_s: float | None, store_id: str,
+    stale: Callable[[str], Exception], *, device: bool = True,
+) -> tuple[list[int], list[int], list[int], list[bool]]:
+    """``pinned_locations`` for a reader that maps the gpu arena too (``device``):
+    blocks in the gpu tier stay there; the fourth list says which offsets are in it."""
+    resp = stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, device=device,
                                            longest_prefix=longest_prefix, packed=True),
                     timeout=timeout_s)
     if resp.store_id and resp.store_id != store_id:
@@ -67,7 +79,10 @@ def pinned_locations(
     n, m = len(keys), len(offsets)
     if m > n or (m < n and not longest_prefix):
         raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
-    return offsets, lengths, checksums
+    on_device = list(resp.on_device) or [False] * m
+    if len(on_device) != m:
+        raise InvalidRequestError("store answered a malformed Get (on_device)")
+    return offsets, lengths, checksums, on_device
 
 
 def release_anonymous(stub: kvstore_pb2_grpc.KVStoreStub, owner: str, pin_owner: str) -> None:

@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers", "ucx_port", "ucx_host", "host_id")
+    __slots__ = ("store_id", "shm_name", "shm_bytes", "hostname", "tiers", "ucx_port", "ucx_host", "host_id", "gpu")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class DescribeResponse(_message.Message):
     UCX_PORT_FIELD_NUMBER: _ClassVar[int]
     UCX_HOST_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     store_id: str
     shm_name: str
     shm_bytes: int
@@ -30,7 +31,32 @@ class DescribeResponse(_message.Message):
     ucx_port: int
     ucx_host: str
     host_id: str
-    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ucx_port: _Optional[int] = ..., ucx_host: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    gpu: CudaIpcArena
+    def __init__(self, store_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., hostname: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., ucx_port: _Optional[int] = ..., ucx_host: _Optional[str] = ..., host_id: _Optional[str] = ..., gpu: _Optional[_Union[CudaIpcArena, _Mapping]] = ...) -> None: ...
+
+class CudaIpcArena(_message.Message):
+    __slots__ = ("device", "handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "gpu_uuid", "arena_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    gpu_uuid: str
+    arena_bytes: int
+    def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., gpu_uuid: _Optional[str] = ..., arena_bytes: _Optional[int] = ...) -> None: ...
 
 class UcxRequest(_message.Message):
     __slots__ = ("op", "put_id", "offsets", "lengths", "secret")
@@ -87,16 +113,18 @@ class LookupResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., per_tier: _Optional[_Iterable[_Union[TierPrefix, _Mapping]]] = ...) -> None: ...
 
 class BeginPutRequest(_message.Message):
-    __slots__ = ("owner", "blocks", "block_nbytes", "packed")
+    __slots__ = ("owner", "blocks", "block_nbytes", "packed", "device")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     owner: str
     blocks: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockRef]
     block_nbytes: int
     packed: bool
-    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
+    device: bool
+    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., packed: _Optional[bool] = ..., device: _Optional[bool] = ...) -> None: ...
 
 class PutSlot(_message.Message):
     __slots__ = ("key", "present", "offset", "length")
@@ -153,16 +181,18 @@ class PutChunk(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("owner", "keys", "longest_prefix", "packed")
+    __slots__ = ("owner", "keys", "longest_prefix", "packed", "device")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LONGEST_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     owner: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     longest_prefix: bool
     packed: bool
-    def __init__(self, owner: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., longest_prefix: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
+    device: bool
+    def __init__(self, owner: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., longest_prefix: _Optional[bool] = ..., packed: _Optional[bool] = ..., device: _Optional[bool] = ...) -> None: ...
 
 class BlockLocation(_message.Message):
     __slots__ = ("key", "offset", "length", "checksum")
@@ -177,18 +207,20 @@ class BlockLocation(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("blocks", "store_id", "offsets", "lengths", "checksums")
+    __slots__ = ("blocks", "store_id", "offsets", "lengths", "checksums", "on_device")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
     store_id: str
     offsets: _containers.RepeatedScalarFieldContainer[int]
     lengths: _containers.RepeatedScalarFieldContainer[int]
     checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    on_device: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ..., on_device: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class BlockData(_message.Message):
     __slots__ = ("index", "offset", "data", "length", "lengths", "num_blocks")

@@ -1,0 +1,82 @@
+"""`bench transfer --gpu`: the cuda_ipc transport against a store with a gpu tier.
+
+Device payloads in (put: device -> the store's gpu arena, dsum32 on the way), out into
+fresh device buffers (get) and into preallocated ones (get_into); and the blocks the
+store keeps in its cpu tier read straight to this GPU (its pinned shared memory ->
+device, crc32 verified on the host): the host -> device rate of the pinned cpu tier.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from bench.transfer import _gbps
+from services.common.settings import TransferSettings
+from services.transfer.device_copy import copy_blocks
+from services.transfer.store_client import KVStoreClient
+
+
+def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
+                   repeat: int) -> dict[str, Any]:
+    rows = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(count, block).cuda()
+    payloads = list(rows.unbind(0))
+    outs = torch.empty_like(rows)
+    host_payloads = [memoryview(data)[i * block : (i + 1) * block] for i in range(count)]
+    times: dict[str, list[float]] = {"put": [], "get": [], "get_into": [],
+                                     "cpu_tier_to_gpu": []}
+    with KVStoreClient(client.address, TransferSettings(transport="shm")) as host:
+        for r in range(repeat + 1):
+            owner = f"bench-gpu-{os.getpid()}-{r}"
+            keys = [os.urandom(16) for _ in range(count)]
+            hkeys = [os.urandom(16) for _ in range(count)]
+            host.put(owner, hkeys, host_payloads, block)  # lands in the cpu tier
+            t0 = time.perf_counter()
+            res = client.put(owner, keys, payloads, block)
+            t1 = time.perf_counter()
+            got = client.get(owner, keys)
+            t2 = time.perf_counter()
+            client.get(owner, keys, out=list(outs.unbind(0)))
+            t3 = time.perf_counter()
+            from_host = client.get(owner, hkeys)
+            t4 = time.perf_counter()
+            client.release(owner)
+            if r == 0:
+                _check(res.stored, count, got, outs, from_host, rows)
+                continue
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times[k].append(dt)
+            del got, from_host
+    result = {k: _gbps(block * count, v) for k, v in times.items()}
+    result["kernel"] = kernel_rate(rows, repeat)
+    return result
+
+
+def kernel_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:
+    """The copy-and-checksum kernel alone (what a hand-off costs on the device, without
+    the control RPCs): ``rows`` copied block by block to another buffer, GB/s."""
+    flat, out = rows.view(-1), torch.empty_like(rows).view(-1)
+    n, nbytes = rows.shape
+    offs = [i * nbytes for i in range(n)]
+    copy_blocks(flat, offs, out, offs, nbytes)  # compiled and warm
+    seconds = []
+    for _ in range(max(3, repeat)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        copy_blocks(flat, offs, out, offs, nbytes)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000)
+    return _gbps(n * nbytes, seconds)
+
+
+def _check(stored: int, count: int, got: list[torch.Tensor], outs: torch.Tensor,
+           from_host: list[torch.Tensor], rows: torch.Tensor) -> None:
+    if stored != count:
+        raise RuntimeError(f"stored {stored} of {count} blocks")
+    if not (torch.equal(torch.stack(got), rows) and torch.equal(outs, rows)
+            and torch.equal(torch.stack(from_host), rows)):
+        raise RuntimeError("blocks came back different")

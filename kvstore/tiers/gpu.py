@@ -1,0 +1,94 @@
+"""The gpu tier: a device arena owned by the store process, mapped by workers on the
+same host through CUDA IPC (the ``cuda_ipc`` transport), which copy device to device.
+
+Its blocks carry dsum32 checksums (:mod:`services.transfer.contract.device_checksum`),
+computed on the device. The store itself moves blocks in and out of it (demotion to
+the cpu tier, promotion from it) with plain copies through host memory. On a machine
+without CUDA the same tier runs on ``device: cpu``: the store's bookkeeping is then
+exercised without a GPU (tests), with no cuda_ipc to offer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvstore.tiers.allocator import SpanAllocator
+from kvstore.tiers.base import BlockMeta, Slot, Tier
+from kvstore.tiers.span import SpanTier
+from services.transfer.contract.device_checksum import KIND_DSUM32
+from services.transfer.device_copy import checksum_blocks, pin_host
+
+ALIGNMENT = 256  # cudaMalloc's; keeps every block a whole number of 16-byte vectors
+
+
+class GpuTier(SpanTier):
+    name = "gpu"
+    has_view = False
+    on_device = True
+    checksum_kind = KIND_DSUM32
+
+    def __init__(self, capacity_bytes: int, device: str = "cuda:0") -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"gpu tier capacity must be > 0 bytes, got {capacity_bytes}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"gpu tier on {device}: this process sees no CUDA device")
+        self._alloc = SpanAllocator(capacity_bytes, alignment=ALIGNMENT)
+        # zeros: the allocation is made (and the memory is ours) before the first put
+        self.arena = torch.zeros(self._alloc.size, dtype=torch.uint8, device=self.device)
+
+    def view(self, slot: Slot) -> memoryview:
+        raise TypeError("the gpu tier's blocks are device memory: read_into / write them")
+
+    def span(self, slot: Slot) -> torch.Tensor:
+        return self.arena[slot.offset : slot.offset + slot.length]
+
+    def read_into(self, slot: Slot, out: memoryview) -> None:
+        host = torch.frombuffer(out, dtype=torch.uint8)
+        host.copy_(self.span(slot))  # device -> pageable host: returns when done
+
+    def write(self, slot: Slot, data: memoryview, meta: BlockMeta) -> None:
+        self.span(slot).copy_(torch.frombuffer(bytearray(data) if data.readonly else data,
+                                               dtype=torch.uint8))
+        self._sync()  # readers in other processes see it once the store commits it
+
+    def checksum(self, slot: Slot) -> int:
+        return checksum_blocks(self.arena, [slot.offset], slot.length)[0]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # -- CUDA IPC -----------------------------------------------------------------------
+    def ipc(self) -> dict[str, Any] | None:
+        """What a same-host process needs to map the arena (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        (device, handle, size, offset, rc_handle, rc_offset, event_handle,
+         event_sync) = self.arena.untyped_storage()._share_cuda_()
+        props = torch.cuda.get_device_properties(self.device)
+        return {"device": device, "handle": handle, "storage_bytes": size,
+                "storage_offset": offset, "ref_counter_handle": rc_handle,
+                "ref_counter_offset": rc_offset, "event_handle": event_handle or b"",
+                "event_sync_required": bool(event_sync), "gpu_uuid": str(props.uuid),
+                "arena_bytes": self._alloc.size}
+
+    def close(self) -> None:
+        self.arena = torch.empty(0, dtype=torch.uint8)
+
+
+def pin_host_tiers(tiers: list[Tier]) -> list[str]:
+    """Page-locks the host memory tiers of a store that has a gpu tier on CUDA, so that
+    moves between them (and cuda_ipc readers of the cpu arena) copy by DMA near the
+    link's rate -> the tiers pinned."""
+    if not any(t.on_device and getattr(t, "device", None) is not None
+               and t.device.type == "cuda" for t in tiers):  # type: ignore[attr-defined]
+        return []
+    pinned = []
+    for t in tiers:
+        span = getattr(t, "host_span", None)
+        if span is not None and pin_host(*span()):
+            pinned.append(t.name)
+    return pinned

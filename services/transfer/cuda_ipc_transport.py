@@ -1,0 +1,285 @@
+"""The ``cuda_ipc`` transport: same host, the store's gpu arena mapped into this process.
+
+Put: BeginPut(device) reserves slots in the gpu tier -> one kernel copies every payload
+into the arena and checksums it on the way (dsum32) -> CommitPut. Get: Get(device) pins
+and says where: blocks in the gpu arena are copied device to device (checksummed in the
+same pass); blocks the store keeps in its cpu arena come from its shared memory,
+crc32-verified on the host and copied to the device. A block whose checksum fails on
+arrival is read again through GetBlocks, where the store verifies it itself. Payloads
+are CUDA tensors (host payloads are copied to the device first); a get without ``out``
+answers CUDA tensors on the arena's GPU.
+
+The arena is opened by its GPU's UUID, so a process that sees that GPU under another
+index (or another GPU of an NVLink domain, through peer access) maps the same memory.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import torch
+
+from services.transfer.arena_ops import (
+    abort_put,
+    pinned_device_locations,
+    put_offsets,
+    release_anonymous,
+    reread_bad,
+)
+from services.transfer.base import Buffer, KVTransport, PutResult, bounded
+from services.transfer.bulk import crcs
+from services.transfer.contract.errors import (
+    InvalidRequestError,
+    StaleTransportError,
+    wrap_rpc_error,
+)
+from services.transfer.device_copy import copy_blocks, pin_host, unpin_host
+from services.transfer.host_id import host_id
+from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from services.transfer.shm_transport import _open_arena
+from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+
+class CudaIpcUnavailable(OSError):
+    """The store's gpu arena cannot be mapped from here (no gpu tier, no CUDA, another
+    host, a GPU this process does not see)."""
+
+
+def local_device(gpu_uuid: str) -> int:
+    """This process's index of the GPU with ``gpu_uuid``."""
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == gpu_uuid:
+            return i
+    raise CudaIpcUnavailable(f"this process does not see the store's GPU {gpu_uuid}")
+
+
+def map_arena(arena: kvstore_pb2.CudaIpcArena) -> torch.Tensor:
+    """The store's gpu arena as a flat uint8 CUDA tensor of this process."""
+    index = local_device(arena.gpu_uuid)
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(
+        index, arena.handle, arena.storage_bytes, arena.storage_offset,
+        arena.ref_counter_handle, arena.ref_counter_offset, arena.event_handle or None,
+        arena.event_sync_required)
+    flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}")
+    return flat.set_(storage, 0, (arena.arena_bytes,), (1,))
+
+
+def _check_peer(describe: kvstore_pb2.DescribeResponse) -> None:
+    if not describe.HasField("gpu") or not describe.gpu.handle:
+        raise CudaIpcUnavailable("the store has no gpu tier")
+    if not torch.cuda.is_available():
+        raise CudaIpcUnavailable("this process has no CUDA device")
+    if describe.host_id and describe.host_id != host_id():
+        raise CudaIpcUnavailable(f"the store runs on another host ({describe.host_id})")
+
+
+class CudaIpcTransport(KVTransport):
+    name = "cuda_ipc"
+    device_payloads = True  # gets answer device tensors; puts take them without staging
+
+    def __init__(self, channel: grpc.Channel, describe: kvstore_pb2.DescribeResponse,
+                 timeout_s: float | None = 60.0) -> None:
+        _check_peer(describe)
+        try:
+            self._arena = map_arena(describe.gpu)
+        except RuntimeError as e:  # the driver refused the handle
+            raise CudaIpcUnavailable(f"cannot map the store's gpu arena: {e}") from e
+        self.device = self._arena.device
+        self.store_id = describe.store_id
+        self._describe = describe
+        self._host: torch.Tensor | None = None  # the store's cpu arena, mapped on demand
+        self._pinned = False
+        self._channel = channel
+        self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
+        self.timeout_s = timeout_s
+        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
+        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
+        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
+        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+
+    # -- put ----------------------------------------------------------------------------
+    def put(self, owner: str, refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffer],
+            block_nbytes: int) -> PutResult:
+        if len(payloads) != len(refs):
+            raise InvalidRequestError(f"{len(refs)} block refs but {len(payloads)} payloads")
+        if not refs:
+            return PutResult(0, 0)
+        base, offsets = self._on_device(payloads, block_nbytes)
+        t0 = time.perf_counter()
+        try:
+            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
+                owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
+                device=True), timeout=bounded(self.timeout_s))
+        except grpc.RpcError as e:
+            raise wrap_rpc_error(e) from None
+        if begun.store_id and begun.store_id != self.store_id:
+            abort_put(self._stub, begun.put_id)
+            raise self._stale(begun.store_id)
+        try:
+            slots = put_offsets(begun, block_nbytes)
+            if len(slots) != len(refs):
+                raise InvalidRequestError(f"store answered {len(slots)} slots for "
+                                          f"{len(refs)} blocks")
+            todo = [j for j, o in enumerate(slots) if o >= 0]
+            sums = [0] * len(refs)
+            got = copy_blocks(base, [offsets[j] for j in todo], self._arena,
+                              [slots[j] for j in todo], block_nbytes)
+            for j, c in zip(todo, got, strict=True):
+                sums[j] = c
+            resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
+                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
+        except BaseException as e:
+            abort_put(self._stub, begun.put_id)
+            if isinstance(e, grpc.RpcError):
+                raise wrap_rpc_error(e) from None
+            raise
+        self._put_time.observe(time.perf_counter() - t0)
+        self._put_bytes.inc(block_nbytes * len(todo))
+        return PutResult(resp.stored, resp.present)
+
+    def _on_device(self, payloads: Sequence[Buffer], nbytes: int) -> tuple[torch.Tensor,
+                                                                             list[int]]:
+        """One flat uint8 tensor on the arena's GPU holding every payload, and each
+        payload's byte offset in it: the payloads' own storage when they share one
+        (rows of one export), else a copy."""
+        rows = [_as_bytes(p) for p in payloads]
+        for i, r in enumerate(rows):
+            if r.numel() != nbytes:
+                raise InvalidRequestError(f"payload {i} has {r.numel()} bytes; every "
+                                          f"block is block_nbytes={nbytes} bytes")
+        shared = _shared_base(rows, self.device)
+        if shared is not None:
+            return shared
+        staged = torch.stack([r.to(self.device, non_blocking=True) for r in rows])
+        return staged.view(-1), [i * nbytes for i in range(len(rows))]
+
+    # -- get ----------------------------------------------------------------------------
+    def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
+            longest_prefix: bool = False) -> list[Buffer]:
+        if out is not None and len(out) != len(keys):
+            raise InvalidRequestError(f"{len(keys)} keys but {len(out)} output buffers")
+        if not keys:
+            return []
+        dest = None if out is None else _shared_base([_as_bytes(o) for o in out], self.device)
+        pin_owner = owner or f"ipc-get-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        try:
+            offsets, lengths, sums, on_device = pinned_device_locations(
+                self._stub, pin_owner, keys, longest_prefix, bounded(self.timeout_s),
+                self.store_id, self._stale)
+            rows, bad = self._fetch(offsets, lengths, sums, on_device, dest)
+            results: list[Any] = list(rows)
+            results = reread_bad(self._channel, pin_owner, keys, len(offsets), bad, results,
+                                 None, longest_prefix, self.timeout_s)
+            results = [r if isinstance(r, torch.Tensor) else _as_bytes(r).to(self.device)
+                       for r in results]
+        except grpc.RpcError as e:
+            raise wrap_rpc_error(e) from None
+        finally:
+            release_anonymous(self._stub, owner, pin_owner)
+        self._get_time.observe(time.perf_counter() - t0)
+        self._get_bytes.inc(sum(lengths))
+        if out is None:
+            return results
+        for i, r in enumerate(results):  # rows not written in place (staged, re-read)
+            o = _as_bytes(out[i])
+            if r.data_ptr() != o.data_ptr():
+                o.copy_(r)
+        return list(out[: len(results)])
+
+    def _fetch(self, offsets: list[int], lengths: list[int], sums: list[int],
+               on_device: list[bool], dest: tuple[torch.Tensor, list[int]] | None
+               ) -> tuple[list[torch.Tensor], list[int]]:
+        """The blocks on this GPU, in ``dest`` (a flat tensor and each block's offset
+        in it) or in a new buffer -> (rows, indices whose checksum failed). Returns when
+        every copy is done (the caller may drop its pins)."""
+        n = len(offsets)
+        if n == 0:
+            return [], []
+        nbytes = lengths[0]
+        if any(length != nbytes for length in lengths):
+            raise InvalidRequestError("blocks of one get must have one size")
+        if dest is None:
+            flat, at = torch.empty(n * nbytes, dtype=torch.uint8, device=self.device), None
+        else:
+            flat, at = dest
+        where = at or [i * nbytes for i in range(n)]
+        buf = [flat[where[i] : where[i] + nbytes] for i in range(n)]
+        dev = [i for i in range(n) if on_device[i]]
+        got = copy_blocks(self._arena, [offsets[i] for i in dev], flat,
+                          [where[i] for i in dev], nbytes)
+        bad = [i for i, c in zip(dev, got, strict=True) if c != sums[i]]
+        host = [i for i in range(n) if not on_device[i]]
+        if host:
+            bad += self._from_host([offsets[i] for i in host], [buf[i] for i in host],
+                                   [sums[i] for i in host], host)
+        return buf, sorted(bad)
+
+    def _from_host(self, offsets: list[int], rows: list[torch.Tensor], sums: list[int],
+                   index: list[int]) -> list[int]:
+        """Copies blocks of the store's cpu arena to ``rows`` (DMA from pinned memory)
+        while their crc32s are computed on host threads -> ``index`` of those that
+        failed. Returns when the copies are done."""
+        arena = self._host_arena()
+        nbytes = rows[0].numel()
+        views = []
+        for off, row in zip(offsets, rows, strict=True):
+            row.copy_(arena[off : off + nbytes], non_blocking=True)
+            views.append(self._host_view[off : off + nbytes])
+        got = crcs(views)
+        torch.cuda.current_stream(self.device).synchronize()
+        return [i for i, c, want in zip(index, got, sums, strict=True) if c != want]
+
+    def _host_arena(self) -> torch.Tensor:
+        """The store's cpu arena (shared memory), page-locked for fast copies."""
+        if self._host is None:
+            d = self._describe
+            if not d.shm_name:
+                raise InvalidRequestError("the store answered a cpu-arena block but "
+                                          "exposes no shared-memory arena")
+            self._mm = _open_arena(d.shm_name, d.shm_bytes, d.store_id)
+            host = torch.frombuffer(self._mm, dtype=torch.uint8)
+            self._pinned = pin_host(host.data_ptr(), host.numel())  # else pageable: slower
+            self._host_view = memoryview(host.numpy())
+            self._host = host
+        return self._host
+
+    def _stale(self, store_id: str) -> StaleTransportError:
+        return StaleTransportError(f"the store restarted: it is {store_id} now, this "
+                                   f"transport mapped the gpu arena of {self.store_id}")
+
+    def close(self) -> None:
+        self._arena = torch.empty(0, dtype=torch.uint8)
+        if self._host is not None:
+            if self._pinned:
+                unpin_host(self._host.data_ptr())
+            self._host = None
+
+
+def _as_bytes(payload: Buffer) -> torch.Tensor:
+    """A flat uint8 tensor over a payload (a tensor of any device, or a host buffer)."""
+    if isinstance(payload, torch.Tensor):
+        return payload.reshape(-1).view(torch.uint8)
+    mv = memoryview(payload)
+    return torch.frombuffer(mv.cast("B") if mv.format != "B" else mv, dtype=torch.uint8)
+
+
+def _shared_base(rows: list[torch.Tensor], device: torch.device
+                 ) -> tuple[torch.Tensor, list[int]] | None:
+    """(the storage all ``rows`` lie in as a flat tensor, each row's byte offset), when
+    they are contiguous rows of one storage on ``device``; else None."""
+    first = rows[0]
+    if first.device != device or not all(r.is_contiguous() for r in rows):
+        return None
+    storage = first.untyped_storage()
+    start = storage.data_ptr()
+    if any(r.device != device or r.untyped_storage().data_ptr() != start for r in rows):
+        return None
+    flat = torch.empty(0, dtype=torch.uint8, device=device)
+    flat.set_(storage, 0, (storage.nbytes(),), (1,))
+    return flat, [r.data_ptr() - start for r in rows]

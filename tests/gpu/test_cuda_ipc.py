@@ -1,0 +1,97 @@
+"""The gpu tier and the cuda_ipc transport between separate processes (a store process
+and this one): bytes and checksums both ways, readers of each kind, corruption."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+
+from services.common.settings import TransferSettings
+from services.transfer import MissingBlocksError
+from services.transfer.store_client import KVStoreClient
+from tests.integration.test_transfer import start_store
+
+MiB = 1 << 20
+NBYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    settings, cluster = start_store(
+        tmp_path_factory.mktemp("gpu-store"),
+        tiers=[{"kind": "gpu", "bytes": 64 * MiB, "device": "cuda:0"},
+               {"kind": "cpu", "bytes": 64 * MiB}])
+    yield settings
+    cluster.stop()
+
+
+def _client(store, transport: str) -> KVStoreClient:
+    c = KVStoreClient(store.kvstore.address, TransferSettings(transport=transport))
+    assert c.transport_name == transport
+    return c
+
+
+def _keys(n: int) -> list[bytes]:
+    return [os.urandom(16) for _ in range(n)]
+
+
+def _rows(n: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, NBYTES), dtype=torch.uint8, device="cuda")
+
+
+def test_device_blocks_round_trip_between_processes(store):
+    with _client(store, "cuda_ipc") as c:
+        keys, rows = _keys(8), _rows(8)
+        assert c.put("w", keys, list(rows.unbind(0)), NBYTES).stored == 8
+        assert c.lookup_per_tier(keys)["gpu"] == 8
+        got = c.get("r", keys)
+        assert all(g.is_cuda for g in got)
+        assert torch.equal(torch.stack(got), rows)
+        assert c.get_prefix("p", keys[:3] + _keys(1)) and len(c.get_prefix("q", keys)) == 8
+        for owner in ("w", "r", "p", "q"):
+            c.release(owner)
+        assert c.stats().pins == 0
+
+
+def test_host_readers_and_writers_meet_device_ones(store):
+    with _client(store, "cuda_ipc") as dev, _client(store, "shm") as host:
+        keys, rows = _keys(4), _rows(4)
+        dev.put("", keys, list(rows.unbind(0)), NBYTES)
+        got = host.get("", keys)  # moved to the cpu tier for the host reader
+        assert [bytes(g) for g in got] == [bytes(r.cpu().numpy()) for r in rows]
+        more = [os.urandom(NBYTES) for _ in range(3)]
+        mkeys = _keys(3)
+        host.put("", mkeys, more, NBYTES)  # lands in the cpu tier
+        back = dev.get("", mkeys)  # read from the cpu arena, to this GPU
+        assert [bytes(b.cpu().numpy()) for b in back] == more
+        assert dev.stats().checksum_failures == 0
+
+
+def test_a_corrupted_device_block_is_never_served(store):
+    with _client(store, "cuda_ipc") as c:
+        keys, rows = _keys(3), _rows(3)
+        c.put("", keys, list(rows.unbind(0)), NBYTES)
+        before = c.stats().checksum_failures
+        arena = c.transport._arena
+        owner = f"peek-{uuid.uuid4().hex}"
+        offsets = _offsets(c, owner, keys)
+        arena[offsets[1] + 5] ^= 0xFF  # behind the store's back
+        torch.cuda.synchronize()
+        c.release(owner)
+        with pytest.raises(MissingBlocksError):
+            c.get("", keys)
+        assert len(c.get_prefix("", keys)) == 1  # the prefix ends before it
+        s = c.stats()
+        assert s.checksum_failures == before + 1 and s.pins == 0
+
+
+def _offsets(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
+    from splitserve.v1 import kvstore_pb2
+
+    resp = c._stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, packed=True,
+                                              device=True))
+    assert all(resp.on_device)
+    return list(resp.offsets)

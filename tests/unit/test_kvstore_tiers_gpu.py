@@ -1,0 +1,158 @@
+"""The gpu tier in the store's index: where device and host writers' blocks land, how
+blocks move between the gpu tier and host tiers (checked and re-stamped with the other
+checksum kind), and what a reader of each kind is handed. The tier runs on the CPU
+here (``device: cpu``): the same code as on a GPU, without CUDA IPC."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from kvstore.store import InvalidArgument, KVStoreCore
+from kvstore.tiers import build_tiers
+from kvstore.tiers.base import Slot
+from services.transfer.contract.checksum import crc32
+from services.transfer.contract.device_checksum import dsum32
+from services.transfer.device_copy import checksum_blocks, copy_blocks
+from splitserve.v1 import common_pb2
+
+NBYTES = 4096
+
+
+def _payload(i: int) -> bytes:
+    return os.urandom(NBYTES - 8) + i.to_bytes(8, "little")
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def _store(gpu_blocks: int = 4, cpu_blocks: int = 8) -> KVStoreCore:
+    tiers = build_tiers([{"kind": "gpu", "bytes": gpu_blocks * NBYTES, "device": "cpu"},
+                         {"kind": "cpu", "bytes": cpu_blocks * NBYTES, "shm": False}], "t")
+    core = KVStoreCore(tiers, promote_on_get=False)
+    core.set_watermarks(1.0, 1.0)
+    return core
+
+
+def _device_put(core: KVStoreCore, owner: str, items: dict[int, bytes]) -> None:
+    """What the cuda_ipc transport does: reserve in the gpu tier, copy, dsum32, commit."""
+    refs = [common_pb2.BlockRef(key=_key(i), num_tokens=16) for i in items]
+    begun = core.begin_put(owner, refs, NBYTES, device=True)
+    tier = core.device_tier
+    sums = []
+    for s, data in zip(begun.slots, items.values(), strict=True):
+        assert s.tier == "gpu"
+        tier.span(Slot(s.offset, s.length)).copy_(torch.frombuffer(bytearray(data),
+                                                                   dtype=torch.uint8))
+        sums.append(tier.checksum(Slot(s.offset, s.length)))
+    core.commit_put(begun.put_id, sums)
+
+
+def _bytes(core: KVStoreCore, loc) -> bytes:
+    return bytes(core.read(loc))
+
+
+def test_device_checksum_agrees_between_kernel_and_torch_and_catches_changes():
+    rows = torch.randint(0, 256, (3, NBYTES), dtype=torch.uint8)
+    flat = rows.reshape(-1)
+    out = torch.zeros_like(flat)
+    sums = copy_blocks(flat, [0, NBYTES, 2 * NBYTES], out, [2 * NBYTES, 0, NBYTES], NBYTES)
+    assert sums == dsum32(rows)
+    assert torch.equal(out[2 * NBYTES:], flat[:NBYTES])
+    assert checksum_blocks(flat, [NBYTES], NBYTES) == [sums[1]]
+    flipped = rows.clone()
+    flipped[0, 100] ^= 4
+    swapped = rows.clone()
+    swapped[1, 0:4], swapped[1, 4:8] = rows[1, 4:8].clone(), rows[1, 0:4].clone()
+    assert dsum32(flipped)[0] != sums[0] and dsum32(swapped)[1] != sums[1]
+    with pytest.raises(ValueError, match="4-byte words"):
+        dsum32(torch.zeros((1, 6), dtype=torch.uint8))
+
+
+def test_device_writers_land_in_the_gpu_tier_and_host_writers_in_the_cpu_tier():
+    core = _store()
+    data = {i: _payload(i) for i in range(3)}
+    _device_put(core, "", {0: data[0], 1: data[1]})
+    core.put("", [common_pb2.BlockRef(key=_key(2))], [data[2]], NBYTES)
+    locs = core.get("", [_key(i) for i in range(3)])
+    assert [loc.tier for loc in locs] == ["gpu", "gpu", "cpu"]
+    assert [_bytes(core, loc) for loc in locs] == [data[0], data[1], data[2]]
+    assert core.check(locs[0]) and core.check(locs[2])  # each with its own kind
+
+
+def test_a_host_reader_gets_gpu_blocks_moved_to_the_cpu_tier_with_crc32():
+    core = _store()
+    data = {i: _payload(i) for i in range(2)}
+    _device_put(core, "", data)
+    locs = core.get("reader", [_key(0), _key(1)], memory=True)
+    assert [loc.tier for loc in locs] == ["cpu", "cpu"]
+    for i, loc in enumerate(locs):
+        assert bytes(core.view(loc)) == data[i] and crc32(core.view(loc)) == loc.checksum
+    core.release("reader")
+    s = core.stats()
+    assert s.pins == 0 and s.checksum_failures == 0
+    assert core.device_tier.used_bytes == 0
+
+
+def test_a_device_reader_maps_both_arenas_and_promotes_into_the_gpu_tier():
+    core = _store()
+    data = _payload(7)
+    core.put("", [common_pb2.BlockRef(key=_key(7))], [data], NBYTES)
+    (loc,) = core.get("r", [_key(7)], memory=True, device=True)
+    assert loc.tier == "cpu"  # mapped where it is: nothing moved under the reader
+    core.release("r")
+    assert core.promote([_key(7)], core.home(True)) == (1, 0, 0, 0)
+    (loc,) = core.get("", [_key(7)])
+    assert loc.tier == "gpu" and _bytes(core, loc) == data
+    assert loc.checksum == dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0]
+
+
+def test_a_full_gpu_tier_demotes_its_coldest_blocks_to_the_cpu_tier():
+    core = _store(gpu_blocks=2)
+    data = {i: _payload(i) for i in range(5)}
+    for i in range(5):
+        _device_put(core, "", {i: data[i]})
+    locs = core.get("", [_key(i) for i in range(5)])
+    assert [loc.tier for loc in locs] == ["cpu", "cpu", "cpu", "gpu", "gpu"]
+    assert [_bytes(core, loc) for loc in locs] == [data[i] for i in range(5)]
+    assert all(core.check(loc) for loc in locs)
+    assert core.stats().demotions == 3
+
+
+def test_a_pinned_gpu_tier_refuses_a_device_put_and_names_the_tier():
+    core = _store(gpu_blocks=1)
+    _device_put(core, "holder", {0: _payload(0)})
+    with pytest.raises(Exception, match=r"gpu tier.*kvstore.tiers\[0\]"):
+        _device_put(core, "", {1: _payload(1)})
+    core.release("holder")
+    assert core.stats().pins == 0
+
+
+def test_a_corrupted_gpu_block_is_never_moved_or_served():
+    core = _store()
+    _device_put(core, "", {0: _payload(0)})
+    (loc,) = core.get("", [_key(0)])
+    core.device_tier.arena[loc.offset + 10] ^= 1
+    assert core.verified(loc) is None  # GetBlocks' check, on the device
+    assert core.lookup([_key(0)])[0] == 0
+    _device_put(core, "", {1: _payload(1)})
+    (loc1,) = core.get("", [_key(1)])
+    core.device_tier.arena[loc1.offset] ^= 1
+    assert core.get("r", [_key(1)], memory=True, prefix=True) == []  # not raised
+    s = core.stats()
+    assert s.checksum_failures == 2 and s.blocks == 0 and s.pins == 0
+
+
+def test_a_store_without_a_gpu_tier_refuses_device_clients():
+    tiers = build_tiers([{"kind": "cpu", "bytes": 8 * NBYTES, "shm": False}], "t")
+    core = KVStoreCore(tiers)
+    with pytest.raises(InvalidArgument, match="no gpu tier"):
+        core.begin_put("", [common_pb2.BlockRef(key=_key(0))], NBYTES, device=True)
+    assert core.device_tier is None
+    with pytest.raises(ValueError, match="needs a host memory tier"):
+        KVStoreCore(build_tiers([{"kind": "gpu", "bytes": NBYTES, "device": "cpu"}], "t"))
+    time.sleep(0)
