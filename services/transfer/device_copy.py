@@ -24,14 +24,19 @@ try:  # pragma: no cover - a GPU machine
 
     @triton.jit(do_not_specialize=["words", "num_chunks"])
     def _copy_sum_kernel(src, src_off, dst, dst_off, partial, words, num_chunks,
-                         CHUNK: tl.constexpr, WRITE: tl.constexpr, MASK: tl.constexpr):
+                         CHUNK: tl.constexpr, WRITE: tl.constexpr, MASK: tl.constexpr,
+                         ALIGN: tl.constexpr):
         b = tl.program_id(0)
         c = tl.program_id(1)
         idx = c * CHUNK + tl.arange(0, CHUNK)
         mask = idx < words
-        x = tl.load(src + tl.load(src_off + b) + idx, mask=mask, other=0)
+        # block offsets are data: say they are ALIGN-word multiples, or every access
+        # would be a 4-byte one
+        s_base = tl.multiple_of(tl.load(src_off + b), ALIGN)
+        x = tl.load(src + s_base + idx, mask=mask, other=0)
         if WRITE:
-            tl.store(dst + tl.load(dst_off + b) + idx, x, mask=mask)
+            d_base = tl.multiple_of(tl.load(dst_off + b), ALIGN)
+            tl.store(dst + d_base + idx, x, mask=mask)
         weight = ((idx & MASK) << 1) | 1
         # int32 products and sums wrap modulo 2**32: the checksum's own arithmetic
         tl.store(partial + b * num_chunks + c, tl.sum(x * weight, axis=0))
@@ -43,6 +48,16 @@ except ImportError:  # pragma: no cover
 
 def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1).view(torch.int32) if t.dtype == torch.uint8 else t.view(-1)
+
+
+def _base_offset(t: torch.Tensor) -> int:
+    return t.data_ptr() % 64
+
+
+def _alignment(byte_counts: Sequence[int]) -> int:
+    """4 int32 words (16 bytes, one vector access) when every offset and the bases are
+    multiples of 16 bytes; else 1."""
+    return 4 if all(c % 16 == 0 for c in byte_counts) else 1
 
 
 def _offsets(byte_offsets: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -72,9 +87,11 @@ def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor
     write = dst is not None
     d_words = _words(dst) if write else _words(src)
     d_off = _offsets(dst_offsets, src.device) if write else s_off
+    align = _alignment([*src_offsets, *dst_offsets, nbytes, _base_offset(src),
+                        _base_offset(dst if write else src)])
     _copy_sum_kernel[(n, num_chunks)](_words(src), s_off, d_words, d_off, partial, words,
                                       num_chunks, CHUNK=CHUNK, WRITE=write, MASK=WEIGHT_MASK,
-                                      num_warps=8)
+                                      ALIGN=align, num_warps=8)
     return fold(partial.to(torch.int64).sum(dim=1))
 
 
