@@ -55,11 +55,12 @@ def as_view(obj: Buffer, *, writable: bool = False) -> memoryview:
     """A flat byte view of ``obj`` with no copy."""
     if not isinstance(obj, bytes | bytearray | memoryview) and hasattr(obj, "__dlpack__") \
             and type(obj).__module__.startswith("torch"):
-        if obj.device.type != "cpu":
+        if obj.device.type != "cpu" and writable:
             raise InvalidRequestError(
-                f"a {obj.device.type} tensor cannot go through this transport; copy it to "
-                "host memory first")
-        obj = obj.detach().contiguous().view(-1).numpy()
+                f"a {obj.device.type} tensor cannot receive blocks over this transport; "
+                "pass host buffers (or none)")
+        # a device payload on a host transport (cuda_ipc fell back): staged here
+        obj = obj.detach().contiguous().view(-1).cpu().numpy()
     mv = obj if isinstance(obj, memoryview) else memoryview(obj)
     if writable and mv.readonly:
         raise InvalidRequestError("an output buffer must be writable (bytearray, numpy, ...)")
