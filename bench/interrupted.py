@@ -4,19 +4,71 @@ token times, and the cost of recomputing the request instead."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def request(prompt: list[int], max_tokens: int, priority: int = 0) -> Any:
+def add_cluster_arguments(g: argparse._ArgumentGroup) -> None:
+    """The cluster the trials run on: a cluster YAML (engine options, memory, store size)
+    and shortcuts that override its model section."""
+    g.add_argument("--config", default=None,
+                   help="cluster YAML to start from (default: the embedded one); its model "
+                        "section sets the engine (memory, batch limits), kvstore the store")
+    g.add_argument("--model", default=None, help="dummy:<shape> or a local HF directory "
+                   "(default: the config's, dummy:tiny-llama)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
+    g.add_argument("--dtype", default=None, help="default: the config's, or bfloat16 with "
+                   "--device cuda")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache of each worker in GiB (set it when several workers share "
+                        "one GPU)")
+    g.add_argument("--log-dir", default=None, help="the services' logs (default: a temp dir)")
+    g.add_argument("--json", default=None, help="also write the result here")
+
+
+def base_settings(args: argparse.Namespace) -> Any:
+    """--config (or the embedded default) with the shortcuts applied."""
+    from services.common.settings import load_settings
+
+    settings = load_settings(args.config)
+    model = settings.model
+    if args.model:
+        model.path = args.model
+    if args.device:
+        model.device = args.device
+        if not args.dtype:
+            model.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.dtype:
+        model.dtype = args.dtype
+    if args.kv_cache_gb is not None:
+        model.kv_cache_memory_gb = args.kv_cache_gb
+    return settings
+
+
+def finish(args: argparse.Namespace, settings: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """The result with what produced it (the options, the engine), written to --json."""
+    model = settings.model
+    result["setup"] = {**{k: v for k, v in vars(args).items() if k != "func"},
+                       "engine": {"path": model.path, "device": model.device,
+                                  "dtype": model.dtype, "max_num_seqs": model.max_num_seqs}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def request(prompt: list[int], max_tokens: int, priority: int = 0, cache_salt: str = "") -> Any:
     from splitserve.v1 import common_pb2, generation_pb2
 
     return generation_pb2.GenerateRequest(
         prompt_token_ids=generation_pb2.TokenIds(ids=prompt), priority=priority,
+        cache_salt=cache_salt,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
@@ -38,29 +90,36 @@ def timed_stream(stub: Any, req: Any, after: int,
     return times, tokens
 
 
-def longest_gap(times: list[float]) -> float:
-    return max(b - a for a, b in zip(times, times[1:], strict=False))
+def longest_gap(times: list[float], after: int = 1) -> float:
+    """The longest time between two tokens from the ``after``-th token on: the
+    interruption's gap, not the prompt's KV hand-off to the first decode worker before
+    it (as long as the gap itself where the prompt is long)."""
+    tail = times[max(0, after - 1):]
+    return max(b - a for a, b in zip(tail, tail[1:], strict=False))
 
 
 def recompute_s(stub: Any, prompt: list[int], priority: int = 0) -> float:
     """Seconds to the first token of ``prompt`` as a new request: what recomputing an
-    interrupted request (prompt + its tokens so far) from scratch costs."""
+    interrupted request (prompt + its tokens so far) from scratch costs. A fresh cache
+    salt keeps it from finding the interrupted request's KV in the store or the engine."""
+    salt = f"recompute-{uuid.uuid4().hex}"
     start = time.perf_counter()
-    list(stub.Generate(request(prompt, 1, priority), timeout=60))
+    list(stub.Generate(request(prompt, 1, priority, salt), timeout=60))
     return time.perf_counter() - start
 
 
 def run_trials(settings: Any, name: str, trial: Callable[[Any, Any, int], dict[str, float]],
-               trials: int) -> list[dict[str, float]]:
-    """Starts a local cluster of ``settings`` and runs a warm-up and ``trials`` trials
-    (``trial(cluster, stub, seed)``) against its gateway."""
+               trials: int, log_dir: str | None = None) -> list[dict[str, float]]:
+    """Starts a local cluster of ``settings`` and runs a warm-up (``seed`` -1) and
+    ``trials`` trials (``trial(cluster, stub, seed)``) against its gateway."""
     import grpc
 
     from services.common.launcher import LocalCluster, with_free_ports
     from splitserve.v1 import generation_pb2_grpc
 
     with_free_ports(settings)
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    tmp = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "cluster.yaml"
     settings.dump_yaml(config)
     cluster = LocalCluster(settings, config, tmp).start()

@@ -17,7 +17,16 @@ import statistics
 import time
 from typing import Any
 
-from bench.interrupted import longest_gap, recompute_s, request, run_trials, timed_stream
+from bench.interrupted import (
+    add_cluster_arguments,
+    base_settings,
+    finish,
+    longest_gap,
+    recompute_s,
+    request,
+    run_trials,
+    timed_stream,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=400)
     g.add_argument("--max-tokens", type=int, default=400)
     g.add_argument("--kill-after", type=int, default=100, help="tokens before the kill")
-    g.add_argument("--model", default="dummy:tiny-llama")
+    add_cluster_arguments(g)
 
 
 def _serving_decode(cluster: Any, settings: Any) -> int:
@@ -47,6 +56,10 @@ def _serving_decode(cluster: Any, settings: Any) -> int:
 def _trial(cluster: Any, stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, 255) for _ in range(args.prompt_len)]
+    if seed < 0:  # the warm-up: a stream on each decode worker (round robin), no kill
+        for _ in cluster.settings.decode:
+            list(stub.Generate(request(prompt, args.max_tokens), timeout=120))
+        return {}
     killed: list[int] = []
 
     def kill() -> None:
@@ -57,19 +70,20 @@ def _trial(cluster: Any, stub: Any, args: argparse.Namespace, seed: int) -> dict
     recompute = recompute_s(stub, prompt + tokens[: args.kill_after])
     cluster.start_service("decode", killed[0])
     time.sleep(1.5)  # the gateway's next polls find it again (reconnect backoff <= 1 s)
-    return {"gap_s": longest_gap(times), "recompute_s": recompute, "tokens": len(tokens)}
+    return {"gap_s": longest_gap(times, args.kill_after), "recompute_s": recompute,
+            "tokens": len(tokens)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.common.settings import ClusterSettings, Endpoint
+    from services.common.settings import WorkerEndpoint
 
-    settings = ClusterSettings()
-    settings.model.path = args.model
+    settings = base_settings(args)
     settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
-    settings.decode = [Endpoint(), Endpoint()]
+    settings.prefill = [WorkerEndpoint()]
+    settings.decode = [WorkerEndpoint(), WorkerEndpoint()]
     trials = run_trials(settings, "migration",
                         lambda cluster, stub, seed: _trial(cluster, stub, args, seed),
-                        args.trials)
+                        args.trials, args.log_dir)
     gaps = [t["gap_s"] for t in trials]
     recomputes = [t["recompute_s"] for t in trials]
     assert all(t["tokens"] == args.max_tokens for t in trials), trials
@@ -80,4 +94,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{1e3 * result['median_gap_s']:.1f} ms (max {1e3 * max(gaps):.1f}); recomputing "
           f"the request instead: median {1e3 * result['median_recompute_s']:.1f} ms to its "
           "next token; every stream completed with all its tokens")
-    return result
+    return finish(args, settings, result)

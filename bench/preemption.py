@@ -18,7 +18,16 @@ import statistics
 import time
 from typing import Any
 
-from bench.interrupted import longest_gap, recompute_s, request, run_trials, timed_stream
+from bench.interrupted import (
+    add_cluster_arguments,
+    base_settings,
+    finish,
+    longest_gap,
+    recompute_s,
+    request,
+    run_trials,
+    timed_stream,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=400)
     g.add_argument("--preempt-after", type=int, default=100, help="tokens before the arrival")
     g.add_argument("--high-tokens", type=int, default=16, help="the high request's answer")
-    g.add_argument("--model", default="dummy:tiny-llama")
+    add_cluster_arguments(g)
 
 
 def _trial(stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
@@ -50,19 +59,20 @@ def _trial(stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
     resumed = next(t for t in times if t > high_end[0])
     recompute = recompute_s(stub, prompt + tokens[: args.preempt_after],
                             common_pb2.PRIORITY_CLASS_HIGH)
-    return {"pause_s": longest_gap(times), "resume_s": resumed - high_end[0],
+    return {"pause_s": longest_gap(times, args.preempt_after), "resume_s": resumed - high_end[0],
             "recompute_s": recompute, "tokens": len(tokens)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.common.settings import ClusterSettings
+    from services.common.settings import WorkerEndpoint
 
-    settings = ClusterSettings()
-    settings.model.path = args.model
+    settings = base_settings(args)
     settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
     settings.model.max_num_seqs = 1  # one seat: the high request must take it
+    settings.prefill, settings.decode = [WorkerEndpoint()], [WorkerEndpoint()]
     trials = run_trials(settings, "preemption",
-                        lambda cluster, stub, seed: _trial(stub, args, seed), args.trials)
+                        lambda cluster, stub, seed: _trial(stub, args, seed), args.trials,
+                        args.log_dir)
     assert all(t["tokens"] == args.max_tokens for t in trials), trials
     result = {"trials": trials}
     for key in ("pause_s", "resume_s", "recompute_s"):
@@ -73,4 +83,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{1e3 * result['median_resume_s']:.1f} ms after the seat frees; recomputing the "
           f"paused request instead: median {1e3 * result['median_recompute_s']:.1f} ms to its "
           "next token; every stream completed with all its tokens")
-    return result
+    return finish(args, settings, result)
