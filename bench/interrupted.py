@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import threading
 import time
@@ -52,8 +53,18 @@ def base_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
-def finish(args: argparse.Namespace, settings: Any, result: dict[str, Any]) -> dict[str, Any]:
-    """The result with what produced it (the options, the engine), written to --json."""
+def measure(args: argparse.Namespace, name: str, settings: Any,
+            trial: Callable[[Any, Any, int], dict[str, float]],
+            keys: tuple[str, ...]) -> dict[str, Any]:
+    """``args.trials`` trials on a cluster of ``settings`` (room for the prompt and the
+    answer); every stream must come back whole. -> the trials, the median of each of
+    ``keys``, and what produced them (the options, the engine); written to --json."""
+    settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
+    trials = run_trials(settings, name, trial, args.trials, args.log_dir)
+    assert all(t["tokens"] == args.max_tokens for t in trials), trials
+    result: dict[str, Any] = {"trials": trials}
+    for key in keys:
+        result[f"median_{key}"] = statistics.median(t[key] for t in trials)
     model = settings.model
     result["setup"] = {**{k: v for k, v in vars(args).items() if k != "func"},
                        "engine": {"path": model.path, "device": model.device,
