@@ -29,9 +29,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   RATES=4,8 NUM=12 REQ_TIMEOUT=60 PLAN_THREADS="--threads 1"  # 2 shared cores: 1 thread
   PH="--input-len 128,256 --output-len 4,8 --max-len 300 --slo ttft=2s,tpot=200ms"
   DH="--input-len 16,48 --output-len 24,48 --max-len 100 --slo ttft=2s,tpot=200ms"
-  I10_MODEL=dummy:tiny-llama I10_KV_GB=0.25 I10_PROMPT=300 I10_TOKENS=48 I10_AFTER=16
+  I10_MODEL=dummy:tiny-llama I10_KV_GB=0.25 I10_PROMPT=300 I10_TOKENS=240 I10_AFTER=16
   I10_BATCH=512
-  I10_TRIALS=1
+  I10_TRIALS=1 STORE_GIB=0.5 I10_STORE_GIB=0.5
 else
   BUDGET=${BUDGET:-460}  # the limit is 480 s: room for the last clean-up
   # qwen3-0.6b, bf16: 112 KiB of KV per token. Three engines share the card at once (the
@@ -54,9 +54,14 @@ else
   DH="--input-len 64,256 --output-len 256,512 --max-len 800 --slo ttft=200ms,tpot=20ms"
   # llama-3.1-8b: 128 KiB of KV and ~16 GFLOP per token; an 8K prompt is ~0.25 s of
   # prefill (RESULTS: 0.23 s in the engine) and 1 GiB of KV. 3 engines x (16 GB + 8 GiB).
-  I10_MODEL=dummy:llama-3.1-8b I10_KV_GB=8 I10_PROMPT=8192 I10_TOKENS=192 I10_AFTER=64
+  # The interruption comes after 64 tokens, with ~190 left (~1 s at 5 ms a token): time
+  # for the high-priority request to take the seat before the stream would end.
+  I10_MODEL=dummy:llama-3.1-8b I10_KV_GB=8 I10_PROMPT=8192 I10_TOKENS=256 I10_AFTER=64
   I10_BATCH=8192
   I10_TRIALS=3
+  # The stores (host memory, prefaulted at start): a split request's prompt KV stays pinned
+  # until it ends, up to 64 in flight x ~170 MB; issue 10's: the 1 GiB prompt, its recompute
+  STORE_GIB=12 I10_STORE_GIB=8
 fi
 
 say() { printf '[%4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
@@ -88,7 +93,7 @@ piece() {
 shm_bytes() { python3 -c 'import os; s = os.statvfs("/dev/shm"); print(s.f_bavail * s.f_frsize)' \
   2>/dev/null || echo 0; }
 # store_bytes WANT_GIB SHARE: WANT_GIB, or SHARE of /dev/shm's room where that is less
-store_bytes() { python3 -c "import sys; want, room = $1 * 2**30, $(shm_bytes) * $2
+store_bytes() { python3 -c "want, room = $1 * 2**30, $(shm_bytes) * $2
 print(int(want if room >= want or room < 2**30 else room))"; }
 store_shm() { (( $(shm_bytes) > 2**30 )) && echo true || echo false; }
 
@@ -164,58 +169,59 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("rate-*/summary.json"),
 EOF
 }
 
-# ---- 0. the machine ----
-say "gpu_serving.sh: out=$out device=$DEVICE model=$MODEL budget=${BUDGET}s"
-{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
-    --format=csv,noheader; python3 -c 'import torch, grpc, h11, yaml; print("torch",
-torch.__version__, "cuda", torch.cuda.is_available(), "grpc", grpc.__version__)'
-  python3 -c 'import matplotlib' 2>/dev/null || echo "note: no matplotlib: no PNG plots"
-  command -v redis-server >/dev/null || echo "no redis-server (not needed)"
-  echo "/dev/shm room: $(( $(shm_bytes) >> 20 )) MiB; cores: $(nproc)"; } 2>&1 | sed 's/^/    /'
+main() {  # one function, read whole before it runs (an edit mid-run cannot bite)
+  # ---- 0. the machine ----
+  say "gpu_serving.sh: out=$out device=$DEVICE model=$MODEL budget=${BUDGET}s"
+  { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
+      --format=csv,noheader; python3 -c 'import torch, grpc, h11, yaml; print("torch",
+  torch.__version__, "cuda", torch.cuda.is_available(), "grpc", grpc.__version__)'
+    python3 -c 'import matplotlib' 2>/dev/null || echo "note: no matplotlib: no PNG plots"
+    command -v redis-server >/dev/null || echo "no redis-server (not needed)"
+    echo "/dev/shm room: $(( $(shm_bytes) >> 20 )) MiB; cores: $(nproc)"; } 2>&1 | sed 's/^/    /'
 
-# ---- issue 11 ----
-# Both clusters start side by side (one wait for start-ups) and serve one at a time. Ports
-# below the ephemeral range; the plan profile runs alone first (and warms Triton's cache).
-STORE=$(store_bytes 12 0.35)
-cluster_yaml colocated 21100 0 "$STORE"
-cluster_yaml split 21200 1 "$STORE"
-mkdir -p "$out/plan"
-# shellcheck disable=SC2086
-piece plan-profile 150 320 $SS plan --config "$out/cluster-colocated.yaml" $PLAN_THREADS \
-  --save-profile "$out/plan/profile.json" --gpus 2 --num "$NUM" --rate 8 $PH \
-  && cp "$out/logs/plan-profile.log" "$out/plan/plan-prefill-heavy.txt"
-start_cluster colocated
-start_cluster split
-up_limit=$(( $(left) - 260 )); (( up_limit > 200 )) && up_limit=200
-say "START clusters colocated and split (limit ${up_limit}s)"
-co_up=0 split_up=0
-up_end=$(( $(date +%s) + up_limit ))
-wait_up colocated "$up_end" && co_up=1
-wait_up split "$up_end" && split_up=1
-say "END   clusters: colocated up=$co_up split up=$split_up"
-echo "clusters: colocated up=$co_up split up=$split_up" >> "$out/STATUS"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=memory.used,memory.total \
-  --format=csv,noheader | sed 's/^/    GPU memory with both clusters up: /'
-# interleaved, so that a budget cut leaves both deployments of the first workload
-(( co_up )) && sweep prefill-heavy colocated 210
-(( split_up )) && sweep prefill-heavy split 180
-(( co_up )) && sweep decode-heavy colocated 150
-(( split_up )) && sweep decode-heavy split 120
-stop_clusters
-say "clusters stopped"
-if [ -f "$out/plan/profile.json" ]; then
+  # ---- issue 11 ----
+  # Both clusters start side by side (one wait for start-ups) and serve one at a time. Ports
+  # below the ephemeral range; the plan profile runs alone first (and warms Triton's cache).
+  STORE=$(store_bytes "$STORE_GIB" 0.35)
+  cluster_yaml colocated 21100 0 "$STORE"
+  cluster_yaml split 21200 1 "$STORE"
+  mkdir -p "$out/plan"
   # shellcheck disable=SC2086
-  piece plan-decode-heavy 30 100 $SS plan --config "$out/cluster-colocated.yaml" \
-    --profile "$out/plan/profile.json" --gpus 2 --num "$NUM" --rate 8 $DH \
-    && cp "$out/logs/plan-decode-heavy.log" "$out/plan/plan-decode-heavy.txt"
-  piece compare 60 90 python3 -m bench.serve_vs_plan --serve-dir "$out/serve" \
-    --profile "$out/plan/profile.json" --config "$out/cluster-colocated.yaml" \
-    --out "$out/compare" && sed 's/^/    /' "$out/logs/compare.log"
-fi
+  piece plan-profile 150 320 $SS plan --config "$out/cluster-colocated.yaml" $PLAN_THREADS \
+    --save-profile "$out/plan/profile.json" --gpus 2 --num "$NUM" --rate 8 $PH \
+    && cp "$out/logs/plan-profile.log" "$out/plan/plan-prefill-heavy.txt"
+  start_cluster colocated
+  start_cluster split
+  up_limit=$(( $(left) - 260 )); (( up_limit > 200 )) && up_limit=200
+  say "START clusters colocated and split (limit ${up_limit}s)"
+  co_up=0 split_up=0
+  up_end=$(( $(date +%s) + up_limit ))
+  wait_up colocated "$up_end" && co_up=1
+  wait_up split "$up_end" && split_up=1
+  say "END   clusters: colocated up=$co_up split up=$split_up"
+  echo "clusters: colocated up=$co_up split up=$split_up" >> "$out/STATUS"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=memory.used,memory.total \
+    --format=csv,noheader | sed 's/^/    GPU memory with both clusters up: /'
+  # interleaved, so that a budget cut leaves both deployments of the first workload
+  (( co_up )) && sweep prefill-heavy colocated 210
+  (( split_up )) && sweep prefill-heavy split 180
+  (( co_up )) && sweep decode-heavy colocated 150
+  (( split_up )) && sweep decode-heavy split 120
+  stop_clusters
+  say "clusters stopped"
+  if [ -f "$out/plan/profile.json" ]; then
+    # shellcheck disable=SC2086
+    piece plan-decode-heavy 30 100 $SS plan --config "$out/cluster-colocated.yaml" \
+      --profile "$out/plan/profile.json" --gpus 2 --num "$NUM" --rate 8 $DH \
+      && cp "$out/logs/plan-decode-heavy.log" "$out/plan/plan-decode-heavy.txt"
+    piece compare 60 90 python3 -m bench.serve_vs_plan --serve-dir "$out/serve" \
+      --profile "$out/plan/profile.json" --config "$out/cluster-colocated.yaml" \
+      --out "$out/compare" && sed 's/^/    /' "$out/logs/compare.log"
+  fi
 
-# ---- issue 10 ----
-I10_STORE=$(store_bytes 8 0.7)
-cat > "$out/cluster-issue10.yaml" <<EOF
+  # ---- issue 10 ----
+  I10_STORE=$(store_bytes "$I10_STORE_GIB" 0.7)
+  cat > "$out/cluster-issue10.yaml" <<EOF
 # bench/gpu_serving.sh: the base of the preemption and migration clusters
 # one stream at a time: few seats (fewer CUDA graphs to capture at each (re)start); the
 # whole 8K prompt in one prefill step, as RESULTS' 0.23 s engine figure
@@ -224,19 +230,22 @@ model: {path: "$I10_MODEL", dtype: $DTYPE, device: $DEVICE, kv_cache_memory_gb: 
 kvstore: {cpu_bytes: $I10_STORE, shm: $(store_shm)}
 ready_timeout_s: 240
 EOF
-I10="--config $out/cluster-issue10.yaml --prompt-len $I10_PROMPT --max-tokens $I10_TOKENS"
-# shellcheck disable=SC2086
-piece preemption 120 0 $SS bench preemption $I10 --preempt-after "$I10_AFTER" \
-  --trials "$I10_TRIALS" --log-dir "$out/logs/preemption" --json "$out/preemption.json" \
-  && tail -n 1 "$out/logs/preemption.log" | sed 's/^/    /'
-# shellcheck disable=SC2086
-piece migration 240 0 $SS bench migration $I10 --kill-after "$I10_AFTER" \
-  --trials "$I10_TRIALS" --log-dir "$out/logs/migration" --json "$out/migration.json" \
-  && tail -n 1 "$out/logs/migration.log" | sed 's/^/    /'
+  I10="--config $out/cluster-issue10.yaml --prompt-len $I10_PROMPT --max-tokens $I10_TOKENS"
+  # shellcheck disable=SC2086
+  piece preemption 120 0 $SS bench preemption $I10 --preempt-after "$I10_AFTER" \
+    --trials "$I10_TRIALS" --log-dir "$out/logs/preemption" --json "$out/preemption.json" \
+    && tail -n 1 "$out/logs/preemption.log" | sed 's/^/    /'
+  # shellcheck disable=SC2086
+  piece migration 240 0 $SS bench migration $I10 --kill-after "$I10_AFTER" \
+    --trials "$I10_TRIALS" --log-dir "$out/logs/migration" --json "$out/migration.json" \
+    && tail -n 1 "$out/logs/migration.log" | sed 's/^/    /'
 
-say "done; under $out: STATUS, cluster-*.yaml, plan/ (profile.json, the planner's choices),"
-say "  compare/ (compare.json, goodput_*.png), preemption.json, migration.json, logs/, and"
-say "  serve/WORKLOAD/DEPLOYMENT/ (sweep.json, goodput_vs_rate.png, rate-R/: summary.json,"
-say "  requests.jsonl, latency_cdf.png, latency_over_time.png): $(find "$out/serve" \
-  -name summary.json 2>/dev/null | wc -l) runs, $(find "$out" -name '*.png' | wc -l) PNGs"
-sed 's/^/    /' "$out/STATUS"
+  say "done; under $out: STATUS, cluster-*.yaml, plan/ (profile.json, the planner's choices),"
+  say "  compare/ (compare.json, goodput_*.png), preemption.json, migration.json, logs/, and"
+  say "  serve/WORKLOAD/DEPLOYMENT/ (sweep.json, goodput_vs_rate.png, rate-R/: summary.json,"
+  say "  requests.jsonl, latency_cdf.png, latency_over_time.png): $(find "$out/serve" \
+    -name summary.json 2>/dev/null | wc -l) runs, $(find "$out" -name '*.png' | wc -l) PNGs"
+  sed 's/^/    /' "$out/STATUS"
+}
+
+main; exit

@@ -48,9 +48,12 @@ def _trial(stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
 
     low = interrupted.request(prompt, args.max_tokens, common_pb2.PRIORITY_CLASS_BATCH)
     times, tokens = interrupted.timed_stream(stub, low, args.preempt_after, high)
-    resumed = next(t for t in times if t > high_end[0])
+    resumed = next((t for t in times if t > high_end[0]), None)
+    if resumed is None:
+        raise RuntimeError("the stream ended before the high-priority request did: it was "
+                           "not preempted (give it more --max-tokens after --preempt-after)")
     recompute = interrupted.recompute_s(stub, prompt + tokens[: args.preempt_after],
-                            common_pb2.PRIORITY_CLASS_HIGH)
+                                        common_pb2.PRIORITY_CLASS_HIGH)
     return {"pause_s": interrupted.longest_gap(times, args.preempt_after),
             "resume_s": resumed - high_end[0], "recompute_s": recompute, "tokens": len(tokens)}
 

@@ -25,11 +25,11 @@ def test_bench_runs_on_the_configured_cluster(kind: str, after: str, keys: set[s
                       "kvstore: {cpu_bytes: 67108864}\nready_timeout_s: 90\n")
     out = tmp_path / f"{kind}.json"
     cmd = [sys.executable, "-m", "services.cli", "bench", kind, "--config", str(config),
-           "--trials", "1", "--prompt-len", "64", "--max-tokens", "24", after, "8",
+           "--trials", "1", "--prompt-len", "64", "--max-tokens", "160", after, "8",
            "--log-dir", str(tmp_path / "logs"), "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
-    assert keys <= set(result) and [t["tokens"] for t in result["trials"]] == [24]
+    assert keys <= set(result) and [t["tokens"] for t in result["trials"]] == [160]
     assert result["setup"]["engine"]["path"] == "dummy:tiny-llama"
     assert (tmp_path / "logs" / "decode-0.log").is_file()
