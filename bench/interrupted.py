@@ -60,18 +60,24 @@ def measure(args: argparse.Namespace, name: str, settings: Any,
     answer); every stream must come back whole. -> the trials, the median of each of
     ``keys``, and what produced them (the options, the engine); written to --json."""
     settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
-    trials = run_trials(settings, name, trial, args.trials, args.log_dir)
-    assert all(t["tokens"] == args.max_tokens for t in trials), trials
-    result: dict[str, Any] = {"trials": trials}
-    for key in keys:
-        result[f"median_{key}"] = statistics.median(t[key] for t in trials)
     model = settings.model
-    result["setup"] = {**{k: v for k, v in vars(args).items() if k != "func"},
-                       "engine": {"path": model.path, "device": model.device,
-                                  "dtype": model.dtype, "max_num_seqs": model.max_num_seqs}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    setup = {**{k: v for k, v in vars(args).items() if k != "func"},
+             "engine": {"path": model.path, "device": model.device, "dtype": model.dtype,
+                        "max_num_seqs": model.max_num_seqs}}
+
+    def write(trials: list[dict[str, float]], partial: bool = True) -> dict[str, Any]:
+        """The result of the trials so far (--json keeps them should the run be cut)."""
+        result: dict[str, Any] = {"trials": trials, "partial": partial}
+        for key in keys:
+            result[f"median_{key}"] = statistics.median(t[key] for t in trials)
+        result["setup"] = setup
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return result
+
+    trials = run_trials(settings, name, trial, args.trials, args.log_dir, write)
+    assert all(t["tokens"] == args.max_tokens for t in trials), trials
+    return write(trials, partial=False)
 
 
 def request(prompt: list[int], max_tokens: int, priority: int = 0, cache_salt: str = "") -> Any:
@@ -120,9 +126,12 @@ def recompute_s(stub: Any, prompt: list[int], priority: int = 0) -> float:
 
 
 def run_trials(settings: Any, name: str, trial: Callable[[Any, Any, int], dict[str, float]],
-               trials: int, log_dir: str | None = None) -> list[dict[str, float]]:
+               trials: int, log_dir: str | None = None,
+               done: Callable[[list[dict[str, float]]], None] = lambda _: None,
+               ) -> list[dict[str, float]]:
     """Starts a local cluster of ``settings`` and runs a warm-up (``seed`` -1) and
-    ``trials`` trials (``trial(cluster, stub, seed)``) against its gateway."""
+    ``trials`` trials (``trial(cluster, stub, seed)``) against its gateway; ``done`` gets
+    the trials so far after each one."""
     import grpc
 
     from services.common.launcher import LocalCluster, with_free_ports
@@ -138,7 +147,11 @@ def run_trials(settings: Any, name: str, trial: Callable[[Any, Any, int], dict[s
     try:
         stub = generation_pb2_grpc.GenerationStub(channel)
         trial(cluster, stub, -1)  # warm-up
-        return [trial(cluster, stub, i) for i in range(trials)]
+        results: list[dict[str, float]] = []
+        for i in range(trials):
+            results.append(trial(cluster, stub, i))
+            done(results)
+        return results
     finally:
         channel.close()
         cluster.stop()
