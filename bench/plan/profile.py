@@ -3,6 +3,7 @@ growing batch and context; fit a ``StepModel``."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -38,8 +39,7 @@ def profile_engine(config: EngineConfig, repeat: int = 3,
     timed for (the simulator accounts for prefix reuse itself)."""
     from services.engine import LLMEngine, SamplingParams
 
-    config.enable_prefix_caching = False
-    engine = LLMEngine(config, use_tqdm=False)
+    engine = LLMEngine(dataclasses.replace(config, enable_prefix_caching=False), use_tqdm=False)
     cfg = engine.config
     samples: list[tuple[StepWork, float]] = []
     one = SamplingParams(max_tokens=1, ignore_eos=True)
