@@ -7,17 +7,23 @@
 #             predicts the same deployments, workloads and rates (bench.serve_vs_plan);
 #   issue 10: `bench preemption` and `bench migration` with dummy:llama-3.1-8b and 8K-token
 #             prompts (recomputing costs ~0.25 s of prefill), against recomputing.
-# Usage: bench/gpu_serving.sh OUTDIR     (PYTHONPATH with the repo and protos/ set)
+# Usage: bench/gpu_serving.sh OUTDIR [WORKDIR]   (PYTHONPATH with the repo and protos/ set)
 #   SMOKE=1: the same pieces on the CPU with dummy:tiny-llama and a few requests
 #   BUDGET=S: wall-clock seconds for everything (default 460 on the GPU)
 # Needs no redis-server: the clusters take their endpoints from their YAML. Every piece runs
 # under `timeout` within what is left of the budget; a failing piece is reported and the
-# script goes on. Progress lines carry the elapsed seconds; each piece's output is in
-# OUTDIR/logs/PIECE.log, the services' logs under OUTDIR/logs/*/.
+# script goes on. Progress lines carry the elapsed seconds.
+# Everything is written under WORKDIR (default: a new /tmp/gpu_serving.XXXXXX): summary.txt
+# (this output), STATUS, the cluster YAMLs, plan/, serve/WORKLOAD/DEPLOYMENT/ (bench serve's
+# files), compare/, preemption.json, migration.json, logs/ (each piece's output, the
+# services' logs). OUTDIR gets 7 files at the end, as few as the GPU run tool brings back:
+# gpu_serving.tar.gz (all of WORKDIR), summary.txt, compare.json, goodput_prefill-heavy.png,
+# goodput_decode-heavy.png, preemption.json, migration.json.
 set -u
-out=${1:?usage: bench/gpu_serving.sh OUTDIR}
-mkdir -p "$out/logs"
-out=$(cd "$out" && pwd)
+dest=${1:?usage: bench/gpu_serving.sh OUTDIR [WORKDIR]}
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)
+out=${2:-$(mktemp -d /tmp/gpu_serving.XXXXXX)}
+mkdir -p "$out/logs" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1  # the repository root (PYTHONPATH names . and protos)
 T0=$(date +%s)
 SS="python3 -m services.cli"
@@ -148,7 +154,16 @@ stop_clusters() {  # SIGTERM to our `up`s (each stops its services), SIGKILL aft
   UP_PID=()
   wait 2>/dev/null
 }
-trap stop_clusters EXIT
+
+pack() {  # OUTDIR: all of WORKDIR in one tarball, the headline files beside it
+  local f
+  tar -czf "$dest/gpu_serving.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
+  for f in summary.txt compare/compare.json compare/goodput_prefill-heavy.png \
+           compare/goodput_decode-heavy.png preemption.json migration.json; do
+    [ -f "$out/$f" ] && cp "$out/$f" "$dest/"
+  done
+  echo "OUTDIR $dest: $(cd "$dest" && echo *); the whole tree: gpu_serving.tar.gz ($out)"
+}
 
 gateway_of() { python3 -c "import yaml; g = yaml.safe_load(open('$out/cluster-$1.yaml'))['gateway']
 print(f\"127.0.0.1:{g['port']}\")"; }
@@ -174,6 +189,7 @@ EOF
 }
 
 main() {  # one function, read whole before it runs (an edit mid-run cannot bite)
+  trap stop_clusters EXIT
   # ---- 0. the machine ----
   say "gpu_serving.sh: out=$out device=$DEVICE model=$MODEL budget=${BUDGET}s"
   { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
@@ -233,8 +249,8 @@ main() {  # one function, read whole before it runs (an edit mid-run cannot bite
 # bench/gpu_serving.sh: the base of the preemption and migration clusters
 # one stream at a time: few seats (fewer CUDA graphs to capture at each (re)start); the
 # whole 8K prompt in one prefill step, as RESULTS' 0.23 s engine figure
-model: {path: "$I10_MODEL", dtype: $DTYPE, device: $DEVICE, kv_cache_memory_gb: $I10_KV_GB,
-        max_num_seqs: 4, max_num_batched_tokens: $I10_BATCH}
+model: {name: ${I10_MODEL#dummy:}, path: "$I10_MODEL", dtype: $DTYPE, device: $DEVICE,
+        kv_cache_memory_gb: $I10_KV_GB, max_num_seqs: 4, max_num_batched_tokens: $I10_BATCH}
 kvstore: {cpu_bytes: $I10_STORE, shm: $(store_shm)}
 ready_timeout_s: 240
 EOF
@@ -256,4 +272,4 @@ EOF
   sed 's/^/    /' "$out/STATUS"
 }
 
-main; exit
+main 2>&1 | tee "$out/summary.txt"; pack; exit
