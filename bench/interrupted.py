@@ -121,8 +121,13 @@ def recompute_s(stub: Any, prompt: list[int], priority: int = 0) -> float:
     salt keeps it from finding the interrupted request's KV in the store or the engine."""
     salt = f"recompute-{uuid.uuid4().hex}"
     start = time.perf_counter()
-    list(stub.Generate(request(prompt, 1, priority, salt), timeout=60))
-    return time.perf_counter() - start
+    first = None
+    for msg in stub.Generate(request(prompt, 1, priority, salt), timeout=60):
+        if msg.token_ids and first is None:  # not the end of the stream: the token
+            first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("the recompute request returned no token")
+    return first
 
 
 def run_trials(settings: Any, name: str, trial: Callable[[Any, Any, int], dict[str, float]],
