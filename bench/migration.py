@@ -1,9 +1,10 @@
 """``splitserve bench migration``: what a decode worker's death costs a stream.
 
-A local cluster (1 prefill, 2 decode workers, the tiny model) serves one long
-stream at a time; after ``--kill-after`` tokens the decode worker serving it is
-killed (SIGKILL). Reported per trial: the gap in the client's stream (the longest
-time between two tokens around the kill: detection, a new worker, the blocks from
+A local cluster (1 prefill, 2 decode workers; the engine and the store of
+``--config``, the tiny model on the CPU by default) serves one long stream at a time;
+after ``--kill-after`` tokens the decode worker serving it is killed (SIGKILL).
+Reported per trial: the gap in the client's stream (the longest time between two
+tokens from the kill on: detection, a new worker, the blocks from
 the store, the rest of the last block recomputed) against the time to recompute the
 same request from scratch (the TTFT of prompt + tokens so far as a new prompt).
 The killed worker is started again for the next trial.
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from typing import Any
 
-from bench.interrupted import longest_gap, recompute_s, request, run_trials, timed_stream
+from bench import interrupted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=400)
     g.add_argument("--max-tokens", type=int, default=400)
     g.add_argument("--kill-after", type=int, default=100, help="tokens before the kill")
-    g.add_argument("--model", default="dummy:tiny-llama")
+    interrupted.add_cluster_arguments(g)
 
 
 def _serving_decode(cluster: Any, settings: Any) -> int:
@@ -47,37 +47,39 @@ def _serving_decode(cluster: Any, settings: Any) -> int:
 def _trial(cluster: Any, stub: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, 255) for _ in range(args.prompt_len)]
+    if seed < 0:  # the warm-up: a stream on each decode worker (round robin), no kill
+        for _ in cluster.settings.decode:
+            list(stub.Generate(interrupted.request(prompt, args.max_tokens), timeout=120))
+        return {}
     killed: list[int] = []
 
     def kill() -> None:
         killed.append(_serving_decode(cluster, cluster.settings))
         cluster.kill("decode", killed[0])
 
-    times, tokens = timed_stream(stub, request(prompt, args.max_tokens), args.kill_after, kill)
-    recompute = recompute_s(stub, prompt + tokens[: args.kill_after])
-    cluster.start_service("decode", killed[0])
-    time.sleep(1.5)  # the gateway's next polls find it again (reconnect backoff <= 1 s)
-    return {"gap_s": longest_gap(times), "recompute_s": recompute, "tokens": len(tokens)}
+    stream = interrupted.request(prompt, args.max_tokens)
+    times, tokens = interrupted.timed_stream(stub, stream, args.kill_after, kill)
+    recompute = interrupted.recompute_s(stub, prompt + tokens[: args.kill_after])
+    if seed < args.trials - 1:  # the next trial needs two decode workers again
+        cluster.start_service("decode", killed[0])
+        time.sleep(1.5)  # the gateway's next polls find it again (reconnect backoff <= 1 s)
+    return {"gap_s": interrupted.longest_gap(times, args.kill_after), "recompute_s": recompute,
+            "tokens": len(tokens)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.common.settings import ClusterSettings, Endpoint
+    from services.common.settings import WorkerEndpoint
 
-    settings = ClusterSettings()
-    settings.model.path = args.model
-    settings.model.max_model_len = args.prompt_len + args.max_tokens + 16
-    settings.decode = [Endpoint(), Endpoint()]
-    trials = run_trials(settings, "migration",
-                        lambda cluster, stub, seed: _trial(cluster, stub, args, seed),
-                        args.trials)
-    gaps = [t["gap_s"] for t in trials]
-    recomputes = [t["recompute_s"] for t in trials]
-    assert all(t["tokens"] == args.max_tokens for t in trials), trials
-    result = {"trials": trials, "median_gap_s": statistics.median(gaps),
-              "median_recompute_s": statistics.median(recomputes)}
+    settings = interrupted.base_settings(args)
+    settings.prefill = [WorkerEndpoint()]
+    settings.decode = [WorkerEndpoint(), WorkerEndpoint()]
+    result = interrupted.measure(args, "migration", settings,
+                                 lambda cluster, stub, seed: _trial(cluster, stub, args, seed),
+                                 ("gap_s", "recompute_s"))
     print(f"{args.trials} kills after {args.kill_after} of {args.max_tokens} tokens, "
           f"{args.prompt_len}-token prompts: stream gap median "
-          f"{1e3 * result['median_gap_s']:.1f} ms (max {1e3 * max(gaps):.1f}); recomputing "
+          f"{1e3 * result['median_gap_s']:.1f} ms (max "
+          f"{1e3 * max(t['gap_s'] for t in result['trials']):.1f}); recomputing "
           f"the request instead: median {1e3 * result['median_recompute_s']:.1f} ms to its "
           "next token; every stream completed with all its tokens")
     return result

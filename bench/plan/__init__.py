@@ -20,16 +20,22 @@ from bench.plan.step_model import StepModel
 from bench.serve import add_workload_arguments, workload_spec
 from bench.serve.metrics import parse_slo
 from bench.serve.workloads import make_workload
+from services.common.settings import ModelSettings, load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    e = parser.add_argument_group("engine to profile")
-    e.add_argument("--model-path", default="dummy:tiny-llama")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--max-num-seqs", type=int, default=64)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    e.add_argument("--max-model-len", type=int, default=1024)
+    e = parser.add_argument_group("engine to profile (the model section of --config; flags "
+                                  "given override it)")
+    e.add_argument("--config", default=None,
+                   help="cluster YAML: its model's engine options (device, dtype, memory, "
+                        "batch limits) are profiled and simulated")
+    e.add_argument("--model-path", default=None, help="default: dummy:tiny-llama")
+    e.add_argument("--device", default=None, help="default: cpu")
+    e.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, else float32")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="default: 64")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 2048")
+    e.add_argument("--max-model-len", type=int, default=None, help="default: 1024")
+    e.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB")
     e.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads while profiling (as many as one worker gets)")
     e.add_argument("--profile", default=None, help="read the step model from this JSON")
@@ -44,34 +50,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a serving worker's time around each engine step (RPCs, streaming)")
     p.add_argument("--predict", default=None, metavar="N | P+D",
                    help="only simulate this deployment at --rate")
+    p.add_argument("--one-gpu", action="store_true",
+                   help="--predict: every worker of the deployment is a process on one GPU "
+                        "(their steps take turns on it)")
     add_workload_arguments(p)
 
 
-def _step_model(args: argparse.Namespace) -> StepModel:
+FLAG_OPTIONS = {"model_path": "path", "device": "device", "dtype": "dtype",
+                "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+                "max_model_len": "max_model_len", "kv_cache_gb": "kv_cache_memory_gb"}
+
+
+def engine_model(args: argparse.Namespace) -> ModelSettings:
+    """The model settings to profile and simulate: --config's model section (or the
+    defaults below), then the flags given."""
+    model = load_settings(args.config).model if args.config else ModelSettings(max_model_len=1024)
+    for flag, option in FLAG_OPTIONS.items():
+        if getattr(args, flag) is not None:
+            setattr(model, option, getattr(args, flag))
+    if args.device is not None and args.dtype is None:  # the device's usual dtype
+        model.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return model
+
+
+def _step_model(args: argparse.Namespace, model: ModelSettings) -> StepModel:
     if args.profile:
         return StepModel.load(Path(args.profile))
     from bench.plan.profile import fit_profile, profile_engine
+    from services.common.worker import engine_config
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    samples = profile_engine(dict(
-        model=args.model_path, device=args.device, dtype=dtype,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-    ))
-    model = fit_profile(samples)
+    fitted = fit_profile(profile_engine(engine_config(model)))
     if args.save_profile:
-        model.save(Path(args.save_profile))
-    return model
+        fitted.save(Path(args.save_profile))
+    return fitted
 
 
-def parse_deployment(text: str, args: argparse.Namespace) -> Deployment:
-    limits = {"max_num_seqs": args.max_num_seqs,
-              "max_num_batched_tokens": args.max_num_batched_tokens}
+def parse_deployment(text: str, model: ModelSettings, one_gpu: bool = False) -> Deployment:
+    limits = {"max_num_seqs": model.max_num_seqs,
+              "max_num_batched_tokens": model.max_num_batched_tokens, "shared_gpu": one_gpu}
     try:
         if "+" in text:
             p, d = (int(x) for x in text.split("+"))
@@ -83,20 +103,22 @@ def parse_deployment(text: str, args: argparse.Namespace) -> Deployment:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     slo = parse_slo(args.slo)
-    model = _step_model(args)
+    engine = engine_model(args)
+    model = _step_model(args, engine)
     sessions = make_workload(workload_spec(args))
     extra = {"arrivals": args.arrivals, "burstiness": args.burstiness, "seed": args.seed,
              "hop_s": args.hop_ms / 1e3, "handoff_s": args.handoff_ms / 1e3,
              "step_overhead_s": args.step_overhead_ms / 1e3}
     if args.predict:
-        summary = simulate(parse_deployment(args.predict, args), model, sessions, args.rate,
-                           slo, **extra)
+        summary = simulate(parse_deployment(args.predict, engine, args.one_gpu), model,
+                           sessions, args.rate, slo, **extra)
         print(json.dumps({k: summary[k] for k in ("goodput", "goodput_share",
                                                   "request_throughput", "ttft_s", "tpot_s")},
                          indent=2))
         return summary
     results = [max_rate(d, model, sessions, slo, args.goodput_target, **extra)
-               for d in candidates(args.gpus, args.max_num_seqs, args.max_num_batched_tokens)]
+               for d in candidates(args.gpus, engine.max_num_seqs,
+                                   engine.max_num_batched_tokens)]
     results.sort(key=lambda p: -p.per_gpu)
     print(_table(results, args.goodput_target))
     best = results[0]

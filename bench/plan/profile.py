@@ -3,11 +3,16 @@ growing batch and context; fit a ``StepModel``."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from bench.plan.step_model import StepModel, StepWork
+
+if TYPE_CHECKING:
+    from services.engine.config import EngineConfig
 
 
 def _timed(step: Callable[[], object], repeat: int) -> float:
@@ -27,12 +32,14 @@ def _grid(top: int, start: int) -> list[int]:
     return out + [top]
 
 
-def profile_engine(engine_kwargs: dict, repeat: int = 3,
+def profile_engine(config: EngineConfig, repeat: int = 3,
                    progress: Callable[[str], None] = print) -> list[tuple[StepWork, float]]:
-    """(work, seconds) of measured steps of an ``LLMEngine`` built with ``engine_kwargs``."""
-    from services.engine import EngineConfig, LLMEngine, SamplingParams
+    """(work, seconds) of measured steps of an ``LLMEngine`` built with ``config``, its
+    prefix cache off: the profile's prompts repeat, and a step must compute what it is
+    timed for (the simulator accounts for prefix reuse itself)."""
+    from services.engine import LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(**engine_kwargs), use_tqdm=False)
+    engine = LLMEngine(dataclasses.replace(config, enable_prefix_caching=False), use_tqdm=False)
     cfg = engine.config
     samples: list[tuple[StepWork, float]] = []
     one = SamplingParams(max_tokens=1, ignore_eos=True)

@@ -6,6 +6,10 @@ runs prompts and hands them to a decode worker after ``handoff_s``, a decode
 worker batches decodes. Requests go to the worker with the fewest outstanding
 ones. Prefixes seen before (a shared system prompt, a conversation's history) are
 not computed again: per worker when colocated, anywhere (the store) when split.
+A deployment on one shared GPU (``shared_gpu``: several worker processes on one device,
+as 1 prefill + 1 decode on one card) runs one step at a time: a worker whose step is
+ready waits for the device, as kernels of different processes take turns on a GPU
+(time slicing, no MPS), modelled as whole steps taking turns.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ class Deployment:
     decode: int = 0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    shared_gpu: bool = False  # every worker a process on one GPU
 
     @property
     def gpus(self) -> int:
-        return self.colocated + self.prefill + self.decode
+        return 1 if self.shared_gpu else self.colocated + self.prefill + self.decode
 
     @property
     def name(self) -> str:
+        where = " on one GPU" if self.shared_gpu else ""
         if self.colocated:
-            return f"colocated x{self.colocated}"
-        return f"{self.prefill} prefill + {self.decode} decode"
+            return f"colocated x{self.colocated}{where}"
+        return f"{self.prefill} prefill + {self.decode} decode{where}"
 
 
 @dataclass
@@ -86,6 +92,7 @@ class Simulation:
         self.order = itertools.count()
         self.turns = itertools.count()
         self.records: list[RequestRecord] = []
+        self.device_free_at = 0.0  # shared_gpu: when the one device is done with its step
 
     def run(self, sessions: list[Session], arrivals: list[float]) -> list[RequestRecord]:
         for session, at in zip(sessions, arrivals, strict=True):
@@ -153,7 +160,10 @@ class Simulation:
         if not step:
             return
         worker.busy = True
-        self._push(now + self.model.seconds(work) + self.step_overhead_s, "step", (worker, step))
+        start = max(now, self.device_free_at) if self.d.shared_gpu else now
+        end = start + self.model.seconds(work)
+        self.device_free_at = end
+        self._push(end + self.step_overhead_s, "step", (worker, step))
 
     def _form_step(self, worker: _Worker) -> tuple[list, StepWork]:
         d = self.d

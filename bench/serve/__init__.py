@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(g)
     g.add_argument("--concurrency", type=int, default=8, help="clients of a closed loop")
     g.add_argument("--sweep", default=None, metavar="rate=R1,R2,...")
+    g.add_argument("--timeout", type=float, default=None,
+                   help="seconds a request may take at most (then it counts as failed)")
+    g.add_argument("--reuse-cache", action="store_true",
+                   help="let runs hit prefixes cached by earlier runs (default: each run "
+                        "sends a fresh cache salt, so that a sweep's later rates do not find "
+                        "the KV of the earlier rates' identical prompts)")
     g.add_argument("--out", default="bench-serve-out", help="folder for the result files")
     g.add_argument("--no-tqdm", action="store_true")
 
@@ -82,11 +89,21 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     )
 
 
+def workload_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``add_workload_arguments`` as given: summary.json records them, so
+    that the same workload can be replayed (`splitserve plan`, bench.serve_vs_plan)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_workload_arguments(probe.add_argument_group())
+    return {key: getattr(args, key) for key in vars(probe.parse_args([]))}
+
+
 async def _one_run(args: argparse.Namespace, rate: float, out_dir: Path) -> dict[str, Any]:
     sessions = make_workload(workload_spec(args))
     arrivals = arrival_times(args.arrivals, len(sessions), rate, args.burstiness, args.seed)
     total = sum(len(s.turns) for s in sessions)
-    backend = make_backend(args.backend, args.address, args.model, args.api_key)
+    salt = "" if args.reuse_cache else f"bench-serve-{uuid.uuid4().hex[:16]}"
+    backend = make_backend(args.backend, args.address, args.model, args.api_key, salt,
+                           args.timeout)
     bar = tqdm(total=total, desc=f"bench serve @ {rate:g}/s" if arrivals else "bench serve",
                unit="req", disable=args.no_tqdm)
     try:
@@ -97,7 +114,8 @@ async def _one_run(args: argparse.Namespace, rate: float, out_dir: Path) -> dict
         await backend.close()
     summary = summarize(driver.records, duration, parse_slo(args.slo))
     summary.update(rate=rate, workload=args.workload, arrivals=args.arrivals,
-                   sessions_cut_short=driver.cut_short)
+                   sessions_cut_short=driver.cut_short, cache_salt=salt,
+                   workload_args={**workload_args(args), "rate": rate})
     write_run(out_dir, summary, driver.records)
     print(table(summary))
     return summary

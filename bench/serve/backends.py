@@ -27,7 +27,8 @@ class Backend(Protocol):
 
 
 class GrpcBackend:
-    def __init__(self, address: str, model: str | None, api_key: str | None = None) -> None:
+    def __init__(self, address: str, model: str | None, api_key: str | None = None,
+                 cache_salt: str = "", timeout_s: float | None = None) -> None:
         import grpc
 
         from splitserve.v1 import generation_pb2_grpc
@@ -36,6 +37,7 @@ class GrpcBackend:
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._model = model
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._salt, self._timeout_s = cache_salt, timeout_s
 
     async def model(self) -> str:
         if self._model is None:
@@ -58,13 +60,14 @@ class GrpcBackend:
 
         req = generation_pb2.GenerateRequest(
             model=await self.model(), session_id=session_id, end_session=last_turn,
-            prompt_token_ids=generation_pb2.TokenIds(ids=prompt),
+            prompt_token_ids=generation_pb2.TokenIds(ids=prompt), cache_salt=self._salt,
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         )
         out = Outcome()
         start = time.perf_counter()
         try:
-            async for resp in self._stub.Generate(req, metadata=self._metadata):
+            async for resp in self._stub.Generate(req, metadata=self._metadata,
+                                                  timeout=self._timeout_s):
                 now = time.perf_counter() - start
                 out.token_times += [now] * len(resp.token_ids)
                 out.token_ids += resp.token_ids
@@ -83,11 +86,15 @@ class GrpcBackend:
 class OpenAIBackend:
     """``/v1/completions`` with token-id prompts, streamed, usage in the last chunk."""
 
-    def __init__(self, base_url: str, model: str | None, api_key: str | None = None) -> None:
+    def __init__(self, base_url: str, model: str | None, api_key: str | None = None,
+                 cache_salt: str = "", timeout_s: float | None = None) -> None:
         from openai import AsyncOpenAI
 
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0)
+        limit = {"timeout": timeout_s} if timeout_s else {}  # else the client's default
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0,
+                                   **limit)
         self._model = model
+        self._extra = {"ignore_eos": True} | ({"cache_salt": cache_salt} if cache_salt else {})
 
     async def model(self) -> str:
         if self._model is None:
@@ -107,7 +114,7 @@ class OpenAIBackend:
             stream = await self._client.completions.create(
                 model=await self.model(), prompt=prompt, max_tokens=max_tokens,
                 temperature=0.0, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
+                extra_body=self._extra,
             )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
@@ -126,9 +133,12 @@ class OpenAIBackend:
         await self._client.close()
 
 
-def make_backend(kind: str, address: str, model: str | None, api_key: str | None) -> Backend:
+def make_backend(kind: str, address: str, model: str | None, api_key: str | None,
+                 cache_salt: str = "", timeout_s: float | None = None) -> Backend:
+    """``cache_salt`` (when set) goes with every request: prefixes cached under another
+    salt (an earlier run's) are not hits. ``timeout_s`` bounds each request."""
     if kind == "grpc":
-        return GrpcBackend(address, model, api_key)
+        return GrpcBackend(address, model, api_key, cache_salt, timeout_s)
     if kind == "openai":
-        return OpenAIBackend(address, model, api_key)
+        return OpenAIBackend(address, model, api_key, cache_salt, timeout_s)
     raise ValueError(f"unknown backend {kind!r}; known: grpc, openai")

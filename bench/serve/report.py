@@ -3,6 +3,7 @@ and PNG plots (latency CDFs, TTFT/TPOT over time, goodput against rate)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,15 @@ def write_run(out_dir: Path, summary: dict[str, Any], records: list[RequestRecor
     plot_run(out_dir, records)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
+@functools.cache
+def pyplot() -> Any:
+    """matplotlib's pyplot, or None (said once) where matplotlib is not installed: the
+    numbers are written all the same."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed: no PNG plots (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -46,7 +53,9 @@ def _pyplot() -> Any:
 
 
 def plot_run(out_dir: Path, records: list[RequestRecord]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return
     ok = [r for r in records if r.ok]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (name, values) in zip(axes, (
@@ -76,7 +85,9 @@ def write_sweep(out_dir: Path, points: list[dict[str, Any]], target: float) -> d
               "max_rate_meeting_target": max(passing) if passing else None}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return result
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([p["rate"] for p in points], [p["goodput"] for p in points], marker="o",
             label="goodput")

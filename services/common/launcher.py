@@ -17,6 +17,9 @@ from services.common.settings import ClusterSettings, Endpoint
 from services.transfer.arena_names import remove_arenas_of
 
 ROLES = ("kvstore", "prefill", "decode", "gateway")
+# start order: workers need the store, the gateway its workers; prefill and decode workers
+# (each loading a model) start side by side
+START_STAGES = (("kvstore",), ("prefill", "decode"), ("gateway",))
 
 
 @dataclass
@@ -124,8 +127,8 @@ class LocalCluster:
             port = local_redis_port(self.settings.redis_url)
             if port is not None:
                 self.redis = start_redis(port)
-            for role in self.roles:
-                started = [self._start_one(role, i, ep)
+            for stage in START_STAGES:  # the roles of a stage need only earlier stages
+                started = [self._start_one(role, i, ep) for role in stage if role in self.roles
                            for i, ep in enumerate(role_endpoints(self.settings, role))]
                 for svc in started:
                     self._wait_ready(svc)

@@ -100,3 +100,35 @@ def test_goodput_counts_requests_within_both_objectives() -> None:
     assert s["failed"] == 1 and s["request_throughput"] == 2.0
     with pytest.raises(ValueError, match="ttft=200ms"):
         parse_slo("latency=3")
+
+
+def test_summary_records_the_workload_it_replays() -> None:
+    import argparse
+
+    from bench.serve import add_arguments, workload_args, workload_spec
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--input-len", "7,9", "--num", "5", "--seed", "3"])
+    recorded = json.loads(json.dumps(workload_args(args)))  # as summary.json keeps it
+    assert "address" not in recorded and recorded["num"] == 5
+    again = workload_spec(argparse.Namespace(**recorded))
+    assert make_workload(again) == make_workload(workload_spec(args))
+
+
+def test_results_are_written_without_matplotlib(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from bench.serve import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    report.pyplot.cache_clear()
+    try:
+        s = summarize([_rec(0.1, 0.2, 3)], 1.0, Slo())
+        report.write_run(tmp_path, {**s, "rate": 1.0}, [_rec(0.1, 0.2, 3)])
+        report.write_sweep(tmp_path, [{**s, "rate": 1.0}], 0.9)
+    finally:
+        report.pyplot.cache_clear()
+    assert {p.name for p in tmp_path.iterdir()} == {"summary.json", "requests.jsonl",
+                                                     "sweep.json"}

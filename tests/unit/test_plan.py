@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.plan.search import candidates, max_rate
@@ -79,3 +81,46 @@ def test_search_covers_every_split_and_finds_a_rate() -> None:
     sessions = make_workload(WorkloadSpec(num=60, input_len=(32, 64), output_len=(4, 8)))
     pred = max_rate(Deployment(colocated=1), FLAT, sessions, Slo(1.0, 0.5), 0.9)
     assert pred.rate > 1.0 and pred.goodput > 0
+
+
+def test_on_one_gpu_the_workers_steps_take_turns() -> None:
+    sessions = [_session("a", 100, 1), _session("b", 100, 3)]
+    split = Deployment(prefill=1, decode=1)
+    shared = Deployment(prefill=1, decode=1, shared_gpu=True)
+    assert (shared.gpus, shared.name) == (1, "1 prefill + 1 decode on one GPU")
+    # a's prefill, then b's, then b's two decode steps: never two steps at once, so sharing
+    # the device changes nothing
+    apart = Simulation(split, FLAT).run(sessions, [0.0, 0.005])
+    together = Simulation(shared, FLAT).run(sessions, [0.0, 0.005])
+    assert [r.e2e_s for r in apart] == [r.e2e_s for r in together]  # never both busy
+    # s0 is handed over at 0.010 while s1-s3 prefill: on its own GPU the decode worker
+    # starts at once, on the shared one after that prefill step
+    busy = [_session(f"s{i}", 100, 20) for i in range(4)]
+    times = [0.0, 0.001, 0.002, 0.003]
+
+    def s0(d: Deployment) -> float:
+        return next(r.e2e_s for r in Simulation(d, FLAT).run(busy, times) if r.session_id == "s0")
+
+    assert s0(split) == pytest.approx(0.010 + 19 * 0.010)
+    assert s0(shared) == pytest.approx(0.020 + 19 * 0.010)
+
+
+def test_plan_takes_the_engine_from_a_cluster_yaml(tmp_path: Path) -> None:
+    import argparse
+
+    from bench.plan import add_arguments, engine_model, parse_deployment
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {path: dummy:qwen3-0.6b, device: cuda, dtype: bfloat16, "
+                      "max_num_seqs: 32, kv_cache_memory_gb: 20}\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    model = engine_model(parser.parse_args(["--config", str(config),
+                                            "--max-num-batched-tokens", "4096"]))
+    assert (model.path, model.device, model.kv_cache_memory_gb) == ("dummy:qwen3-0.6b", "cuda",
+                                                                    20)
+    d = parse_deployment("1+1", model, one_gpu=True)
+    assert (d.max_num_seqs, d.max_num_batched_tokens, d.shared_gpu) == (32, 4096, True)
+    plain = engine_model(parser.parse_args(["--device", "cuda"]))
+    assert (plain.path, plain.dtype, plain.max_model_len) == ("dummy:tiny-llama", "bfloat16",
+                                                             1024)
