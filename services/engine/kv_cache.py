@@ -116,25 +116,35 @@ class KVCache:
 
     # ---- blocks out ----
     def export_blocks_async(
-        self, block_ids: Sequence[int]
+        self, block_ids: Sequence[int], after: torch.cuda.Event | None = None
     ) -> tuple[list[memoryview], Callable[[], None] | None]:
         """Start copying blocks out: (payloads, wait). Each payload is a memoryview of
         exactly ``block_nbytes`` bytes that owns its memory; its bytes are there once
         ``wait()`` has returned (``wait`` is None when they already are). Later steps
-        may reuse the blocks at once: the gather is ordered before them."""
+        may reuse the blocks at once: the gather is ordered before them.
+
+        ``after`` (CUDA): the blocks hold their bytes once this event has passed; the
+        gather then waits for it alone, not for work queued since (a step launched
+        ahead, which may write only past the blocks' valid tokens)."""
         if not block_ids:
             return [], None
-        gathered = self.as_bytes.index_select(0, self._index(block_ids))
         if not self.is_cuda:
-            return self._views(gathered), None
+            return self._views(self.as_bytes.index_select(0, self._index(block_ids))), None
+        compute, stream = torch.cuda.current_stream(self.device), self._side_stream()
+        if after is None:
+            gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            stream.wait_stream(compute)
+            gathered.record_stream(stream)  # not reused by the compute stream before the copy
+        else:
+            stream.wait_event(after)
+            with torch.cuda.stream(stream):
+                gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            compute.wait_stream(stream)  # later steps may reuse the blocks: after the gather
         host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
-        stream = self._side_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             host.copy_(gathered, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        gathered.record_stream(stream)  # not reused by the compute stream before the copy
         return self._views(host), done.synchronize
 
     def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
