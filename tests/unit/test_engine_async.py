@@ -11,9 +11,9 @@ import pytest
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.outputs import StepOutput
 from services.engine.sequence import SamplingParams
 from tests.fixtures.models import hf_greedy
+from tests.unit.test_engine_kv import drain, token_ids
 
 BS = 16
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -38,22 +38,13 @@ def prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(0, 512) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def drain(e: LLMEngine) -> dict[str, list[StepOutput]]:
-    outs: dict[str, list[StepOutput]] = {}
-    while e.has_unfinished():
-        for o in e.step():
-            outs.setdefault(o.request_id, []).append(o)
-        e.check_invariants()
-    assert e.stats().num_free_blocks == e.num_kv_blocks
-    return outs
-
-
 def run(e: LLMEngine, ps: list[list[int]], params=GREEDY) -> list[list[int]]:
     params = params if isinstance(params, list) else [params] * len(ps)
     for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
         e.add_request(f"r{i}", p, sp)
     outs = drain(e)
-    return [[t for o in outs[f"r{i}"] for t in o.new_token_ids] for i in range(len(ps))]
+    assert e.stats().num_free_blocks == e.num_kv_blocks
+    return [token_ids(outs[f"r{i}"]) for i in range(len(ps))]
 
 
 @pytest.mark.parametrize("kw, ps", [
@@ -135,6 +126,7 @@ def test_split_prefill_and_decode(tiny_qwen3_dir: Path) -> None:
     a.add_request("other", prompts(1, 70, 70, seed=11)[0], GREEDY, export_kv=True)
     a.add_request("x", prompt, SamplingParams(max_tokens=1, ignore_eos=True), export_kv=True)
     outs = drain(a)["x"]
+    assert a.stats().num_free_blocks == a.num_kv_blocks
     full = [b for o in outs for b in o.exported_blocks]
     tail = outs[-1].tail_block
     assert [b.block_hash for b in full] == a.block_hashes(prompt)
@@ -144,7 +136,7 @@ def test_split_prefill_and_decode(tiny_qwen3_dir: Path) -> None:
     b.add_request("x", prompt, params, output_token_ids=[first],
                   kv_blocks=[bytes(x.payload) for x in full + [tail]],
                   kv_num_tokens=len(prompt))
-    got = [first] + [t for o in drain(b)["x"] for t in o.new_token_ids]
+    got = [first] + token_ids(drain(b)["x"])
     assert got == hf_greedy(tiny_qwen3_dir, [prompt], params.max_tokens)[0]
     assert b.stats().num_computed_tokens == params.max_tokens - 1
 
@@ -167,14 +159,14 @@ def test_abort_and_swap_out_while_a_step_is_in_flight(tiny_llama_dir: Path) -> N
     e.check_invariants()
     for rid, outs in drain(e).items():
         assert rid == "r2"
-        got[rid] += [t for o in outs for t in o.new_token_ids]
+        got[rid] += token_ids(outs)
     assert got["r0"] == ref[0][: len(got["r0"])]
     assert got["r2"] == ref[2]
     other = engine(tiny_llama_dir)
     other.add_request("r1", ps[1], params, output_token_ids=swapped.output_token_ids,
                       kv_blocks=[b.payload for b in swapped.blocks],
                       kv_num_tokens=swapped.kv_num_tokens)
-    rest = [t for o in drain(other)["r1"] for t in o.new_token_ids]
+    rest = token_ids(drain(other)["r1"])
     assert swapped.output_token_ids + rest == ref[1]
 
 
