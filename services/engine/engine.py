@@ -280,6 +280,9 @@ class LLMEngine:
         self._generated += sum(1 for s in live if s.samples)
         exports = export_blocks(live, self.block_manager, self.kv_cache, launched.sampled.end)
         results = step_outputs(live, sampled, finished, exports)
+        # a request finished here may be in the step launched after this one: its
+        # blocks can go at once, as the device runs steps in order and that step
+        # writes only a slot past the request's valid tokens, in a block never named
         for seq in finished:
             self.scheduler.free(seq)
             del self.seqs[seq.request_id]

@@ -67,13 +67,16 @@ class StepInputs:
         decode = 4 * self.seq_stride + max_seqs * max_blocks
         size = max(general, decode, self._chunk_offsets()[-1])
         cuda = device.type == "cuda"
-        self.head = 2 * self.seq_stride  # rows fed from the device: [dst rows, src rows]
+        # rows fed from the device: [dst rows, src rows], int64 (index ops want it)
+        self.head = 4 * self.seq_stride
         self._raw_host = torch.zeros(self.head + size, dtype=torch.int32, pin_memory=cuda)
         self._raw_dev = (torch.zeros(self.head + size, dtype=torch.int32, device=device)
                          if cuda else self._raw_host)
         self.host = self._raw_host[self.head :]
         self.dev = self._raw_dev[self.head :] if cuda else self.host
-        self.host_np, self._raw_np = self.host.numpy(), self._raw_host.numpy()
+        self.host_np = self.host.numpy()
+        self._head_np = self._raw_host[: self.head].numpy().view(np.int64)
+        self._head_dev = self._raw_dev[: self.head].view(torch.int64)
         self._copied: torch.cuda.Event | None = None
         self._feed: tuple[list[int], list[int], torch.Tensor] | None = None
         self.tables = BlockTableRows(4 * max_seqs, max_blocks)
@@ -245,8 +248,8 @@ class StepInputs:
         if feed is not None:
             rows, src, _ = feed
             k, start = len(rows), 0
-            self._raw_np[:k] = rows
-            self._raw_np[self.seq_stride : self.seq_stride + k] = src
+            self._head_np[:k] = rows
+            self._head_np[self.seq_stride : self.seq_stride + k] = src
         if self.dev is not self.host:
             end = self.head + count
             self._raw_dev[start:end].copy_(self._raw_host[start:end], non_blocking=True)
@@ -256,8 +259,8 @@ class StepInputs:
             self._scatter(len(feed[0]), feed[2])
 
     def _scatter(self, k: int, ids: torch.Tensor) -> None:
-        rows = self._raw_dev[:k].long()
-        src = self._raw_dev[self.seq_stride : self.seq_stride + k].long()
+        rows = self._head_dev[:k]
+        src = self._head_dev[self.seq_stride : self.seq_stride + k]
         self.dev.index_copy_(0, rows, ids.index_select(0, src).to(torch.int32))
 
     def _wait_host(self) -> None:
