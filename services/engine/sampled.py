@@ -44,9 +44,9 @@ class SampledIds:
             self._host = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
             self._host.copy_(device_ids, non_blocking=True)
         # CUDA: passed once the step, KV writes included, and the copy are done
-        self.end: torch.cuda.Event | None = span.end if span is not None else None
+        self.end: torch.cuda.Event | None = None
         if cuda:
-            self.end = self.end or torch.cuda.Event()
+            self.end = span.end if span is not None else torch.cuda.Event()
             self.end.record()
         self._tokens: dict[int, int] | None = None
 
