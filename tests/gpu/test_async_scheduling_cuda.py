@@ -67,7 +67,7 @@ def test_async_equals_sync_float32_with_stops(family: str,
     """Mixed prompt lengths; some requests end by max_tokens, some on a stop token
     (the next step was already launched for them: its token is dropped)."""
     model = str(request.getfixturevalue(family))
-    cfg = dict(model=model, dtype="float32", num_kv_blocks=512, max_num_seqs=16,
+    cfg = dict(model=model, dtype="float32", num_kv_blocks=1024, max_num_seqs=16,
                max_model_len=1024)
     prompts = _mixed(1, 14, 500)
     lengths = [SamplingParams(max_tokens=1 + (7 * i) % 24, ignore_eos=True)
