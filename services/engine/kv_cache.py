@@ -99,6 +99,7 @@ class KVCache:
         self.as_bytes = self.tensor.view(torch.uint8).view(num_blocks, -1)  # [blocks, nbytes]
         self.is_cuda = self.device.type == "cuda"
         self._copy_stream: torch.cuda.Stream | None = None  # device->host copies
+        self._gather_stream: torch.cuda.Stream | None = None  # exports gathered ahead
         self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # host->device
 
     @property
@@ -134,18 +135,32 @@ class KVCache:
         if after is None:
             gathered = self.as_bytes.index_select(0, self._index(block_ids))
             stream.wait_stream(compute)
-            gathered.record_stream(stream)  # not reused by the compute stream before the copy
         else:
-            stream.wait_event(after)
-            with torch.cuda.stream(stream):
-                gathered = self.as_bytes.index_select(0, self._index(block_ids))
-            compute.wait_stream(stream)  # later steps may reuse the blocks: after the gather
+            gathered, ready = self._gather_after(after, block_ids)
+            compute.wait_event(ready)  # later steps may reuse the blocks: after the gather
+            stream.wait_event(ready)
+        gathered.record_stream(stream)  # not reused elsewhere before the copy
         host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(gathered, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         return self._views(host), done.synchronize
+
+    def _gather_after(self, after: torch.cuda.Event, block_ids: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Gather blocks on a stream of gathers only (so that the compute stream,
+        which waits for it, never waits for a device->host copy): (blocks, event
+        passed once they are gathered)."""
+        if self._gather_stream is None:
+            self._gather_stream = torch.cuda.Stream(device=self.device)
+        gather = self._gather_stream
+        gather.wait_event(after)
+        with torch.cuda.stream(gather):
+            gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            ready = torch.cuda.Event()
+            ready.record(gather)
+        return gathered, ready
 
     def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
         """Copy blocks out and wait for them (see :meth:`export_blocks_async`)."""

@@ -153,3 +153,26 @@ def test_async_profile_times_the_device(tiny_llama_dir: Path) -> None:
     prof = engine.runner.profiler
     assert prof.device_seconds["device busy"] > 0
     assert "host hidden" in prof.table(engine.stats().num_steps)
+
+
+def test_export_after_an_event_outlives_block_reuse(tiny_llama_dir: Path) -> None:
+    """An export gathered after the step's end event (not after the step launched
+    ahead): work queued after it, a block reuse included, waits for the gather."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), device="cuda",
+                                    num_kv_blocks=16), use_tqdm=False)
+    kv = engine.kv_cache
+    kv.tensor.copy_(torch.randn_like(kv.tensor))
+    ids = [5, 1, 9]
+    want = kv.as_bytes[ids].cpu()
+    step_end = torch.cuda.Event()
+    step_end.record()
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # the step launched ahead: long, and touching other memory
+        big = big @ big / 64
+    payloads, wait = kv.export_blocks_async(ids, after=step_end)
+    kv.tensor[ids] = 0  # a later step reuses the blocks at once
+    wait()
+    got = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads])
+    assert torch.equal(got, want)
+    torch.cuda.synchronize()
+    assert not kv.as_bytes[ids].any()
