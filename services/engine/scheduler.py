@@ -140,12 +140,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ---- one step ----
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """New tokens of running ``seq`` in the next step; 0 when a token already
-        launched for it finishes it by length."""
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Does a token already launched for ``seq`` finish it by length?"""
         p = seq.num_pending_tokens
-        if p and (seq.num_output_tokens + p >= seq.params.max_tokens
-                  or seq.num_tokens + p >= self.max_model_len):
+        return p > 0 and (seq.num_output_tokens + p >= seq.params.max_tokens
+                          or seq.num_tokens + p >= self.max_model_len)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """New tokens of running ``seq`` in the next step (0: it ends in flight)."""
+        if self._ends_in_flight(seq):
             return 0
         return min(seq.num_planned_tokens - seq.num_scheduled_tokens, budget)
 
@@ -158,6 +161,8 @@ class Scheduler:
     def would_preempt(self) -> bool:
         """Would :meth:`schedule` preempt now (its running pass run out of blocks)?"""
         free, budget = self.block_manager.num_free_blocks, self.max_num_batched_tokens
+        if free > len(self.running) + budget // self.block_manager.block_size:
+            return False  # more than the most the running pass can take
         for seq in self.running:
             if budget <= 0:
                 break
@@ -171,7 +176,7 @@ class Scheduler:
 
     def _seats_taken(self) -> int:
         """Running sequences, less those whose launched token finishes them."""
-        return sum(1 for s in self.running if self._chunk(s, 1))
+        return len(self.running) - sum(map(self._ends_in_flight, self.running))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
