@@ -64,8 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument(
+        "--async-scheduling", default="auto", choices=["auto", "on", "off"],
+        help="schedule step N+1 while step N runs (auto: on for CUDA)",
+    )
+    g.add_argument(
         "--profile", action="store_true",
-        help="print where each step's time goes (syncs the GPU per section)",
+        help="print where each step's time goes (synchronous steps: syncs the GPU per "
+             "section; async: host sections, and device busy/idle from CUDA events)",
     )
     g.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -119,6 +124,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         seed=args.seed,
     )
 
@@ -212,6 +218,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             1000 * statistics.median(decode_step_times) if decode_step_times else 0.0),
         "median_ttft_s": ttfts[len(ttfts) // 2] if ttfts else 0.0,
         "preemptions": st.num_preemptions - base.num_preemptions,
+        "async_scheduling": config.async_scheduling,
+        "discarded_tokens": st.num_discarded_tokens - base.num_discarded_tokens,
         "threads": _threads(),
         "num_kv_blocks": engine.num_kv_blocks,
         "block_nbytes": engine.block_nbytes,
@@ -232,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(label.format(result[key]))
     if args.profile:
         prof = engine.runner.profiler
-        result["profile_s"] = dict(prof.seconds)
+        result["profile_s"] = {**prof.seconds, **prof.device_seconds}
         print(prof.table(result["steps"]))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -58,6 +58,8 @@ class _EngineCollector(Collector):
          "Sequences preempted because the KV cache ran out"),
         ("splitserve_engine_swapped_out", "num_swapped_out",
          "Preempted sequences whose KV was swapped out (not recomputed)"),
+        ("splitserve_engine_discarded_tokens", "num_discarded_tokens",
+         "Tokens of steps launched ahead (async scheduling) for requests that had ended"),
     )
 
     def __init__(self, role: str, stats: Callable[[], Any]) -> None:

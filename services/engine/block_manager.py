@@ -193,14 +193,18 @@ class BlockManager:
         seq.num_committed_blocks = computed // bs
         return imports
 
+    def blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
+        """New blocks a running ``seq`` needs for ``num_new_tokens`` more tokens (after
+        those its launched steps compute)."""
+        needed = cdiv(seq.num_scheduled_tokens + num_new_tokens, self.block_size)
+        return max(0, needed - len(seq.block_table))
+
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return needed - len(seq.block_table) <= self.num_free_blocks
+        return self.blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
     def may_append(self, seq: Sequence, num_new_tokens: int) -> None:
         """Add blocks so that ``num_new_tokens`` more tokens of a running ``seq`` fit."""
-        needed = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        while len(seq.block_table) < needed:
+        for _ in range(self.blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._pop_free())
 
     def _name(self, bid: int, h: bytes) -> None:
@@ -231,7 +235,7 @@ class BlockManager:
                 else:
                     self.free_ids.append(bid)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_inflight_tokens = seq.num_pending_tokens = 0
         seq.num_committed_blocks = 0
 
     def import_cached_block(self, block_hash: bytes) -> int | None:

@@ -172,6 +172,9 @@ class EngineOptions:
     # auto (triton on CUDA where the head size allows, torch elsewhere) | torch | triton
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (CUDA + triton only)
+    # schedule and prepare step N+1 while step N runs (None: on for CUDA, off on the
+    # CPU, where a step runs as it is launched and nothing would overlap)
+    async_scheduling: bool | None = None
     seed: int = 0
 
 
@@ -218,6 +221,8 @@ class EngineConfig(EngineOptions):
         mc = self.model_config
         if self.attention_backend == "auto":
             self.attention_backend = self._auto_backend(mc.head_dim)
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda")
         limit = mc.max_position_embeddings
         if mc.sliding_window is not None:
             limit = min(limit, mc.sliding_window)  # sliding-window attention is not implemented

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,18 @@ from services.engine.block_manager import BlockManager, cdiv
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.model_runner import ModelRunner
 from services.engine.outputs import EngineStats, ExportedBlock, StepOutput, SwappedOut
+from services.engine.sampled import SampledIds
 from services.engine.scheduler import Scheduler, SchedulerOutput
-from services.engine.sequence import SamplingParams, Sequence
+from services.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from services.engine.step_results import export_blocks, step_outputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Launched:
+    out: SchedulerOutput
+    sampled: SampledIds
 
 
 class LLMEngine:
@@ -40,6 +49,8 @@ class LLMEngine:
         )
         self.seqs: dict[str, Sequence] = {}
         self._steps = self._computed = self._generated = self._finished = self._aborted = 0
+        self._discarded = 0  # tokens of launched steps dropped (their request had ended)
+        self._inflight: _Launched | None = None  # launched, not yet processed
         self._swapped_bytes: dict[int, int] = {}  # seq_id -> bytes of its swapped-out KV
         self.num_swapped_out = 0
         if config.preemption_mode == "swap":
@@ -214,86 +225,69 @@ class LLMEngine:
         self.num_swapped_out += 1
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or a launched step with tokens to report (one whose
+        requests have all ended reports nothing: it is processed by a later step)."""
+        launched = self._inflight
+        return self.scheduler.has_unfinished() or (
+            launched is not None
+            and any(s.seq.status == SequenceStatus.RUNNING for s in launched.out.scheduled)
+        )
 
     # ---- the step ----
     def step(self) -> list[StepOutput]:
-        """Schedule, run the model once, sample; report what happened to each request."""
-        prof = self.runner.profiler
-        with prof.section("schedule"):
+        """Schedule, run the model once, sample; report what happened to each request.
+
+        With ``async_scheduling`` a call launches a step and reports the one the call
+        before launched: the next step is scheduled, prepared and queued on the
+        device before the host waits for the last one's tokens, so the host's work
+        hides behind the device's. A step that would preempt is scheduled only
+        after the last one is processed (preemption sees committed state)."""
+        prev, self._inflight = self._inflight, None
+        results: list[StepOutput] = []
+        if prev is not None and self.scheduler.would_preempt():
+            results, prev = self._complete(prev), None
+        launched = self._launch()
+        if prev is not None:
+            results = self._complete(prev)
+        if launched is not None and not self.config.async_scheduling:
+            return self._complete(launched)
+        self._inflight = launched
+        return results
+
+    def _launch(self) -> _Launched | None:
+        with self.runner.profiler.section("schedule"):
             out = self.scheduler.schedule()
         if out.is_empty:
             if out.kv_imports:
                 self.kv_cache.import_blocks(out.kv_imports)
-            return []
-        sampled = self.runner.execute(out)
+            return None
+        return _Launched(out, self.runner.launch(out))
+
+    def _complete(self, launched: _Launched) -> list[StepOutput]:
+        """Wait for a launched step's tokens and process it. Its sequences that
+        stopped running meanwhile (finished by the step before, aborted) are
+        dropped: their token of this step is never reported."""
+        prof, out = self.runner.profiler, launched.out
+        with prof.section("wait"):
+            sampled = self.runner.collect(launched.sampled)
         with prof.section("postprocess"):
+            live = [s for s in out.scheduled if s.seq.status == SequenceStatus.RUNNING]
             finished = self.scheduler.postprocess(out, sampled)
+        computed = sum(s.num_new_tokens for s in live)
         self._steps += 1
-        self._computed += out.num_batched_tokens
-        self._generated += len(sampled)
-        exports = self._export(out)
-        done = {id(s) for s in finished}
-        results: list[StepOutput] = []
-        for s in out.scheduled:
-            seq = s.seq
-            token = sampled.get(seq.seq_id)
-            full, tail = exports.get(seq.seq_id, ([], None))
-            if token is None and not full and id(seq) not in done:
-                continue
-            results.append(
-                StepOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[] if token is None else [token],
-                    finished=id(seq) in done,
-                    finish_reason=seq.finish_reason if id(seq) in done else None,
-                    num_cached_tokens=seq.num_cached_tokens,
-                    exported_blocks=full,
-                    tail_block=tail,
-                )
-            )
+        self._computed += computed
+        self._discarded += out.num_batched_tokens - computed
+        self._generated += sum(1 for s in live if s.samples)
+        exports = export_blocks(live, self.block_manager, self.kv_cache, launched.sampled.end)
+        results = step_outputs(live, sampled, finished, exports)
+        # a request finished here may be in the step launched after this one: its
+        # blocks can go at once, as the device runs steps in order and that step
+        # writes only a slot past the request's valid tokens, in a block never named
         for seq in finished:
             self.scheduler.free(seq)
             del self.seqs[seq.request_id]
             self._finished += 1
         return results
-
-    def _export(
-        self, out: SchedulerOutput
-    ) -> dict[int, tuple[list[ExportedBlock], ExportedBlock | None]]:
-        """Copy out the blocks of export_kv requests that became full in this step
-        (and the tail of finished ones), with one device->host copy for all. On CUDA
-        the copy runs on behind the step; reading a payload waits for it."""
-        bs = self.block_size
-        wanted: list[tuple[Sequence, int, bytes | None, int]] = []
-        for s in out.scheduled:
-            seq = s.seq
-            if not seq.export_kv:
-                continue
-            full = seq.num_computed_tokens // bs
-            if full > seq.num_exported_blocks:
-                hashes = self.block_manager.seq_hashes(seq, full)
-                for i in range(seq.num_exported_blocks, full):
-                    wanted.append((seq, i, hashes[i], bs))
-                seq.num_exported_blocks = full
-            rest = seq.num_computed_tokens % bs
-            if seq.is_finished and rest:
-                wanted.append((seq, full, None, rest))
-        if not wanted:
-            return {}
-        payloads, wait = self.kv_cache.export_blocks_async(
-            [seq.block_table[i] for seq, i, _, _ in wanted]
-        )
-        result: dict[int, tuple[list[ExportedBlock], ExportedBlock | None]] = {}
-        for (seq, i, h, n), payload in zip(wanted, payloads, strict=True):
-            full_list, tail = result.get(seq.seq_id, ([], None))
-            block = ExportedBlock(i, h, payload, n, wait)
-            if h is None:
-                tail = block
-            else:
-                full_list.append(block)
-            result[seq.seq_id] = (full_list, tail)
-        return result
 
     # ---- prefix blocks from elsewhere ----
     def import_prefix_blocks(self, hashes: Seq[bytes], payloads: Seq[Any]) -> int:
@@ -326,6 +320,7 @@ class LLMEngine:
             num_prefix_hit_tokens=sch.num_prefix_hit_tokens,
             num_imported_tokens=sch.num_imported_tokens,
             num_generated_tokens=self._generated,
+            num_discarded_tokens=self._discarded,
             num_preemptions=sch.num_preemptions,
             num_swapped_out=self.num_swapped_out,
             num_finished=self._finished,

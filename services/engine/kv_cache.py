@@ -99,6 +99,7 @@ class KVCache:
         self.as_bytes = self.tensor.view(torch.uint8).view(num_blocks, -1)  # [blocks, nbytes]
         self.is_cuda = self.device.type == "cuda"
         self._copy_stream: torch.cuda.Stream | None = None  # device->host copies
+        self._gather_stream: torch.cuda.Stream | None = None  # exports gathered ahead
         self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # host->device
         # blocks leave as device rows (the store's gpu tier takes them over cuda_ipc)
         self.export_device = False
@@ -118,31 +119,56 @@ class KVCache:
 
     # ---- blocks out ----
     def export_blocks_async(
-        self, block_ids: Sequence[int], *, to_host: bool = False
+        self, block_ids: Sequence[int], after: torch.cuda.Event | None = None, *,
+        to_host: bool = False,
     ) -> tuple[list[Any], Callable[[], None] | None]:
         """Start copying blocks out: (payloads, wait). Each payload is a memoryview of
         exactly ``block_nbytes`` bytes that owns its memory; its bytes are there once
         ``wait()`` has returned (``wait`` is None when they already are). Later steps
         may reuse the blocks at once: the gather is ordered before them. With
-        ``export_device`` (and not ``to_host``) the payloads are device rows instead."""
+        ``export_device`` (and not ``to_host``) the payloads are device rows instead.
+
+        ``after`` (CUDA): the blocks hold their bytes once this event has passed; the
+        gather then waits for it alone, not for work queued since (a step launched
+        ahead, which may write only past the blocks' valid tokens)."""
         if not block_ids:
             return [], None
-        gathered = self.as_bytes.index_select(0, self._index(block_ids))
         if not self.is_cuda:
-            return self._views(gathered), None
-        if self.export_device and not to_host:  # a reader on another stream waits
+            return self._views(self.as_bytes.index_select(0, self._index(block_ids))), None
+        compute, stream = torch.cuda.current_stream(self.device), self._side_stream()
+        if after is None:
+            gathered = self.as_bytes.index_select(0, self._index(block_ids))
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
+            ready.record(compute)
+            stream.wait_stream(compute)
+        else:
+            gathered, ready = self._gather_after(after, block_ids)
+            compute.wait_event(ready)  # later steps may reuse the blocks: after the gather
+            stream.wait_event(ready)
+        if self.export_device and not to_host:  # a reader on another stream waits
             return list(gathered.unbind(0)), ready.synchronize
+        gathered.record_stream(stream)  # not reused elsewhere before the copy
         host = torch.empty(gathered.shape, dtype=torch.uint8, pin_memory=True)
-        stream = self._side_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             host.copy_(gathered, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        gathered.record_stream(stream)  # not reused by the compute stream before the copy
         return self._views(host), done.synchronize
+
+    def _gather_after(self, after: torch.cuda.Event, block_ids: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Gather blocks on a stream of gathers only (so that the compute stream,
+        which waits for it, never waits for a device->host copy): (blocks, event
+        passed once they are gathered)."""
+        if self._gather_stream is None:
+            self._gather_stream = torch.cuda.Stream(device=self.device)
+        gather = self._gather_stream
+        gather.wait_event(after)
+        with torch.cuda.stream(gather):
+            gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            ready = torch.cuda.Event()
+            ready.record(gather)
+        return gathered, ready
 
     def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
         """Copy blocks out to host memory and wait for them (a swap-out)."""

@@ -1,7 +1,9 @@
 """Runs one scheduled step: KV imports, input preparation, forward, sampling.
 
 The batch is flattened: decodes (one new token each) first, then prefill
-chunks, all in one forward. Inputs are built with numpy and moved in one copy
+chunks, all in one forward. ``launch`` queues a step and returns at once with
+its ``SampledIds``; a decode of the next step whose input token that step samples
+reads it on the device. Inputs are built with numpy and moved in one copy
 (``StepInputs``); on CUDA, unless ``enforce_eager``, pure-decode steps replay a
 decode graph and other small steps a chunk graph (``cuda_graphs``). On CUDA the
 KV cache takes what a profiling forward at the largest step leaves under
@@ -27,6 +29,7 @@ from services.engine.cuda_graphs import (
 from services.engine.kv_cache import DTYPE_BY_NAME, KVCache, block_nbytes_for
 from services.engine.loader import load_model
 from services.engine.profiler import StepProfiler
+from services.engine.sampled import GpuSpan, SampledIds
 from services.engine.sampler import Sampler
 from services.engine.scheduler import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import SamplingParams, Sequence
@@ -71,8 +74,9 @@ class ModelRunner:
         self.model = load_model(config, use_tqdm=use_tqdm)
         self.attention_backend = self.model.attention_backend
         self.profiler = StepProfiler()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not config.async_scheduling:
             self.profiler.sync = lambda: torch.cuda.synchronize(self.device)
+        self._last: SampledIds | None = None  # of the step launched last
         graphs = self._use_graphs()
         self.inputs = StepInputs(
             max_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
@@ -216,28 +220,55 @@ class ModelRunner:
             return None
         return self.chunk_graphs.bucket(sum(s.num_new_tokens for s in scheduled))
 
-    def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
+    def _run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Queue the step; the sampled tokens of its sampling rows, on the device."""
         hidden, rows = self._forward(scheduled)
         samplers = [s for s in scheduled if s.samples]
         if not samplers:
-            return []
+            return None
         with self.profiler.section("sample"):
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
-            return self.sampler(
-                logits,
-                [s.seq.params for s in samplers],
-                [s.seq.num_output_tokens for s in samplers],
+            return self.sampler.sample(
+                logits, [s.seq.params for s in samplers], [s.output_index for s in samplers]
             )
 
+    def _feed_from_device(self, scheduled: list[ScheduledSeq]) -> None:
+        """Decodes whose input token the last launched step samples read it there."""
+        rows = [i for i, s in enumerate(scheduled) if s.input_from_device]
+        if not rows:
+            return
+        last = self._last
+        if last is None or last.device_ids is None:
+            raise AssertionError("a decode waits for a token no launched step samples")
+        src = [last.rows[scheduled[i].seq.seq_id] for i in rows]
+        self.inputs.feed_from_device(rows, src, last.device_ids)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[int, int]:
-        """Run one step; returns seq_id -> sampled token for the sequences that sample."""
+    def launch(self, out: SchedulerOutput) -> SampledIds:
+        """Queue one step (KV imports, inputs, forward, sampling) without waiting
+        for it; its tokens come with ``SampledIds.wait``."""
+        span = None
+        if self.profiler.enabled and self.device.type == "cuda":
+            span = GpuSpan(self._last.span.end if self._last and self._last.span else None)
         if out.kv_imports:
             with self.profiler.section("kv_import"):
                 self.kv_cache.import_blocks(out.kv_imports)
-        if not out.scheduled:
-            return {}
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # stable
-        tokens = self._run(scheduled)
-        samplers = [s for s in scheduled if s.samples]
-        return {s.seq.seq_id: t for s, t in zip(samplers, tokens, strict=True)}
+        ids = None
+        if scheduled:
+            self._feed_from_device(scheduled)
+            ids = self._run(scheduled)
+        seq_ids = [s.seq.seq_id for s in scheduled if s.samples]
+        self._last = SampledIds(seq_ids, ids, self.device.type == "cuda", span)
+        return self._last
+
+    def collect(self, sampled: SampledIds) -> dict[int, int]:
+        """Wait for a launched step's tokens: seq_id -> token of each sampling row."""
+        tokens = sampled.wait()
+        if sampled.span is not None:
+            self.profiler.add_device_time(*sampled.span.seconds())
+        return tokens
+
+    def execute(self, out: SchedulerOutput) -> dict[int, int]:
+        """Run one step and wait for it (``launch`` + ``collect``)."""
+        return self.collect(self.launch(out))

@@ -103,3 +103,4 @@ class EngineStats:
     num_swapped_out: int  # preemptions that swapped the KV out instead of dropping it
     num_finished: int
     num_aborted: int
+    num_discarded_tokens: int = 0  # computed for requests that had ended (async scheduling)

@@ -76,7 +76,6 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    @torch.no_grad()
     def __call__(
         self,
         logits: torch.Tensor,  # [S, vocab]
@@ -85,11 +84,21 @@ class Sampler:
     ) -> list[int]:
         """One token per row; ``output_indices[r]`` is the index of the output token
         row ``r`` samples (0 for the first generated token)."""
+        return self.sample(logits, params, output_indices).tolist()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_indices: Sequence[int],
+    ) -> torch.Tensor:
+        """As ``__call__``, the tokens left on the logits' device ([S] int64)."""
         logits = logits.float()
         best = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return best.tolist()
-        return self._sample(logits, best, params, output_indices).tolist()
+            return best
+        return self._sample(logits, best, params, output_indices)
 
     def _sample(
         self,

@@ -17,6 +17,16 @@ chunk is a sequence with many, and both share a step under the token budget
    prompt longer than the remaining budget is split across steps.
 
 A sequence samples a token in a step whose chunk reaches its last token.
+
+Async scheduling (the engine's ``async_scheduling``): the next step is scheduled
+while the last one runs, before its sampled tokens reach the host. A launched
+step's work shows in each sequence's ``num_inflight_tokens`` (KV being computed)
+and ``num_pending_tokens`` (tokens being sampled); the next chunk starts after
+them, and a decode right after a launched step feeds the token that step samples
+(the runner takes it from the device). A sequence whose launched token finishes
+it by length is not scheduled again; one that stops on a token is, and that
+step's token for it is dropped by :meth:`Scheduler.postprocess`. Preemption
+wants the last step processed first: :meth:`Scheduler.would_preempt` tells.
 """
 
 from __future__ import annotations
@@ -34,12 +44,20 @@ from services.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
-    start: int  # num_computed_tokens when scheduled: new tokens are [start, start + n)
+    start: int  # num_scheduled_tokens when scheduled: new tokens are [start, start + n)
+    # facts of the moment it is scheduled (the sequence moves on before the step is
+    # processed): does the chunk reach the last token, so that a token is sampled;
+    # the index among the outputs of that token; does its first input token come
+    # from the device (sampled by the step launched before, not yet on the host)
+    samples: bool = field(init=False)
+    output_index: int = field(init=False)
+    input_from_device: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Does this chunk reach the last token, so that a new token is sampled?"""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        seq = self.seq
+        self.samples = self.start + self.num_new_tokens == seq.num_planned_tokens
+        self.output_index = seq.num_output_tokens + seq.num_pending_tokens
+        self.input_from_device = self.start >= seq.num_tokens
 
 
 @dataclass
@@ -122,6 +140,44 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ---- one step ----
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Does a token already launched for ``seq`` finish it by length?"""
+        p = seq.num_pending_tokens
+        return p > 0 and (seq.num_output_tokens + p >= seq.params.max_tokens
+                          or seq.num_tokens + p >= self.max_model_len)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """New tokens of running ``seq`` in the next step (0: it ends in flight)."""
+        if self._ends_in_flight(seq):
+            return 0
+        return min(seq.num_planned_tokens - seq.num_scheduled_tokens, budget)
+
+    def _add(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        s = ScheduledSeq(seq, n, seq.num_scheduled_tokens)
+        seq.num_inflight_tokens += n
+        seq.num_pending_tokens += s.samples
+        out.scheduled.append(s)
+
+    def would_preempt(self) -> bool:
+        """Would :meth:`schedule` preempt now (its running pass run out of blocks)?"""
+        free, budget = self.block_manager.num_free_blocks, self.max_num_batched_tokens
+        if free > len(self.running) + budget // self.block_manager.block_size:
+            return False  # more than the most the running pass can take
+        for seq in self.running:
+            if budget <= 0:
+                break
+            n = self._chunk(seq, budget)
+            if n:
+                free -= self.block_manager.blocks_to_append(seq, n)
+                if free < 0:
+                    return True
+                budget -= n
+        return False
+
+    def _seats_taken(self) -> int:
+        """Running sequences, less those whose launched token finishes them."""
+        return len(self.running) - sum(map(self._ends_in_flight, self.running))
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         bm = self.block_manager
@@ -129,7 +185,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
+            if not n:
+                i += 1
+                continue
             while not bm.can_append(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -139,18 +198,14 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 break  # seq preempted itself: everything after it is gone too
             bm.may_append(seq, n)
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            self._add(out, seq, n)
             budget -= n
             i += 1
 
         computing = self._blocks_being_computed()
         deferred: list[Sequence] = []
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
+        seats = self.max_num_seqs - self._seats_taken()
+        while not out.preempted and self.waiting and budget > 0 and seats > 0:
             seq = self.waiting[0]
             if self._waits_for_prefix(seq, computing):
                 deferred.append(self.waiting.popleft())
@@ -167,8 +222,9 @@ class Scheduler:
             n = min(n, seq.num_tokens - seq.num_computed_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            self._add(out, seq, n)
             budget -= n
+            seats -= 1
             computing.update(self._uncommitted_hashes(seq))
         self.waiting.extendleft(reversed(deferred))
         return out
@@ -202,15 +258,21 @@ class Scheduler:
     def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Advance the scheduled sequences by their chunks, append the sampled tokens
         (``sampled`` maps seq_id -> token id) and mark finished ones. Finished
-        sequences leave ``running`` but keep their blocks until :meth:`free`."""
+        sequences leave ``running`` but keep their blocks until :meth:`free`.
+        Sequences that stopped running while the step ran (finished by the step
+        before, aborted) are skipped: their token of this step is dropped."""
         finished: list[Sequence] = []
         for s in out.scheduled:
             seq = s.seq
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.num_inflight_tokens -= s.num_new_tokens
             seq.num_computed_tokens = s.start + s.num_new_tokens
             self.block_manager.commit(seq)
-            token = sampled.get(seq.seq_id)
-            if token is None:
+            if not s.samples:
                 continue
+            seq.num_pending_tokens -= 1
+            token = sampled[seq.seq_id]
             seq.append_token(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:

@@ -75,6 +75,10 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # work launched but not yet processed (async scheduling): tokens whose KV a
+        # launched step computes, and sampled tokens not yet appended to token_ids
+        self.num_inflight_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # of those, found in the prefix cache (not computed)
         self.block_table: list[int] = []
         self.cache_salt = cache_salt  # prefix-cache hits only between equal salts
@@ -106,6 +110,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose KV is computed or being computed: where the next chunk starts."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens including the sampled ones still on their way to the host."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -18,6 +18,12 @@ would compile new variants in the middle of serving.
 
 Block tables are int32 rows of ``max_blocks`` entries; only the first
 ``ceil(context / block_size)`` of a row are meaningful.
+
+Decodes whose input token the step launched before samples (async scheduling)
+get it on the device: ``feed_from_device`` names the rows and where the tokens
+are, the row indices travel in a head section before the layouts in the same
+copy, and one gather/scatter writes the tokens into the ids section. Those rows
+come first (decodes lead every layout), so a row is also its token's index.
 """
 
 from __future__ import annotations
@@ -61,10 +67,18 @@ class StepInputs:
         decode = 4 * self.seq_stride + max_seqs * max_blocks
         size = max(general, decode, self._chunk_offsets()[-1])
         cuda = device.type == "cuda"
-        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
+        # rows fed from the device: [dst rows, src rows], int64 (index ops want it)
+        self.head = 4 * self.seq_stride
+        self._raw_host = torch.zeros(self.head + size, dtype=torch.int32, pin_memory=cuda)
+        self._raw_dev = (torch.zeros(self.head + size, dtype=torch.int32, device=device)
+                         if cuda else self._raw_host)
+        self.host = self._raw_host[self.head :]
+        self.dev = self._raw_dev[self.head :] if cuda else self.host
         self.host_np = self.host.numpy()
-        self.dev = torch.zeros(size, dtype=torch.int32, device=device) if cuda else self.host
+        self._head_np = self._raw_host[: self.head].numpy().view(np.int64)
+        self._head_dev = self._raw_dev[: self.head].view(torch.int64)
         self._copied: torch.cuda.Event | None = None
+        self._feed: tuple[list[int], list[int], torch.Tensor] | None = None
         self.tables = BlockTableRows(4 * max_seqs, max_blocks)
 
     # ---- the fixed decode layout ----
@@ -93,7 +107,9 @@ class StepInputs:
             self._upload(4 * s)
             return 0
         pos = np.fromiter((x.start for x in scheduled), dtype=np.int64, count=n)
-        h[:n] = np.fromiter((x.seq.token_ids[x.start] for x in scheduled), np.int32, count=n)
+        h[:n] = np.fromiter(
+            (0 if x.input_from_device else x.seq.token_ids[x.start] for x in scheduled),
+            np.int32, count=n)
         h[s : s + n] = pos
         h[3 * s : 3 * s + n] = pos + 1
         h[n:rows] = 0
@@ -117,11 +133,7 @@ class StepInputs:
         first = ends - counts
         row_of_token = np.repeat(np.arange(n), counts)
         positions = np.arange(t) - first[row_of_token] + starts[row_of_token]
-        ids = np.fromiter(
-            chain.from_iterable(x.seq.token_ids[x.start : x.start + x.num_new_tokens]
-                                for x in scheduled),
-            dtype=np.int32, count=t,
-        )
+        ids = np.fromiter(chain.from_iterable(map(_host_ids, scheduled)), np.int32, count=t)
         tables = self.tables.gather(scheduled)
         slots = tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         samples = np.array([i for i, x in enumerate(scheduled) if x.samples], dtype=np.int64)
@@ -225,17 +237,44 @@ class StepInputs:
         self._upload(at)
         return [self.dev[o : o + k] for o, k in offsets]
 
+    def feed_from_device(self, rows: list[int], src_rows: list[int], ids: torch.Tensor) -> None:
+        """The next fill's input token of batch row ``rows[i]`` is ``ids[src_rows[i]]``
+        (on the device, sampled by the step launched before)."""
+        self._feed = (rows, src_rows, ids) if rows else None
+
     def _upload(self, count: int) -> None:
+        feed, self._feed = self._feed, None
+        start = self.head
+        if feed is not None:
+            rows, src, _ = feed
+            k, start = len(rows), 0
+            self._head_np[:k] = rows
+            self._head_np[self.seq_stride : self.seq_stride + k] = src
         if self.dev is not self.host:
-            self.dev[:count].copy_(self.host[:count], non_blocking=True)
+            end = self.head + count
+            self._raw_dev[start:end].copy_(self._raw_host[start:end], non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
+        if feed is not None:
+            self._scatter(len(feed[0]), feed[2])
+
+    def _scatter(self, k: int, ids: torch.Tensor) -> None:
+        rows = self._head_dev[:k]
+        src = self._head_dev[self.seq_stride : self.seq_stride + k]
+        self.dev.index_copy_(0, rows, ids.index_select(0, src).to(torch.int32))
 
     def _wait_host(self) -> None:
         """The last step's copy has read the host buffer before it is written again."""
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
+
+
+def _host_ids(x: ScheduledSeq) -> list[int]:
+    """The chunk's input tokens; a placeholder 0 for a token fed from the device."""
+    if x.input_from_device:
+        return [0]
+    return x.seq.token_ids[x.start : x.start + x.num_new_tokens]
 
 
 @dataclass

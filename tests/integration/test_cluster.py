@@ -60,11 +60,11 @@ def test_text_prompt_streams_text(split_cluster: RunningCluster) -> None:
     assert isinstance(got.text, str)
 
 
-def _all_released(split_cluster: RunningCluster) -> bool:
-    stats = split_cluster.store.stats()
+def _all_released(rc: RunningCluster) -> bool:
+    stats = rc.store.stats()
     if stats.pins or stats.pinned_blocks or stats.owners:
         return False
-    for ep in split_cluster.settings.decode:
+    for ep in rc.settings.decode:
         with grpc.insecure_channel(ep.address) as ch:
             load = worker_pb2_grpc.DecodeWorkerStub(ch).GetLoad(worker_pb2.LoadRequest())
         if load.running or load.waiting or load.free_kv_blocks != load.total_kv_blocks:
@@ -72,9 +72,8 @@ def _all_released(split_cluster: RunningCluster) -> bool:
     return True
 
 
-def test_abort_mid_stream_frees_everything(split_cluster: RunningCluster) -> None:
-    stream = split_cluster.stub.Generate(request(prompts(1, seed=3)[0], max_tokens=400),
-                                         timeout=60)
+def abort_mid_stream_frees_everything(rc: RunningCluster, seed: int) -> None:
+    stream = rc.stub.Generate(request(prompts(1, seed=seed)[0], max_tokens=400), timeout=60)
     received = 0
     for resp in stream:
         received += len(resp.token_ids)
@@ -82,9 +81,13 @@ def test_abort_mid_stream_frees_everything(split_cluster: RunningCluster) -> Non
             break
     stream.cancel()
     deadline = time.monotonic() + 10
-    while not _all_released(split_cluster):
+    while not _all_released(rc):
         assert time.monotonic() < deadline, "blocks or pins still held after the abort"
         time.sleep(0.1)
+
+
+def test_abort_mid_stream_frees_everything(split_cluster: RunningCluster) -> None:
+    abort_mid_stream_frees_everything(split_cluster, seed=3)
 
 
 def test_abort_rpc_by_request_id(split_cluster: RunningCluster) -> None:

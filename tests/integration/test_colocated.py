@@ -1,10 +1,12 @@
 """A colocated cluster (no prefill workers: each decode worker prefills and decodes in
 one engine, chunked prefill beside the decodes) gives the same greedy tokens as the
-split cluster, shares prefixes through the store, and leaks nothing."""
+split cluster, shares prefixes through the store, and leaks nothing — with the
+engines' async scheduling off and forced on (set in the cluster YAML)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,16 @@ from tests.integration.conftest import (
     request,
     running_cluster,
 )
-from tests.integration.test_cluster import prompts
+from tests.integration.test_cluster import abort_mid_stream_frees_everything, prompts
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def colocated(tiny_llama_dir: Path,
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def colocated(request: pytest.FixtureRequest, tiny_llama_dir: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     settings = cluster_settings(tiny_llama_dir, prefill=0, decode=2)
+    settings.model.async_scheduling = request.param
     with running_cluster(settings, tmp_path_factory.mktemp("colocated")) as rc:
         yield rc
 
@@ -48,3 +51,18 @@ def test_colocated_workers_share_prefixes_through_the_store(colocated: RunningCl
     assert second.usage.cached_tokens == 64
     assert wait_until(lambda: (s := colocated.store.stats()).pins == 0 and s.owners == 0,
                       timeout_s=10)
+
+
+def test_concurrent_clients_of_different_lengths(colocated: RunningCluster,
+                                                 reference: LLM) -> None:
+    batch = prompts(8, seed=31)
+    lengths = [3 + i % 9 for i in range(len(batch))]
+    want = [expected(reference, [p], n)[0] for p, n in zip(batch, lengths, strict=True)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda a: colocated.generate(request(a[0], max_tokens=a[1])),
+                            zip(batch, lengths, strict=True)))
+    assert [g.tokens for g in got] == want
+
+
+def test_abort_mid_stream_frees_everything(colocated: RunningCluster) -> None:
+    abort_mid_stream_frees_everything(colocated, seed=32)

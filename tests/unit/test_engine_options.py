@@ -17,7 +17,7 @@ CHANGED = {
     "kv_cache_memory_gb": 2.5, "gpu_memory_utilization": 0.5, "max_num_seqs": 7,
     "max_num_batched_tokens": 333, "max_model_len": 4096, "enable_prefix_caching": False,
     "attention_backend": "triton", "enforce_eager": True, "seed": 9,
-    "preemption_mode": "recompute", "swap_space_gb": 1.5,
+    "preemption_mode": "recompute", "swap_space_gb": 1.5, "async_scheduling": False,
 }
 
 
@@ -42,3 +42,15 @@ def test_every_option_travels_from_yaml_to_the_engine(tmp_path: Path) -> None:
     for name, value in CHANGED.items():
         assert getattr(config, name) == value, name
     assert (config.model, config.model_id) == ("dummy:tiny-llama", "m")
+
+
+def test_async_scheduling_defaults_to_the_device() -> None:
+    """null in the YAML: on for CUDA (the host's work hides behind the GPU's), off on
+    the CPU (a step runs as it is launched); either way it can be forced."""
+    def resolved(**kw: object) -> bool | None:
+        return EngineConfig(model="dummy:tiny-llama", **kw).finalize().async_scheduling
+
+    assert ModelSettings().async_scheduling is None
+    assert resolved() is False and resolved(device="cuda") is True
+    assert resolved(device="cuda", async_scheduling=False) is False
+    assert resolved(async_scheduling=True) is True

@@ -67,3 +67,38 @@ def test_every_section_is_aligned() -> None:
         for v in views:
             if v is not None:
                 assert v.data_ptr() % 16 == 0
+
+
+def test_decodes_fed_from_the_device_in_every_layout() -> None:
+    """A decode whose input token the step before sampled (not on the host yet)
+    reads it from that step's ids on the device, in each layout."""
+    import torch
+
+    from services.engine.step_inputs import StepInputs
+
+    inputs = StepInputs(max_tokens=64, max_seqs=6, max_blocks=8, block_size=4,
+                        device=torch.device("cpu"), chunk_tokens=32, chunk_seqs=6)
+    params = SamplingParams(max_tokens=9)
+    scheduled = []
+    for i, n in enumerate((5, 9, 3, 7)):
+        seq = Sequence(f"s{i}", [100 + 10 * i + k for k in range(n)], params)
+        seq.block_table = list(range(8 * i, 8 * i + 4))
+        if i % 2 == 0:  # its last token is still on the device: it decodes after it
+            seq.num_pending_tokens = 1
+            scheduled.append(ScheduledSeq(seq, 1, n))
+        else:
+            scheduled.append(ScheduledSeq(seq, 1, n - 1))
+    scheduled.append(ScheduledSeq(Sequence("p", [7, 8, 9], params), 3, 0))  # a prompt
+    scheduled[-1].seq.block_table = [40]
+    assert [s.input_from_device for s in scheduled] == [True, False, True, False, False]
+    sampled = torch.tensor([11, 22, 33], dtype=torch.int64)  # the step before's ids
+    rows, src = [0, 2], [2, 0]
+    want = [33, 118, 11, 136, 7, 8, 9]
+    inputs.feed_from_device(rows, src, sampled)
+    assert inputs.fill_general(scheduled).input_ids.tolist() == want
+    inputs.feed_from_device(rows, src, sampled)
+    inputs.fill_chunks(scheduled, 16)
+    assert inputs.chunk_views(16).input_ids.tolist() == want + [0] * 9
+    inputs.feed_from_device(rows, src, sampled)
+    inputs.fill_decode(scheduled[:4], 6)
+    assert inputs.decode_views(6).input_ids.tolist() == want[:4] + [0, 0]
