@@ -31,7 +31,14 @@ from gateway.detokenizer import TextStream
 from gateway.lifecycle import Phase, RequestLifecycle
 from gateway.models import GatewayModel
 from gateway.preemption import Decoding, Preemptor
-from gateway.router import DECODE, PREFILL, Router, RouteRequest, WorkerInfo
+from gateway.router import (
+    DECODE,
+    PREFILL,
+    NoHealthyWorkerError,
+    Router,
+    RouteRequest,
+    WorkerInfo,
+)
 from gateway.sessions import SessionBook, session_owner, tokens_with_kv
 from gateway.validation import ValidatedRequest
 from gateway.workers import WorkerPool
@@ -45,6 +52,7 @@ CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.RESOURCE_EXHAUSTED}
 RELEASE_TIMEOUT_S = 5.0  # cleanup outlives the request's deadline, but not by much
 LOOKUP_TIMEOUT_S = 0.2  # a slow store answer is not worth delaying the request
+WORKER_WAIT_POLL_S = 0.05  # how often a request waiting for a healthy worker looks again
 
 Send = Callable[[generation_pb2.GenerateResponse], Awaitable[None]]
 
@@ -221,7 +229,7 @@ class RequestFlow:
         lc.phase = Phase.PREFILL
         if self.block_hashes and not self.store_blocks:  # kv_aware: what the store holds
             self.store_blocks = await self.deps.store_prefix(self.block_hashes)
-        worker, route = self._route(PREFILL, len(req.prompt_token_ids))
+        worker, route = await self._route(PREFILL, len(req.prompt_token_ids))
         call_req = worker_pb2.PrefillRequest(
             request_id=lc.internal_id, model=req.model, prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling_params(), cache_salt=self.cache_salt,
@@ -269,14 +277,25 @@ class RequestFlow:
                             f"{phase} worker {worker.address} ended its stream early")
         return msg
 
-    def _route(self, phase: str, num_tokens: int) -> tuple[WorkerInfo, RouteRequest]:
+    async def _route(self, phase: str, num_tokens: int) -> tuple[WorkerInfo, RouteRequest]:
+        """A worker for ``phase``. When the phase has workers but none is healthy now,
+        waits up to ``worker_wait_s`` (within the request's deadline) for one to answer
+        its load poll again, rather than refusing at once."""
         route = RouteRequest(request_id=self.lifecycle.internal_id, model=self.req.model,
                              num_tokens=num_tokens, block_size=self.model.block_size,
                              priority=self.req.priority, phase=phase,
                              block_hashes=self.block_hashes if phase == PREFILL else (),
                              store_blocks=self.store_blocks if phase == PREFILL else 0)
-        worker = self.deps.router.pick(self.deps.pool.workers(phase), route)
-        return worker, route
+        loop = asyncio.get_running_loop()
+        end = loop.time() + min(self.deps.settings.worker_wait_s, self.lifecycle.remaining_s())
+        while True:
+            candidates = self.deps.pool.workers(phase)
+            try:
+                return self.deps.router.pick(candidates, route), route
+            except NoHealthyWorkerError:
+                if not candidates or loop.time() >= end:
+                    raise
+            await asyncio.sleep(WORKER_WAIT_POLL_S)
 
     def _interrupt(self, kind: str, why: str) -> None:
         """Stops the worker call in flight: its worker died (``lost``) or its place goes
@@ -341,7 +360,8 @@ class RequestFlow:
         with ExitStack() as asking:
             asking.enter_context(pre.asking(self.decoding))
             pre.make_room(self.decoding)
-            worker, route = self._route(DECODE, len(req.prompt_token_ids) + req.max_tokens)
+            worker, route = await self._route(DECODE,
+                                              len(req.prompt_token_ids) + req.max_tokens)
             lc.phase = Phase.DECODE
             call_req = worker_pb2.DecodeRequest(
                 request_id=lc.internal_id, model=req.model,

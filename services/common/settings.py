@@ -152,6 +152,9 @@ class GatewaySettings(Endpoint):
     max_prompt_bytes: int = 1 * MiB  # UTF-8 bytes of prompt text / chat contents, before tokenizing
     max_chat_messages: int = 1024  # messages of one chat request
     max_request_s: float = 600.0  # the deadline of a request that sets no deadline_ms
+    # a request that finds every worker of a phase unhealthy (one that missed its load
+    # polls while busy, one restarting) waits this long for one before UNAVAILABLE
+    worker_wait_s: float = 5.0
     tokenizer_threads: int = 2  # threads tokenizing prompts (off the serving event loop)
     # API keys the gateway accepts (metadata "x-api-key" or "authorization: Bearer KEY");
     # empty -> no key needed. A key names its tenant: its requests, aborts and cache salt.

@@ -28,9 +28,13 @@ pytestmark = pytest.mark.slow
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+WORKER_WAIT_S = 2.0
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
+    settings.gateway.worker_wait_s = WORKER_WAIT_S
     with running_cluster(settings, tmp_path_factory.mktemp("gateway-deadlines")) as rc:
         yield rc
 
@@ -91,13 +95,36 @@ def test_frozen_decode_worker_fails_requests_and_health(cluster: RunningCluster)
             assert time.monotonic() - stopped_at < 6
             _until(lambda: _health(gw.address) != SERVING, 5, "health still SERVING")
             assert _readyz(gw.http_port) == 503
+            asked = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
-                cluster.generate(request([1, 2, 3], max_tokens=2), timeout=5)
+                cluster.generate(request([1, 2, 3], max_tokens=2), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - asked >= WORKER_WAIT_S * 0.9  # it waited for one
         finally:
             os.kill(decode.proc.pid, signal.SIGCONT)
     _until(lambda: _health(gw.address) == SERVING, 10, "health never SERVING again")
     assert _readyz(gw.http_port) == 200
     got = cluster.generate(request([1, 2, 3], max_tokens=2), timeout=20)
+    assert got.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    _wait_released(cluster)
+
+
+def test_a_request_waits_out_a_decode_worker_that_missed_its_polls(
+        cluster: RunningCluster) -> None:
+    """The only decode worker stops answering (busy, frozen) and is marked down; a
+    request arriving then waits for it rather than being refused, and completes."""
+    gw = cluster.settings.gateway
+    decode = cluster.cluster.find("decode")
+    os.kill(decode.proc.pid, signal.SIGSTOP)
+    try:
+        _until(lambda: _health(gw.address) != SERVING, 5, "health still SERVING")
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(cluster.generate, request([1, 2, 3], max_tokens=2),
+                                 timeout=20)
+            time.sleep(0.3)
+            os.kill(decode.proc.pid, signal.SIGCONT)
+            got = answer.result(timeout=20)
+    finally:
+        os.kill(decode.proc.pid, signal.SIGCONT)
     assert got.finish_reason == common_pb2.FINISH_REASON_LENGTH
     _wait_released(cluster)
