@@ -67,12 +67,17 @@ def profile_engine(config: EngineConfig, repeat: int = 3,
 def _decode_step(engine: object, batch: int, ctx: int, repeat: int) -> float:
     from services.engine import SamplingParams
 
-    many = SamplingParams(max_tokens=repeat + 4, ignore_eos=True)
+    cfg = engine.config  # type: ignore[attr-defined]
+    # prompts prefilled early decode while the rest prefill: none may finish before the
+    # timed steps (the batch would shrink, or be gone)
+    prefill_steps = -(-batch * ctx // cfg.max_num_batched_tokens) + 2
+    many = SamplingParams(max_tokens=min(repeat + 4 + prefill_steps,
+                                         cfg.max_model_len - ctx + 1), ignore_eos=True)
     ids = [f"d{batch}-{ctx}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(rid, [9] * (ctx - 1), many)
     while engine.stats().num_waiting or any(  # until every prompt is prefilled
-            engine.seqs[r].num_computed_tokens < ctx - 1 for r in ids):
+            r in engine.seqs and engine.seqs[r].num_computed_tokens < ctx - 1 for r in ids):
         engine.step()
     engine.step()  # the first decode step (may carry the last prefill token)
     seconds = _timed(engine.step, repeat)
