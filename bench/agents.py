@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +108,21 @@ def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -
     settings.dump_yaml(tmp / "cluster.yaml")
     with LocalCluster(settings, tmp / "cluster.yaml", tmp):
         _ttfts(settings.gateway.address, prompts[:1], 1)  # warm-up: another prefix
+        before = store_get_bytes(settings.kvstore.http_port)
         got = _ttfts(settings.gateway.address, prompts, args.output_len)
+        fetched = store_get_bytes(settings.kvstore.http_port) - before
     ttft = [t for t, _ in got]
     return {"reuse": reuse, "ttft_median_ms": statistics.median(ttft) * 1000,
             "ttft_mean_ms": statistics.mean(ttft) * 1000, "ttft_max_ms": max(ttft) * 1000,
-            "cached_tokens": sum(c for _, c in got)}
+            "cached_tokens": sum(c for _, c in got), "store_get_mb": fetched / 1e6}
+
+
+def store_get_bytes(http_port: int) -> float:
+    """Bytes the store has handed out so far, over every transport (its /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    pattern = r'^splitserve_kvstore_transfer_bytes_total\{direction="get",[^}]*\} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,10 +137,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["speedup_mean"] = wo["ttft_mean_ms"] / w["ttft_mean_ms"]
     print(f"{args.agents} agents, a shared {args.prefix_len}-token prefix + {args.task_len} "
           f"tokens each, all at once ({args.model}, {args.device}):")
-    print(f"  {'':<16} {'TTFT median ms':>15} {'mean ms':>9} {'max ms':>9} {'cached tok':>11}")
+    print(f"  {'':<16} {'TTFT median ms':>15} {'mean ms':>9} {'max ms':>9} {'cached tok':>11}"
+          f" {'store out MB':>13}")
     for name, r in (("with reuse", w), ("without", wo)):
         print(f"  {name:<16} {r['ttft_median_ms']:>15.1f} {r['ttft_mean_ms']:>9.1f} "
-              f"{r['ttft_max_ms']:>9.1f} {r['cached_tokens']:>11}")
+              f"{r['ttft_max_ms']:>9.1f} {r['cached_tokens']:>11} {r['store_get_mb']:>13.1f}")
     print(f"  mean TTFT {result['speedup_mean']:.1f}x lower with reuse")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

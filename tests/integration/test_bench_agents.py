@@ -17,4 +17,5 @@ def test_agents_find_the_shared_prefix_only_with_reuse(tmp_path) -> None:
     result = run(args)
     assert result["with"]["cached_tokens"] >= 3 * 64
     assert result["without"]["cached_tokens"] == 0
+    assert result["without"]["store_get_mb"] > 0  # the decode worker read the prompts' KV
     assert (tmp_path / "agents.json").exists()
