@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from services.common.logging import get_logger
+from services.common.shared_fetch import SharedFetches
 from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2
 
@@ -84,6 +85,7 @@ class KVConnector:
         self.block_nbytes = block_nbytes
         self._pinned = pinned_staging
         self.prefix_reuse = prefix_reuse  # load_prefix asks the store (else: the engine only)
+        self._shared = SharedFetches()  # a prefix several requests fetch at once: once
 
     @property
     def device_payloads(self) -> bool:
@@ -120,7 +122,10 @@ class KVConnector:
         private ones) covering ``num_tokens`` tokens; the engine's held leading full
         blocks are not fetched. A block the store lacks fails the request (NOT_FOUND)."""
         engine = self.engine_prefix(list(keys[:full_blocks]))
-        payloads = self._fetch(owner, keys[engine:], prefix=False)
+        payloads = self._shared.fetch(
+            list(keys[engine:]), full_blocks - engine,
+            lambda ks: self._fetch(owner, ks, prefix=False),
+            lambda ks: self.store.pin(owner, ks))
         return KVLoad(engine, payloads, num_tokens)
 
     def _fetch(self, owner: str, keys: Sequence[bytes], prefix: bool) -> list[Any]:

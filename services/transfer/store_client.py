@@ -190,6 +190,16 @@ class KVStoreClient:
                 self._transport, self._describe = None, None
         transport.close()
 
+    def pin(self, owner: str, keys: Sequence[bytes], ttl_s: float = 0.0) -> int:
+        """Pins the longest held prefix of ``keys`` for ``owner`` without reading them
+        (until ``release(owner)``, or ``ttl_s``; 0: the store's pin TTL) -> blocks pinned."""
+        if not owner:
+            raise InvalidRequestError("pin needs an owner")
+        if not keys:
+            return 0
+        return self._call(self._stub.Pin, kvstore_pb2.PinRequest(
+            owner=owner, keys=list(keys), ttl_s=ttl_s)).num_blocks
+
     def release(self, owner: str) -> int:
         """Drops every pin of ``owner`` and its private blocks -> pins dropped."""
         if not owner:

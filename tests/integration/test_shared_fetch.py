@@ -1,0 +1,115 @@
+"""Two requests of one worker that load the same prefix at the same time: the store
+hands it out once, both get its bytes, and each holds its own pins until released."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.common.kv_connector import KVConnector
+from services.common.settings import TransferSettings
+from services.transfer.store_client import KVStoreClient
+from tests.integration.test_transfer import start_store
+
+NBYTES = 64 * 1024
+SHARED = 8
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    settings, cluster = start_store(tmp_path, ucx=False)
+    c = KVStoreClient(settings.kvstore.address, TransferSettings(transport="shm"))
+    yield c
+    c.close()
+    cluster.stop()
+
+
+def test_a_prefix_loaded_by_two_requests_at_once_is_fetched_once(client) -> None:
+    keys = [os.urandom(16) for _ in range(SHARED + 2)]
+    data = [os.urandom(NBYTES) for _ in keys]
+    client.put("writer", keys, data, NBYTES)
+    client.release("writer")  # held, unpinned: only the loads pin them now
+    kv = KVConnector(client, lambda hashes: 0, 16, NBYTES, pinned_staging=False)
+    fetched: dict[str, list[int]] = {}
+    entered, gate = threading.Event(), threading.Event()
+    real = kv._fetch
+
+    def gated(owner: str, ks, prefix: bool):  # holds a's fetch open until b has asked
+        fetched.setdefault(owner, []).append(len(ks))
+        if owner == "a":
+            entered.set()
+            assert gate.wait(10)
+        return real(owner, ks, prefix)
+
+    kv._fetch = gated  # type: ignore[method-assign]
+    loads: dict[str, object] = {}
+
+    def load(owner: str, own: int) -> None:
+        loads[owner] = kv.load_exact(owner, keys[:SHARED] + [keys[own]], SHARED,
+                                     (SHARED + 1) * 16)
+
+    a = threading.Thread(target=load, args=("a", SHARED))
+    a.start()
+    assert entered.wait(10)
+    b = threading.Thread(target=load, args=("b", SHARED + 1))
+    b.start()
+    while "b" not in fetched:  # b fetched its own block and waits for a's prefix
+        threading.Event().wait(0.01)
+    gate.set()
+    a.join(10)
+    b.join(10)
+    assert fetched == {"a": [SHARED + 1], "b": [1]}  # the prefix left the store once
+    for owner, own in (("a", SHARED), ("b", SHARED + 1)):
+        got = [bytes(memoryview(p.numpy())) for p in loads[owner].payloads]
+        assert got == data[:SHARED] + [data[own]]
+    assert kv._shared.shared_blocks == SHARED
+    assert client.stats().pins == 2 * (SHARED + 1)  # b pinned the prefix for itself
+    client.release("a")
+    client.release("b")
+    assert client.stats().pins == 0
+
+
+def test_a_failed_shared_fetch_is_made_again_by_the_waiting_request(client) -> None:
+    keys = [os.urandom(16) for _ in range(3)]
+    client.put("writer", keys[1:], [os.urandom(NBYTES) for _ in keys[1:]], NBYTES)
+    kv = KVConnector(client, lambda hashes: 0, 16, NBYTES, pinned_staging=False)
+    entered, gate = threading.Event(), threading.Event()
+    real = kv._fetch
+    tries: list[str] = []
+
+    def gated(owner: str, ks, prefix: bool):
+        tries.append(owner)
+        if owner == "a" and len(tries) == 1:
+            entered.set()
+            assert gate.wait(10)
+        return real(owner, ks, prefix)
+
+    kv._fetch = gated  # type: ignore[method-assign]
+    errors: dict[str, BaseException] = {}
+
+    def load(owner: str, own: int) -> None:
+        try:
+            kv.load_exact(owner, [keys[0], keys[own]], 1, 32)
+        except Exception as e:  # noqa: BLE001
+            errors[owner] = e
+
+    a = threading.Thread(target=load, args=("a", 1))
+    a.start()
+    assert entered.wait(10)
+    b = threading.Thread(target=load, args=("b", 2))
+    b.start()
+    while tries.count("b") < 1:
+        threading.Event().wait(0.01)
+    gate.set()
+    a.join(10)
+    b.join(10)
+    assert set(errors) == {"a", "b"}  # the block is missing for both: NOT_FOUND, no hang
+    assert all(isinstance(e, KeyError) for e in errors.values())
+    assert tries.count("b") == 2  # b's own block, then the prefix a failed to get
+    client.release("a")
+    client.release("b")
+    client.release("writer")
+    assert client.stats().pins == 0
