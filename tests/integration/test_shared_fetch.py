@@ -27,6 +27,23 @@ def client(tmp_path: Path):
     cluster.stop()
 
 
+def _a_then_b(load, own: tuple[int, int], entered: threading.Event, gate: threading.Event,
+              b_asked) -> None:
+    """Request a starts loading and is held in its fetch; b starts; once b has asked
+    the store for its own blocks, a's fetch goes on; both end."""
+    a = threading.Thread(target=load, args=("a", own[0]))
+    a.start()
+    assert entered.wait(10)
+    b = threading.Thread(target=load, args=("b", own[1]))
+    b.start()
+    while not b_asked():
+        threading.Event().wait(0.01)
+    gate.set()
+    a.join(10)
+    b.join(10)
+    assert not a.is_alive() and not b.is_alive()
+
+
 def test_a_prefix_loaded_by_two_requests_at_once_is_fetched_once(client) -> None:
     keys = [os.urandom(16) for _ in range(SHARED + 2)]
     data = [os.urandom(NBYTES) for _ in keys]
@@ -51,16 +68,8 @@ def test_a_prefix_loaded_by_two_requests_at_once_is_fetched_once(client) -> None
         loads[owner] = kv.load_exact(owner, keys[:SHARED] + [keys[own]], SHARED,
                                      (SHARED + 1) * 16)
 
-    a = threading.Thread(target=load, args=("a", SHARED))
-    a.start()
-    assert entered.wait(10)
-    b = threading.Thread(target=load, args=("b", SHARED + 1))
-    b.start()
-    while "b" not in fetched:  # b fetched its own block and waits for a's prefix
-        threading.Event().wait(0.01)
-    gate.set()
-    a.join(10)
-    b.join(10)
+    # b fetches its own block, then waits for a's prefix
+    _a_then_b(load, (SHARED, SHARED + 1), entered, gate, lambda: "b" in fetched)
     assert fetched == {"a": [SHARED + 1], "b": [1]}  # the prefix left the store once
     for owner, own in (("a", SHARED), ("b", SHARED + 1)):
         got = [bytes(memoryview(p.numpy())) for p in loads[owner].payloads]
@@ -96,16 +105,7 @@ def test_a_failed_shared_fetch_is_made_again_by_the_waiting_request(client) -> N
         except Exception as e:  # noqa: BLE001
             errors[owner] = e
 
-    a = threading.Thread(target=load, args=("a", 1))
-    a.start()
-    assert entered.wait(10)
-    b = threading.Thread(target=load, args=("b", 2))
-    b.start()
-    while tries.count("b") < 1:
-        threading.Event().wait(0.01)
-    gate.set()
-    a.join(10)
-    b.join(10)
+    _a_then_b(load, (1, 2), entered, gate, lambda: "b" in tries)
     assert set(errors) == {"a", "b"}  # the block is missing for both: NOT_FOUND, no hang
     assert all(isinstance(e, KeyError) for e in errors.values())
     assert tries.count("b") == 2  # b's own block, then the prefix a failed to get
