@@ -10,14 +10,10 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.transfer.base import (
-    Buffer,
-)
-from services.transfer.contract.errors import (
-    InvalidRequestError,
-)
+from services.transfer.base import Buffer, bounded
+from services.transfer.contract.errors import InvalidRequestError, wrap_rpc_error
 from services.transfer.grpc_transport import GrpcTransport
-from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 
 def put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[int]:
@@ -29,6 +25,40 @@ def put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[
             raise InvalidRequestError(f"store reserved {s.length} bytes for a "
                                       f"{block_nbytes}-byte block")
     return [-1 if s.present else s.offset for s in begun.slots]
+
+
+def two_phase_put(
+    stub: kvstore_pb2_grpc.KVStoreStub, owner: str, refs: Sequence[common_pb2.BlockRef],
+    block_nbytes: int, timeout_s: float | None, store_id: str,
+    stale: Callable[[str], Exception], write: Callable[[str, list[int]], list[int]], *,
+    device: bool = False,
+) -> tuple[kvstore_pb2.CommitPutResponse, list[int]]:
+    """BeginPut -> ``write(put_id, offsets)`` (where each block goes, -1 for one already
+    held; it returns the checksums CommitPut takes) -> CommitPut -> (its answer, the
+    offsets). Any failure after BeginPut aborts the put; ``stale(id)`` is raised when
+    another store instance answers. ``device``: the slots are in the gpu tier."""
+    try:
+        begun = stub.BeginPut(kvstore_pb2.BeginPutRequest(
+            owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
+            device=device), timeout=bounded(timeout_s))
+    except grpc.RpcError as e:
+        raise wrap_rpc_error(e) from None
+    try:
+        if begun.store_id and begun.store_id != store_id:
+            raise stale(begun.store_id)
+        offsets = put_offsets(begun, block_nbytes)
+        if len(offsets) != len(refs):
+            raise InvalidRequestError(f"store answered {len(offsets)} slots for "
+                                      f"{len(refs)} blocks")
+        sums = write(begun.put_id, offsets)
+        resp = stub.CommitPut(kvstore_pb2.CommitPutRequest(
+            put_id=begun.put_id, checksums=sums), timeout=bounded(timeout_s))
+    except BaseException as e:
+        abort_put(stub, begun.put_id)
+        if isinstance(e, grpc.RpcError):
+            raise wrap_rpc_error(e) from None
+        raise
+    return resp, offsets
 
 
 def locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list[int]]:

@@ -24,11 +24,10 @@ import grpc
 import torch
 
 from services.transfer.arena_ops import (
-    abort_put,
     pinned_device_locations,
-    put_offsets,
     release_anonymous,
     reread_bad,
+    two_phase_put,
 )
 from services.transfer.base import Buffer, KVTransport, PutResult, bounded
 from services.transfer.bulk import crcs
@@ -110,36 +109,21 @@ class CudaIpcTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
         base, offsets = self._on_device(payloads, block_nbytes)
-        t0 = time.perf_counter()
-        try:
-            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
-                owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
-                device=True), timeout=bounded(self.timeout_s))
-        except grpc.RpcError as e:
-            raise wrap_rpc_error(e) from None
-        if begun.store_id and begun.store_id != self.store_id:
-            abort_put(self._stub, begun.put_id)
-            raise self._stale(begun.store_id)
-        try:
-            slots = put_offsets(begun, block_nbytes)
-            if len(slots) != len(refs):
-                raise InvalidRequestError(f"store answered {len(slots)} slots for "
-                                          f"{len(refs)} blocks")
+
+        def write(put_id: str, slots: list[int]) -> list[int]:
             todo = [j for j, o in enumerate(slots) if o >= 0]
-            sums = [0] * len(refs)
+            sums = [0] * len(refs)  # present blocks: 0 (ignored)
             got = copy_blocks(base, [offsets[j] for j in todo], self._arena,
                               [slots[j] for j in todo], block_nbytes)
             for j, c in zip(todo, got, strict=True):
                 sums[j] = c
-            resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
-        except BaseException as e:
-            abort_put(self._stub, begun.put_id)
-            if isinstance(e, grpc.RpcError):
-                raise wrap_rpc_error(e) from None
-            raise
+            return sums
+
+        t0 = time.perf_counter()
+        resp, slots = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
+                                    self.store_id, self._stale, write, device=True)
         self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * len(todo))
+        self._put_bytes.inc(block_nbytes * sum(1 for o in slots if o >= 0))
         return PutResult(resp.stored, resp.present)
 
     def _on_device(self, payloads: Sequence[Buffer], nbytes: int) -> tuple[torch.Tensor,

@@ -20,11 +20,10 @@ from collections.abc import Sequence
 import grpc
 
 from services.transfer.arena_ops import (
-    abort_put,
     pinned_locations,
-    put_offsets,
     release_anonymous,
     reread_bad,
+    two_phase_put,
 )
 from services.transfer.base import (
     Buffer,
@@ -115,21 +114,8 @@ class ShmTransport(KVTransport):
         views = check_payloads(refs, payloads, block_nbytes)
         if not refs:
             return PutResult(0, 0)
-        t0 = time.perf_counter()
-        try:
-            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
-                owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True),
-                timeout=bounded(self.timeout_s))
-        except grpc.RpcError as e:
-            raise wrap_rpc_error(e) from None
-        if begun.store_id and begun.store_id != self.store_id:
-            abort_put(self._stub, begun.put_id)
-            raise self._stale(begun.store_id)
-        try:
-            offsets = put_offsets(begun, block_nbytes)
-            if len(offsets) != len(views):
-                raise InvalidRequestError(f"store answered {len(offsets)} slots for "
-                                          f"{len(views)} blocks")
+
+        def write(put_id: str, offsets: list[int]) -> list[int]:
             sums = [0] * len(views)  # present blocks: 0 (ignored)
             copies, where = [], []
             for j, (offset, v) in enumerate(zip(offsets, views, strict=True)):
@@ -140,16 +126,13 @@ class ShmTransport(KVTransport):
             # each crc32 is computed just before its copy, which then reads from cache
             for j, crc in zip(where, crc_copy(copies), strict=True):
                 sums[j] = crc
-            written = block_nbytes * len(copies)
-            resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
-        except BaseException as e:
-            abort_put(self._stub, begun.put_id)
-            if isinstance(e, grpc.RpcError):
-                raise wrap_rpc_error(e) from None
-            raise
+            return sums
+
+        t0 = time.perf_counter()
+        resp, offsets = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
+                                      self.store_id, self._stale, write)
         self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(written)
+        self._put_bytes.inc(block_nbytes * sum(1 for o in offsets if o >= 0))
         return PutResult(resp.stored, resp.present)
 
     def _stale(self, store_id: str) -> StaleTransportError:

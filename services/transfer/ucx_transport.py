@@ -28,11 +28,10 @@ import grpc
 
 from services.transfer import ucx_loop
 from services.transfer.arena_ops import (
-    abort_put,
     pinned_locations,
-    put_offsets,
     release_anonymous,
     reread_bad,
+    two_phase_put,
 )
 from services.transfer.base import (
     Buffer,
@@ -160,34 +159,19 @@ class UcxTransport(KVTransport):
         views = check_payloads(refs, payloads, block_nbytes)
         if not refs:
             return PutResult(0, 0)
-        t0 = time.perf_counter()
-        try:
-            begun = self._stub.BeginPut(kvstore_pb2.BeginPutRequest(
-                owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True),
-                timeout=bounded(self.timeout_s))
-        except grpc.RpcError as e:
-            raise wrap_rpc_error(e) from None
-        try:
-            if begun.store_id and begun.store_id != self.store_id:
-                raise self._stale(begun.store_id)
-            offsets = put_offsets(begun, block_nbytes)
-            if len(offsets) != len(views):
-                raise InvalidRequestError(f"store answered {len(offsets)} slots for "
-                                          f"{len(views)} blocks")
+
+        def write(put_id: str, offsets: list[int]) -> list[int]:
             written = [v for o, v in zip(offsets, views, strict=True) if o >= 0]
-            sums = [crc32(v) for v in written]
             if written:
-                req = Op(op=Op.PUT, put_id=begun.put_id, lengths=[v.nbytes for v in written])
+                req = Op(op=Op.PUT, put_id=put_id, lengths=[v.nbytes for v in written])
                 self._exchange("put", _put, req, written)
-            resp = self._stub.CommitPut(kvstore_pb2.CommitPutRequest(
-                put_id=begun.put_id, checksums=sums), timeout=bounded(self.timeout_s))
-        except BaseException as e:
-            abort_put(self._stub, begun.put_id)
-            if isinstance(e, grpc.RpcError):
-                raise wrap_rpc_error(e) from None
-            raise
+            return [crc32(v) for v in written]
+
+        t0 = time.perf_counter()
+        resp, offsets = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
+                                      self.store_id, self._stale, write)
         self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * len(written))
+        self._put_bytes.inc(block_nbytes * sum(1 for o in offsets if o >= 0))
         return PutResult(resp.stored, resp.present)
 
     # -- get --------------------------------------------------------------------------
