@@ -104,13 +104,14 @@ def _ttfts(address: str, prompts: list[list[int]], output_len: int) -> list[tupl
 
 def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -> dict:
     settings = _settings(args, reuse)
-    tmp = Path(tempfile.mkdtemp(prefix="splitserve-agents-"))
-    settings.dump_yaml(tmp / "cluster.yaml")
-    with LocalCluster(settings, tmp / "cluster.yaml", tmp):
-        _ttfts(settings.gateway.address, prompts[:1], 1)  # warm-up: another prefix
-        before = store_get_bytes(settings.kvstore.http_port)
-        got = _ttfts(settings.gateway.address, prompts, args.output_len)
-        fetched = store_get_bytes(settings.kvstore.http_port) - before
+    with tempfile.TemporaryDirectory(prefix="splitserve-agents-") as d:
+        tmp = Path(d)
+        settings.dump_yaml(tmp / "cluster.yaml")
+        with LocalCluster(settings, tmp / "cluster.yaml", tmp):
+            _ttfts(settings.gateway.address, prompts[:1], 1)  # warm-up: another prefix
+            before = store_get_bytes(settings.kvstore.http_port)
+            got = _ttfts(settings.gateway.address, prompts, args.output_len)
+            fetched = store_get_bytes(settings.kvstore.http_port) - before
     ttft = [t for t, _ in got]
     return {"reuse": reuse, "ttft_median_ms": statistics.median(ttft) * 1000,
             "ttft_mean_ms": statistics.mean(ttft) * 1000, "ttft_max_ms": max(ttft) * 1000,
