@@ -2,10 +2,10 @@
 # The engine numbers of bench/RESULTS.md on one GPU (dummy weights, bf16).
 # Usage: bench/gpu_engine.sh [outdir]   (each run also writes its JSON there)
 # Headline numbers come from runs without --profile (which syncs per section);
-# PROFILE=1 adds a profiled run of the first two workloads.
+# ASYNC=on/off sets model.async_scheduling (auto: the engine default); PROFILE=1 adds a profiled run of the first two workloads.
 set -u
 out=${1:-/tmp}
-B="python3 -m services.cli bench offline --device cuda --no-tqdm --attention-backend ${BACKEND:-triton}"
+B="python3 -m services.cli bench offline --device cuda --no-tqdm --attention-backend ${BACKEND:-triton} --async-scheduling ${ASYNC:-auto}"
 DECODE="--model dummy:llama-3.1-8b --num-seqs 1 --min-input 128 --max-input 128 --min-output 256 --max-output 256"
 TPUT="--model dummy:qwen3-0.6b --num-seqs 256 --min-input 100 --max-input 1024 --min-output 512 --max-output 512 --max-num-seqs 256 --max-num-batched-tokens 8192"
 echo "== batch-1 decode, llama-3.1-8b, 128 in / 256 out"

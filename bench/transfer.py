@@ -140,10 +140,18 @@ def _print(result: dict[str, Any]) -> None:
             k = r["kernel"]
             print(f"{'':<10} the copy+dsum32 kernel alone: {k['best']:.1f} ({k['median']:.1f})"
                   " GB/s (device to device, no control RPCs)")
+        if "plain_copy" in r:
+            c = r["plain_copy"]
+            print(f"{'':<10} one plain device copy of the same bytes: {c['best']:.1f} "
+                  f"({c['median']:.1f}) GB/s (the reference)")
         if "cpu_tier_to_gpu" in r:
             c = r["cpu_tier_to_gpu"]
             print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
                   f"({c['median']:.2f}) GB/s (pinned host to device, crc32 on the host)")
+        if "cpu_tier_parts" in r:
+            p = r["cpu_tier_parts"]
+            print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "
+                  f"{p['threads']} threads {p['crc32']['best']:.2f} GB/s")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 from bench.transfer import _gbps
 from services.common.settings import TransferSettings
+from services.transfer.bulk import crcs, threads
 from services.transfer.device_copy import copy_blocks
 from services.transfer.store_client import KVStoreClient
 
@@ -52,6 +53,8 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             del got, from_host
     result = {k: _gbps(block * count, v) for k, v in times.items()}
     result["kernel"] = kernel_rate(rows, repeat)
+    result["plain_copy"] = plain_copy_rate(rows, repeat)
+    result["cpu_tier_parts"] = host_parts(data, block, count, repeat)
     return result
 
 
@@ -61,16 +64,45 @@ def kernel_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:
     flat, out = rows.view(-1), torch.empty_like(rows).view(-1)
     n, nbytes = rows.shape
     offs = [i * nbytes for i in range(n)]
-    copy_blocks(flat, offs, out, offs, nbytes)  # compiled and warm
+    return _timed_rate(lambda: copy_blocks(flat, offs, out, offs, nbytes), n * nbytes, repeat)
+
+
+def plain_copy_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:
+    """One contiguous device-to-device copy of the same bytes (no checksum, no offsets):
+    the rate the kernel is measured against, GB/s."""
+    flat, out = rows.view(-1), torch.empty_like(rows).view(-1)
+    return _timed_rate(lambda: out.copy_(flat), flat.numel(), repeat)
+
+
+def host_parts(data: bytes, block: int, count: int, repeat: int) -> dict[str, Any]:
+    """The two halves of a cpu-tier read to this GPU, each alone: one DMA of the bytes
+    from page-locked memory, and the crc32 of the blocks on the host threads, GB/s."""
+    pinned = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
+    pinned.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dev = torch.empty(len(data), dtype=torch.uint8, device="cuda")
+    view = memoryview(pinned.numpy())
+    blocks = [view[i * block : (i + 1) * block] for i in range(count)]
+    dma = _timed_rate(lambda: dev.copy_(pinned, non_blocking=True), len(data), repeat)
+    seconds = []
+    for _ in range(max(3, repeat)):
+        t0 = time.perf_counter()
+        crcs(blocks)
+        seconds.append(time.perf_counter() - t0)
+    return {"dma": dma, "crc32": _gbps(len(data), seconds), "threads": threads()}
+
+
+def _timed_rate(call, nbytes: int, repeat: int) -> dict[str, float]:
+    """GB/s of ``call`` timed with CUDA events around it, after one warm (compiling) call."""
+    call()
     seconds = []
     for _ in range(max(3, repeat)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        copy_blocks(flat, offs, out, offs, nbytes)
+        call()
         end.record()
         end.synchronize()
         seconds.append(start.elapsed_time(end) / 1000)
-    return _gbps(n * nbytes, seconds)
+    return _gbps(nbytes, seconds)
 
 
 def _check(stored: int, count: int, got: list[torch.Tensor], outs: torch.Tensor,

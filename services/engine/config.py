@@ -172,9 +172,8 @@ class EngineOptions:
     # auto (triton on CUDA where the head size allows, torch elsewhere) | torch | triton
     attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (CUDA + triton only)
-    # schedule and prepare step N+1 while step N runs. None (auto) is off for now: it
-    # is to turn on for CUDA once its GPU tests (tests/gpu/test_async_scheduling_cuda.py)
-    # have passed on a GPU; on the CPU a step runs as it is launched and nothing overlaps
+    # schedule and prepare step N+1 while step N runs. None (auto): on for CUDA, off on
+    # the CPU, where a step runs as it is launched and nothing would overlap
     async_scheduling: bool | None = None
     seed: int = 0
 
@@ -223,7 +222,7 @@ class EngineConfig(EngineOptions):
         if self.attention_backend == "auto":
             self.attention_backend = self._auto_backend(mc.head_dim)
         if self.async_scheduling is None:
-            self.async_scheduling = False  # see the field: not yet verified on a GPU
+            self.async_scheduling = self.device.startswith("cuda")
         limit = mc.max_position_embeddings
         if mc.sliding_window is not None:
             limit = min(limit, mc.sliding_window)  # sliding-window attention is not implemented

@@ -22,8 +22,8 @@ try:  # pragma: no cover - a GPU machine
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["words", "num_chunks"])
-    def _copy_sum_kernel(src, src_off, dst, dst_off, partial, words, num_chunks,
+    @triton.jit(do_not_specialize=["n", "words"])
+    def _copy_sum_kernel(src, offsets, dst, sums, n, words,
                          CHUNK: tl.constexpr, WRITE: tl.constexpr, MASK: tl.constexpr,
                          ALIGN: tl.constexpr):
         b = tl.program_id(0)
@@ -32,14 +32,15 @@ try:  # pragma: no cover - a GPU machine
         mask = idx < words
         # block offsets are data: say they are ALIGN-word multiples, or every access
         # would be a 4-byte one
-        s_base = tl.multiple_of(tl.load(src_off + b), ALIGN)
+        s_base = tl.multiple_of(tl.load(offsets + b), ALIGN)
         x = tl.load(src + s_base + idx, mask=mask, other=0)
         if WRITE:
-            d_base = tl.multiple_of(tl.load(dst_off + b), ALIGN)
+            d_base = tl.multiple_of(tl.load(offsets + n + b), ALIGN)
             tl.store(dst + d_base + idx, x, mask=mask)
         weight = ((idx & MASK) << 1) | 1
-        # int32 products and sums wrap modulo 2**32: the checksum's own arithmetic
-        tl.store(partial + b * num_chunks + c, tl.sum(x * weight, axis=0))
+        # int32 products and sums wrap modulo 2**32, the checksum's own arithmetic, so
+        # the chunks' sums meet in one int32 per block with no reduction pass after
+        tl.atomic_add(sums + b, tl.sum(x * weight, axis=0), sem="relaxed")
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover
@@ -60,11 +61,13 @@ def _alignment(byte_counts: Sequence[int]) -> int:
     return 4 if all(c % 16 == 0 for c in byte_counts) else 1
 
 
-def _offsets(byte_offsets: Sequence[int], device: torch.device) -> torch.Tensor:
+def _offsets(src_offsets: Sequence[int], dst_offsets: Sequence[int],
+             device: torch.device) -> torch.Tensor:
+    """Both sides' block offsets in int32 words, in one tensor (one host-to-device copy)."""
+    byte_offsets = [*src_offsets, *dst_offsets]
     if any(o % 4 for o in byte_offsets):
         raise ValueError("block offsets must be whole 4-byte words")
-    host = torch.tensor([o // 4 for o in byte_offsets], dtype=torch.int64,
-                        pin_memory=device.type == "cuda")
+    host = torch.tensor([o // 4 for o in byte_offsets], dtype=torch.int64)
     return host.to(device, non_blocking=True)
 
 
@@ -81,18 +84,16 @@ def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor
     if src.device.type != "cuda" or not HAVE_TRITON:
         return _copy_blocks_torch(src, src_offsets, dst, dst_offsets, nbytes)
     words = nbytes // 4
-    num_chunks = triton.cdiv(words, CHUNK)
-    partial = torch.empty((n, num_chunks), dtype=torch.int32, device=src.device)
-    s_off = _offsets(src_offsets, src.device)
     write = dst is not None
-    d_words = _words(dst) if write else _words(src)
-    d_off = _offsets(dst_offsets, src.device) if write else s_off
+    offsets = _offsets(src_offsets, dst_offsets if write else (), src.device)
+    sums = torch.zeros(n, dtype=torch.int32, device=src.device)
     align = _alignment([*src_offsets, *dst_offsets, nbytes, _base_offset(src),
                         _base_offset(dst if write else src)])
-    _copy_sum_kernel[(n, num_chunks)](_words(src), s_off, d_words, d_off, partial, words,
-                                      num_chunks, CHUNK=CHUNK, WRITE=write, MASK=WEIGHT_MASK,
-                                      ALIGN=align, num_warps=8)
-    return fold(partial.to(torch.int64).sum(dim=1))
+    grid = (n, triton.cdiv(words, CHUNK))
+    _copy_sum_kernel[grid](_words(src), offsets, _words(dst) if write else _words(src),
+                           sums, n, words, CHUNK=CHUNK, WRITE=write, MASK=WEIGHT_MASK,
+                           ALIGN=align, num_warps=8)
+    return fold(sums)
 
 
 def _copy_blocks_torch(src: torch.Tensor, src_offsets: Sequence[int],

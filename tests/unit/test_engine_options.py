@@ -45,13 +45,13 @@ def test_every_option_travels_from_yaml_to_the_engine(tmp_path: Path) -> None:
 
 
 def test_async_scheduling_defaults_to_the_device() -> None:
-    """null in the YAML: off on every device until the overlap's GPU tests have run on
-    a GPU (then on for CUDA); either way it can be forced."""
+    """null in the YAML: on for CUDA (where the overlap's GPU tests pass), off on the
+    CPU; either way it can be forced."""
     def resolved(**kw: object) -> bool | None:
         return EngineConfig(model="dummy:tiny-llama", **kw).finalize().async_scheduling
 
     assert ModelSettings().async_scheduling is None
-    assert resolved() is False and resolved(device="cuda") is False
+    assert resolved() is False and resolved(device="cuda") is True
     assert resolved(device="cuda", async_scheduling=True) is True
     assert resolved(device="cuda", async_scheduling=False) is False
     assert resolved(async_scheduling=True) is True
