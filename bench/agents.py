@@ -63,7 +63,7 @@ def _settings(args: argparse.Namespace, reuse: bool) -> ClusterSettings:
         s.kvstore.tiers = [{"kind": "gpu", "bytes": int(gpu_gib * (1 << 30)),
                             "device": "cuda:0"},
                            {"kind": "cpu", "bytes": s.kvstore.cpu_bytes}]
-    s.log_level = "warning"
+    s.log_level = "info"  # the prefill worker's "prefilled" lines give the breakdown
     return with_free_ports(s)
 
 
@@ -112,10 +112,32 @@ def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -
             before = store_get_bytes(settings.kvstore.http_port)
             got = _ttfts(settings.gateway.address, prompts, args.output_len)
             fetched = store_get_bytes(settings.kvstore.http_port) - before
+        parts = prefill_parts(tmp / "prefill-0.log", skip=1)
     ttft = [t for t, _ in got]
     return {"reuse": reuse, "ttft_median_ms": statistics.median(ttft) * 1000,
             "ttft_mean_ms": statistics.mean(ttft) * 1000, "ttft_max_ms": max(ttft) * 1000,
-            "cached_tokens": sum(c for _, c in got), "store_get_mb": fetched / 1e6}
+            "cached_tokens": sum(c for _, c in got), "store_get_mb": fetched / 1e6,
+            "prefill_worker_ms": parts}
+
+
+def prefill_parts(log_path: Path, skip: int) -> dict[str, float]:
+    """Medians over the prefill worker's "prefilled" log lines (after the first
+    ``skip``), ms: the store fetch, the first token and the whole call, from the
+    call's start on the worker; what TTFT has beyond them is the gateway's."""
+    rows = []
+    for line in log_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "prefilled":
+            rows.append(event)
+    rows = rows[skip:]
+    if not rows:
+        return {}
+    return {name: statistics.median(r[key] for r in rows) * 1000
+            for name, key in (("fetch", "fetch_s"), ("first_token", "first_token_s"),
+                              ("call", "seconds"))}
 
 
 def store_get_bytes(http_port: int) -> float:
@@ -144,6 +166,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:<16} {r['ttft_median_ms']:>15.1f} {r['ttft_mean_ms']:>9.1f} "
               f"{r['ttft_max_ms']:>9.1f} {r['cached_tokens']:>11} {r['store_get_mb']:>13.1f}")
     print(f"  mean TTFT {result['speedup_mean']:.1f}x lower with reuse")
+    for name, r in (("with reuse", w), ("without", wo)):
+        p = r["prefill_worker_ms"]
+        if p:
+            print(f"  {name}: on the prefill worker (median ms) store fetch "
+                  f"{p['fetch']:.1f}, first token {p['first_token']:.1f}, whole call "
+                  f"{p['call']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

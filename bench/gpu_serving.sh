@@ -10,6 +10,9 @@
 # Usage: bench/gpu_serving.sh OUTDIR [WORKDIR]   (PYTHONPATH with the repo and protos/ set)
 #   SMOKE=1: the same pieces on the CPU with dummy:tiny-llama and a few requests
 #   BUDGET=S: wall-clock seconds for everything (default 460 on the GPU)
+#   ISSUE10=0: skip the preemption and migration pieces
+#   SPLIT_GPU_GIB=G: the split cluster's store gets a gpu tier of G GiB before its cpu tier,
+#     so its workers hand KV over cuda_ipc (default 16 on the GPU; 0: host memory, shm)
 # Needs no redis-server: the clusters take their endpoints from their YAML. Every piece runs
 # under `timeout` within what is left of the budget; a failing piece is reported and the
 # script goes on. Progress lines carry the elapsed seconds.
@@ -37,7 +40,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DH="--input-len 16,48 --output-len 24,48 --max-len 100 --slo ttft=2s,tpot=200ms"
   I10_MODEL=dummy:tiny-llama I10_KV_GB=0.25 I10_PROMPT=300 I10_TOKENS=240 I10_AFTER=16
   I10_BATCH=512
-  I10_TRIALS=1 STORE_GIB=0.5 I10_STORE_GIB=0.5
+  I10_TRIALS=1 STORE_GIB=0.5 I10_STORE_GIB=0.5 SPLIT_GPU_GIB=0
 else
   BUDGET=${BUDGET:-460}  # the limit is 480 s: room for the last clean-up
   # qwen3-0.6b, bf16: 112 KiB of KV per token. Three engines share the card at once (the
@@ -68,6 +71,8 @@ else
   # The stores (host memory, prefaulted at start): a split request's prompt KV stays pinned
   # until it ends, up to 64 in flight x ~170 MB; issue 10's: the 1 GiB prompt, its recompute
   STORE_GIB=12 I10_STORE_GIB=8
+  # the split cluster's gpu tier: 64 in-flight prompts' KV (~170 MB each) pinned at once
+  SPLIT_GPU_GIB=${SPLIT_GPU_GIB:-16}
 fi
 
 say() { printf '[%4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
@@ -107,16 +112,18 @@ store_bytes() { python3 -c "want, room = $1 * 2**30, $(shm_bytes) * $2
 print(int(want if room >= want or room < 2**30 else room))"; }
 store_shm() { (( $(shm_bytes) > 2**30 )) && echo true || echo false; }
 
-# cluster_yaml NAME PORT_BASE PREFILL_WORKERS STORE_BYTES
+# cluster_yaml NAME PORT_BASE PREFILL_WORKERS STORE_BYTES [GPU_TIER_GIB]
 cluster_yaml() {
-  local b=$2 prefill=""
+  local b=$2 prefill="" tiers=""
   (( $3 )) && prefill="{port: $((b + 2)), http_port: $((b + 3))}"
+  [ "${5:-0}" != 0 ] && tiers=", tiers: [{kind: gpu, bytes: ${5}GiB, device: \"cuda:0\"}, \
+{kind: cpu, bytes: $4}]"
   cat > "$out/cluster-$1.yaml" <<EOF
 # bench/gpu_serving.sh: the $1 deployment (a config with no prefill workers is colocated)
 model: {name: ${MODEL#dummy:}, path: "$MODEL", dtype: $DTYPE,
         device: $DEVICE, max_model_len: $MAX_LEN, max_num_seqs: $SEQS,
         max_num_batched_tokens: 2048, kv_cache_memory_gb: $KV_GB}
-kvstore: {port: $b, http_port: $((b + 1)), cpu_bytes: $4, shm: $(store_shm)}
+kvstore: {port: $b, http_port: $((b + 1)), cpu_bytes: $4, shm: $(store_shm)$tiers}
 prefill: [$prefill]
 decode: [{port: $((b + 4)), http_port: $((b + 5))}]
 gateway: {port: $((b + 6)), http_port: $((b + 7)), openai_port: 0, max_inflight: $SEQS,
@@ -204,7 +211,7 @@ main() {  # one function, read whole before it runs (an edit mid-run cannot bite
   # below the ephemeral range; the plan profile runs alone first (and warms Triton's cache).
   STORE=$(store_bytes "$STORE_GIB" 0.35)
   cluster_yaml colocated 21100 0 "$STORE"
-  cluster_yaml split 21200 1 "$STORE"
+  cluster_yaml split 21200 1 "$STORE" "$SPLIT_GPU_GIB"
   mkdir -p "$out/plan"
   # shellcheck disable=SC2086
   piece plan-profile 150 330 $SS plan --config "$out/cluster-colocated.yaml" $PLAN_THREADS \
@@ -244,6 +251,10 @@ main() {  # one function, read whole before it runs (an edit mid-run cannot bite
   fi
 
   # ---- issue 10 ----
+  if [ "${ISSUE10:-1}" = 0 ]; then
+    sed 's/^/    /' "$out/STATUS"
+    return
+  fi
   I10_STORE=$(store_bytes "$I10_STORE_GIB" 0.7)
   cat > "$out/cluster-issue10.yaml" <<EOF
 # bench/gpu_serving.sh: the base of the preemption and migration clusters
