@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from kvstore.tiers.base import BlockMeta, Tier
 from kvstore.types import Block, Move, StoreStats, TierCounters
 from services.common.logging import get_logger
+from services.transfer.bulk import crcs
 from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import KIND_CRC32
 
@@ -42,7 +43,7 @@ class Moves:
         """Copies (lock not held), then finishes every move under the lock."""
         if not moves:
             return
-        copied = [self._copy(m) for m in moves]
+        copied = self._copy_all(moves)
         for t in {m.dst for m, (good, _) in zip(moves, copied, strict=True) if good}:
             try:
                 t.sync()
@@ -52,6 +53,51 @@ class Moves:
             for m, (good, checksum) in zip(moves, copied, strict=True):
                 self._finish(m, good, checksum)
             self._moved.notify_all()
+
+    def _copy_all(self, moves: list[Move]) -> list[tuple[bool | None, int]]:
+        """``_copy`` of every move. Moves between a device tier and a memory tier go in
+        batches of one (source, target, size): one checksum launch and one wait for many
+        blocks. The store shares its GPU with the workers' processes, and each wait of
+        its own has to take its turn on the GPU."""
+        results: dict[int, tuple[bool | None, int]] = {}
+        batches: dict[tuple[Tier, Tier, int], list[int]] = {}
+        for i, m in enumerate(moves):
+            if (m.src.on_device and m.dst.has_view) or (m.dst.on_device and m.src.has_view):
+                batches.setdefault((m.src, m.dst, m.src_slot.length), []).append(i)
+            else:
+                results[i] = self._copy(m)
+        for index in batches.values():
+            batch = [moves[i] for i in index]
+            try:
+                got = self._copy_batch(batch)
+            except OSError as e:
+                log.warning("tier_copy_failed", src=batch[0].src.name, dst=batch[0].dst.name,
+                            blocks=len(batch), error=str(e))
+                got = [(None, 0)] * len(batch)
+            results.update(zip(index, got, strict=True))
+        return [results[i] for i in range(len(moves))]
+
+    @staticmethod
+    def _copy_batch(batch: list[Move]) -> list[tuple[bool | None, int]]:
+        """Blocks of one size between a device tier and a memory tier, verified with the
+        source's checksum kind and stamped with the target's (as ``_copy``)."""
+        src, dst = batch[0].src, batch[0].dst
+        if src.on_device:
+            sums = src.checksums([m.src_slot for m in batch])
+            good = [m for m, c in zip(batch, sums, strict=True) if c == m.block.checksum]
+            outs = [dst.view(m.dst_slot) for m in good]
+            src.read_many_into([m.src_slot for m in good], outs)
+            stamps = dict(zip(map(id, good), crcs(outs), strict=True))
+        else:
+            datas = [src.view(m.src_slot) for m in batch]
+            sums = crcs(datas)
+            good = [m for m, c in zip(batch, sums, strict=True) if c == m.block.checksum]
+            dst.write_many([m.dst_slot for m in good], [src.view(m.src_slot) for m in good],
+                           [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
+                                      m.block.partial) for m in good])
+            stamps = dict(zip(map(id, good), dst.checksums([m.dst_slot for m in good]),
+                              strict=True))
+        return [(True, stamps[id(m)]) if id(m) in stamps else (False, 0) for m in batch]
 
     def _copy(self, m: Move) -> tuple[bool | None, int]:
         """(True, the block's checksum in its new tier): copied and verified; False: the

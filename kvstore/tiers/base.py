@@ -88,6 +88,21 @@ class Tier(ABC):
         """Stores ``data`` at ``slot`` (a demotion's or a promotion's copy)."""
         self.view(slot)[:] = data
 
+    def read_many_into(self, slots: list[Slot], outs: list[memoryview]) -> None:
+        """``read_into`` for several blocks (a device tier waits once for them all)."""
+        for slot, out in zip(slots, outs, strict=True):
+            self.read_into(slot, out)
+
+    def write_many(self, slots: list[Slot], datas: list[memoryview],
+                   metas: list[BlockMeta]) -> None:
+        """``write`` for several blocks (a device tier waits once for them all)."""
+        for slot, data, meta in zip(slots, datas, metas, strict=True):
+            self.write(slot, data, meta)
+
+    def checksums(self, slots: list[Slot]) -> list[int]:
+        """``checksum`` of several blocks (a device tier computes them in one launch)."""
+        return [self.checksum(slot) for slot in slots]
+
     def checksum(self, slot: Slot) -> int:
         """The checksum of the bytes at ``slot`` now, of this tier's ``checksum_kind``."""
         if self.has_view:

@@ -54,8 +54,32 @@ class GpuTier(SpanTier):
                                                dtype=torch.uint8))
         self._sync()  # readers in other processes see it once the store commits it
 
+    def read_many_into(self, slots: list[Slot], outs: list[memoryview]) -> None:
+        for slot, out in zip(slots, outs, strict=True):  # DMA into a page-locked tier
+            torch.frombuffer(out, dtype=torch.uint8).copy_(self.span(slot), non_blocking=True)
+        self._sync()
+
+    def write_many(self, slots: list[Slot], datas: list[memoryview],
+                   metas: list[BlockMeta]) -> None:
+        sources = [torch.frombuffer(bytearray(d) if d.readonly else d, dtype=torch.uint8)
+                   for d in datas]  # alive until the copies are done
+        for slot, src in zip(slots, sources, strict=True):
+            self.span(slot).copy_(src, non_blocking=True)
+        self._sync()
+
     def checksum(self, slot: Slot) -> int:
         return checksum_blocks(self.arena, [slot.offset], slot.length)[0]
+
+    def checksums(self, slots: list[Slot]) -> list[int]:
+        by_length: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            by_length.setdefault(slot.length, []).append(i)
+        sums = [0] * len(slots)
+        for length, index in by_length.items():
+            got = checksum_blocks(self.arena, [slots[i].offset for i in index], length)
+            for i, c in zip(index, got, strict=True):
+                sums[i] = c
+        return sums
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -57,11 +57,14 @@ def tail_ref(request_id: str, num_tokens: int) -> common_pb2.BlockRef:
 class KVLoad:
     """What a request gets before it runs: ``engine_blocks`` leading blocks from the
     engine's prefix cache, then ``payloads`` from the store (blocks
-    ``engine_blocks ..``), together covering ``num_tokens`` tokens."""
+    ``engine_blocks ..``), together covering ``num_tokens`` tokens. ``held_blocks``:
+    the leading blocks the store holds pinned for the request (None: those of
+    ``payloads`` and the engine's before them), which it need not save again."""
 
     engine_blocks: int = 0
     payloads: list[Any] = field(default_factory=list)
     num_tokens: int = 0
+    held_blocks: int | None = None
 
     @property
     def store_blocks(self) -> int:
@@ -69,10 +72,11 @@ class KVLoad:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The ``add_request`` arguments that hand this KV to the engine."""
+        held = {} if self.held_blocks is None else {"kv_held_blocks": self.held_blocks}
         if not self.payloads:
-            return {}
+            return held
         return {"kv_blocks": self.payloads, "kv_num_tokens": self.num_tokens,
-                "kv_first_block": self.engine_blocks}
+                "kv_first_block": self.engine_blocks, **held}
 
 
 class KVConnector:
@@ -102,19 +106,23 @@ class KVConnector:
     def load_prefix(self, owner: str, hashes: list[bytes]) -> KVLoad:
         """A new prompt's full blocks ``hashes`` (the ones worth having: the last prompt
         token is always computed): the engine's held prefix, then the longest prefix of
-        the rest the store holds."""
+        the rest the store holds. The store's copies of the engine's blocks are pinned
+        for ``owner``, so they are handed over without being saved again (a thousand
+        agents over one long prompt put it once); those it lacks are saved."""
         engine = self.engine_prefix(hashes)
         if not self.prefix_reuse:
             return KVLoad(engine, [], engine * self.block_size)
         try:
+            pinned = self.store.pin(owner, hashes[:engine]) if engine else 0
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
         except grpc.RpcError as e:
             if not store_unreachable(e):
                 raise
             log.warning("store_unreachable", request_id=owner, error=e.details(),
                         fallback="computing the prefix")
-            payloads = []
-        return KVLoad(engine, payloads, (engine + len(payloads)) * self.block_size)
+            return KVLoad(engine, [], engine * self.block_size)
+        held = engine + len(payloads) if pinned == engine else pinned
+        return KVLoad(engine, payloads, (engine + len(payloads)) * self.block_size, held)
 
     def load_exact(self, owner: str, keys: Sequence[bytes], full_blocks: int,
                    num_tokens: int) -> KVLoad:

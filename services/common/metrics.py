@@ -28,10 +28,19 @@ class WorkerMetrics:
         self.kv_blocks = Counter("splitserve_kv_connector_blocks",
                                  "KV blocks handed to requests, by where they came from",
                                  ["role", "source"])
+        self.kv_saved = Counter("splitserve_kv_connector_saved_blocks",
+                                "KV blocks offered to the store (full ones and private "
+                                "tails); blocks it already holds for a request are not",
+                                ["role"])
 
     def observe_kv_load(self, engine_blocks: int, store_blocks: int) -> None:
         self.kv_blocks.labels(self.role, "engine").inc(engine_blocks)
         self.kv_blocks.labels(self.role, "store").inc(store_blocks)
+
+    def observe_kv_saved(self, out: Any, with_tail: bool) -> None:
+        """The blocks of one engine output (``StepOutput``) on their way to the store."""
+        tail = with_tail and out.tail_block is not None
+        self.kv_saved.labels(self.role).inc(len(out.exported_blocks) + tail)
 
     def observe_prefill(self, computed: int, cached: int, seconds: float) -> None:
         self.tokens.labels(self.role, "prefill_computed").inc(computed)

@@ -69,6 +69,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         saving = True  # until the store is found unreachable: a gap would end the chain
         with deadline.enforced(lambda: ctx.loop.abort(rid)), self._aborted_on_exit(ctx, stream):
             for out in map(merge_outputs, stream.batches()):  # a late reader catches up
+                if saving:
+                    self.metrics.observe_kv_saved(out, with_tail=False)
                 saving = saving and self._save_answer(ctx, rid, out, active)
                 chunk = worker_pb2.DecodeChunk(
                     token_ids=out.new_token_ids,

@@ -181,7 +181,7 @@ class BlockManager:
                 imports.append((bid, seq.kv_blocks[i - seq.kv_first_block]))
                 if full and self.enable_prefix_caching:
                     self._name(bid, h)
-            if seq.num_exported_blocks == 0:
+            if seq.num_exported_blocks == 0 and seq.kv_held_blocks is None:
                 seq.num_exported_blocks = kv_tokens // bs  # the caller has those already
         seq.kv_blocks = None  # copied in now (or useless); a recompute starts from tokens
         computed = max(len(hits) * bs, kv_tokens)

@@ -95,6 +95,7 @@ class LLMEngine:
         export_kv: bool = False,
         cache_salt: str = "",
         kv_first_block: int = 0,
+        kv_held_blocks: int | None = None,
     ) -> None:
         """Queue a request.
 
@@ -107,6 +108,9 @@ class LLMEngine:
         ``export_kv``: report each full block as it completes (and the partial
         tail at the end) in ``StepOutput.exported_blocks`` / ``tail_block``.
         ``cache_salt``: prefix-cache hits only between requests of the same salt.
+        ``kv_held_blocks``: the store already holds the first this many full blocks for
+        the request, so ``export_kv`` reports only the blocks after them (None: the
+        blocks of ``kv_blocks`` and the cached ones before them).
         """
         params = params or SamplingParams()
         cfg = self.config
@@ -137,6 +141,8 @@ class LLMEngine:
             )
         if kv_num_tokens or kv_blocks:
             self._check_kv(len(tokens), kv_blocks, kv_num_tokens, kv_first_block)
+        if kv_held_blocks is not None and not 0 <= kv_held_blocks <= len(tokens) // cfg.block_size:
+            raise ValueError(f"kv_held_blocks={kv_held_blocks} for {len(tokens)} tokens")
         seq = Sequence(
             request_id,
             prompt_token_ids,
@@ -147,6 +153,7 @@ class LLMEngine:
             export_kv=export_kv,
             cache_salt=cache_salt,
             kv_first_block=kv_first_block,
+            kv_held_blocks=kv_held_blocks,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

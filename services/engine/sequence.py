@@ -66,6 +66,7 @@ class Sequence:
         export_kv: bool = False,
         cache_salt: str = "",
         kv_first_block: int = 0,
+        kv_held_blocks: int | None = None,
     ) -> None:
         self.seq_id = next(_counter)
         self.request_id = request_id
@@ -91,7 +92,10 @@ class Sequence:
         self.kv_first_block = kv_first_block
         self.num_imported_blocks = 0  # blocks [0, n) came with the request (not exported)
         self.export_kv = export_kv
-        self.num_exported_blocks = 0
+        # the store holds (pinned for this request) its first kv_held_blocks blocks: the
+        # exports start there. None: it holds the blocks the request brought (kv_blocks)
+        self.kv_held_blocks = kv_held_blocks
+        self.num_exported_blocks = kv_held_blocks or 0
         self.num_preemptions = 0
 
     # ---- tokens ----

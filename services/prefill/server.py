@@ -79,6 +79,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                     first = self._first_token(out, params, len(prompt), load.num_tokens)
                     first_at = time.perf_counter()
                     yield first
+                self.metrics.observe_kv_saved(out, with_tail=True)
                 stored = stored and ctx.kv.save(rid, out, with_tail=True)
         refs = [common_pb2.BlockRef(key=h, num_tokens=bs) for h in hashes]
         if len(prompt) % bs:

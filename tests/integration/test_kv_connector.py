@@ -41,6 +41,14 @@ def _blocks_from(port: int, role: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
 
 
+def _saved_blocks(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r'^splitserve_kv_connector_saved_blocks_total\{role="\w+"\} (\S+)$', text,
+                  re.M)
+    return float(m[1]) if m else 0.0
+
+
 def _tokens(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 500) for _ in range(n)]
@@ -53,13 +61,14 @@ def test_prefix_held_by_the_engine_is_not_fetched(one_each: RunningCluster,
     port = one_each.settings.prefill[0].http_port
     want = expected(reference, [first], 6)[0]
     assert one_each.generate(request(first, max_tokens=6)).tokens == want
-    before = _blocks_from(port, "prefill")
+    before, saved_before = _blocks_from(port, "prefill"), _saved_blocks(port)
     got = one_each.generate(request(second, max_tokens=6))
-    after = _blocks_from(port, "prefill")
+    after, saved_after = _blocks_from(port, "prefill"), _saved_blocks(port)
     assert got.tokens == expected(reference, [second], 6)[0]
     assert got.usage.cached_tokens == 5 * BS
     assert after.get("engine", 0) - before.get("engine", 0) == 5  # its own prefix cache
     assert after.get("store", 0) - before.get("store", 0) == 0  # nothing from the store
+    assert saved_after - saved_before == 1  # the private tail: the store held the 5 shared
     assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)
 
 

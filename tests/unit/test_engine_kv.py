@@ -408,3 +408,24 @@ def test_agents_sharing_a_prefix_compute_it_once(tiny_llama_dir: Path) -> None:
     decodes = 8 * (params.max_tokens - 1)
     assert e.stats().num_computed_tokens == len(system) + suffixes + decodes
     assert e.stats().num_prefix_hit_tokens == 7 * len(system)
+
+
+def test_exports_start_after_the_blocks_the_store_holds(tiny_llama_dir: Path) -> None:
+    """``kv_held_blocks``: the store already holds a request's first blocks (the KV
+    connector pinned its copies of the engine's prefix hits), so a prefill exports only
+    the blocks after them; without it, prefix hits are exported like computed blocks."""
+    prompt = tokens(4 * BS + 5, 51)
+    e = engine(tiny_llama_dir)
+    e.add_request("warm", prompt[: 3 * BS + 1], SamplingParams(max_tokens=1, ignore_eos=True))
+    drain(e)
+
+    def exported(rid: str, **kw) -> list[int]:
+        _, full, tail, _ = prefill(e, rid, prompt, GREEDY, **kw)
+        assert tail is not None and tail.num_tokens == 5
+        return [b.block_index for b in full]
+
+    assert exported("held", kv_held_blocks=3) == [3]  # 3 prefix hits the store holds
+    assert exported("partly", kv_held_blocks=1) == [1, 2, 3]  # the store had 1 of 4 hits
+    assert exported("none") == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="kv_held_blocks=5"):
+        e.add_request("bad", prompt, GREEDY, kv_held_blocks=5)

@@ -123,6 +123,22 @@ def test_a_full_gpu_tier_demotes_its_coldest_blocks_to_the_cpu_tier():
     assert core.stats().demotions == 3
 
 
+def test_a_demotion_batch_drops_its_corrupt_block_and_moves_the_others_whole():
+    core = _store(gpu_blocks=4)
+    data = {i: _payload(i) for i in range(8)}
+    _device_put(core, "", {i: data[i] for i in range(4)})
+    (bad,) = core.get("", [_key(1)])
+    core.device_tier.arena[bad.offset + 100] ^= 1
+    _device_put(core, "", {i: data[i] for i in range(4, 8)})  # 4 demotions in one batch
+    s = core.stats()
+    assert s.demotions == 3 and s.checksum_failures == 1 and core.lookup([_key(1)])[0] == 0
+    kept = [0, 2, 3, 4, 5, 6, 7]
+    locs = core.get("", [_key(i) for i in kept])
+    assert [loc.tier for loc in locs] == ["cpu"] * 3 + ["gpu"] * 4
+    assert [_bytes(core, loc) for loc in locs] == [data[i] for i in kept]
+    assert all(core.check(loc) for loc in locs)
+
+
 def test_a_pinned_gpu_tier_refuses_a_device_put_and_names_the_tier():
     core = _store(gpu_blocks=1)
     _device_put(core, "holder", {0: _payload(0)})
