@@ -24,6 +24,7 @@ computes what is missing.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from services.transfer.store_client import KVStoreClient
 from splitserve.v1 import common_pb2
 
 log = get_logger("kv-connector")
+HELD_WAIT_S = 2.0  # how long a save waits for a held block another request is putting
+HELD_POLL_S = 0.005
 
 
 def store_unreachable(e: BaseException) -> bool:
@@ -106,15 +109,17 @@ class KVConnector:
     def load_prefix(self, owner: str, hashes: list[bytes]) -> KVLoad:
         """A new prompt's full blocks ``hashes`` (the ones worth having: the last prompt
         token is always computed): the engine's held prefix, then the longest prefix of
-        the rest the store holds. The store's copies of the engine's blocks are pinned
-        for ``owner``, so they are handed over without being saved again (a thousand
-        agents over one long prompt put it once); those it lacks are saved."""
+        the rest the store holds. With store blocks, the engine does not export its
+        blocks before them: the store's copies are pinned for ``owner`` now (those it
+        lacks are exported after all)."""
         engine = self.engine_prefix(hashes)
         if not self.prefix_reuse:
             return KVLoad(engine, [], engine * self.block_size)
         try:
-            pinned = self.store.pin(owner, hashes[:engine]) if engine else 0
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
+            if not payloads:  # the engine names its held blocks as it exports
+                return KVLoad(engine, [], engine * self.block_size)
+            pinned = self.store.pin(owner, hashes[:engine]) if engine else 0
         except grpc.RpcError as e:
             if not store_unreachable(e):
                 raise
@@ -153,7 +158,19 @@ class KVConnector:
     def save(self, owner: str, out: Any, with_tail: bool) -> bool:
         """Puts the blocks a step reported (``StepOutput.exported_blocks``, and the
         partial tail under the owner's private key when ``with_tail``) into the store,
-        pinned for ``owner``. False (logged) when the store cannot be reached."""
+        and pins the ones it named as held there (``held_blocks``), all for ``owner``.
+        False (logged) when the store cannot be reached or lost a held block."""
+        try:
+            if out.held_blocks and not self._pin_held(owner, list(out.held_blocks)):
+                log.warning("held_blocks_gone", request_id=owner,
+                            blocks=len(out.held_blocks), fallback="blocks not handed over")
+                return False
+        except grpc.RpcError as e:
+            if not store_unreachable(e):
+                raise
+            log.warning("store_unreachable", request_id=owner, error=e.details(),
+                        fallback="blocks not saved")
+            return False
         blocks = list(out.exported_blocks)
         refs = [common_pb2.BlockRef(key=b.block_hash, num_tokens=b.num_tokens) for b in blocks]
         if with_tail and out.tail_block is not None:
@@ -170,6 +187,19 @@ class KVConnector:
                         fallback="blocks not saved")
             return False
         return True
+
+    def _pin_held(self, owner: str, keys: list[bytes]) -> bool:
+        """Pins ``keys`` for ``owner`` -> all of them. A held block may still be on its
+        way: the request that exported it (agents that arrived together share one
+        prompt) may not have put it yet, so the store is asked again until it has them
+        or ``HELD_WAIT_S`` has passed (then a block was lost: evicted, or never put)."""
+        end = time.monotonic() + HELD_WAIT_S
+        pinned = 0
+        while True:
+            pinned += self.store.pin(owner, keys[pinned:])
+            if pinned == len(keys) or time.monotonic() >= end:
+                return pinned == len(keys)
+            time.sleep(HELD_POLL_S)
 
     def release(self, owner: str) -> None:
         """Drops ``owner``'s pins (and its private tail); quiet if the store is away."""

@@ -25,6 +25,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None
+    in_store: bool = False  # its KV went to the store under its name (or came from it)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -71,13 +72,27 @@ class BlockManager:
             block = self.blocks[bid]
             self._forget_hash(block)
         self.blocks[bid].ref_count = 1
+        self.blocks[bid].in_store = False
         return bid
+
+    def mark_in_store(self, bid: int, h: bytes | None) -> None:
+        """Block ``bid``'s KV went to the store (or came from it) under the name ``h``."""
+        block = self.blocks[bid]
+        if h is not None and block.block_hash == h:
+            block.in_store = True
+
+    def held_by_store(self, seq: Sequence, i: int) -> bool:
+        """Block ``i`` of ``seq`` came from the prefix cache and its KV is in the store
+        under its name already (exported or imported by this engine)."""
+        return i < seq.num_cached_tokens // self.block_size and \
+            self.blocks[seq.block_table[i]].in_store
 
     def _forget_hash(self, block: Block) -> None:
         del self.hash_to_block[block.block_hash]
         if self.on_kv_event is not None:
             self.on_kv_event(block.block_hash, False)
         block.block_hash = None
+        block.in_store = False
 
     def _remember_hash(self, block: Block, h: bytes) -> None:
         block.block_hash = h
@@ -181,6 +196,7 @@ class BlockManager:
                 imports.append((bid, seq.kv_blocks[i - seq.kv_first_block]))
                 if full and self.enable_prefix_caching:
                     self._name(bid, h)
+                    self.mark_in_store(bid, h)
             if seq.num_exported_blocks == 0 and seq.kv_held_blocks is None:
                 seq.num_exported_blocks = kv_tokens // bs  # the caller has those already
         seq.kv_blocks = None  # copied in now (or useless); a recompute starts from tokens

@@ -97,6 +97,10 @@ class KVCache:
         self.tensor = torch.zeros((num_blocks, *self.block_shape), dtype=dtype, device=device)
         self.device = self.tensor.device  # with its index ("cuda:0"), for comparisons
         self.as_bytes = self.tensor.view(torch.uint8).view(num_blocks, -1)  # [blocks, nbytes]
+        # the same rows as 8-byte words: gathers and scatters of whole blocks move a word
+        # per element (on byte rows torch's index kernels run several times slower)
+        self._word = torch.int64 if self.as_bytes.shape[1] % 8 == 0 else torch.uint8
+        self._as_words = self.as_bytes.view(self._word)
         self.is_cuda = self.device.type == "cuda"
         self._copy_stream: torch.cuda.Stream | None = None  # device->host copies
         self._gather_stream: torch.cuda.Stream | None = None  # exports gathered ahead
@@ -134,10 +138,10 @@ class KVCache:
         if not block_ids:
             return [], None
         if not self.is_cuda:
-            return self._views(self.as_bytes.index_select(0, self._index(block_ids))), None
+            return self._views(self._gather(block_ids)), None
         compute, stream = torch.cuda.current_stream(self.device), self._side_stream()
         if after is None:
-            gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            gathered = self._gather(block_ids)
             ready = torch.cuda.Event()
             ready.record(compute)
             stream.wait_stream(compute)
@@ -165,10 +169,20 @@ class KVCache:
         gather = self._gather_stream
         gather.wait_event(after)
         with torch.cuda.stream(gather):
-            gathered = self.as_bytes.index_select(0, self._index(block_ids))
+            gathered = self._gather(block_ids)
             ready = torch.cuda.Event()
             ready.record(gather)
         return gathered, ready
+
+    def _gather(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """``[n, block_nbytes]`` uint8: a copy of the blocks, in one kernel."""
+        return self._as_words.index_select(0, self._index(block_ids)).view(torch.uint8)
+
+    def _scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """``rows`` (``[n, block_nbytes]`` uint8 on this device) into the blocks."""
+        if self._word is not torch.uint8 and (rows.data_ptr() % 8 or not rows.is_contiguous()):
+            rows = rows.clone(memory_format=torch.contiguous_format)  # aligned, dense
+        self._as_words.index_copy_(0, self._index(block_ids), rows.view(self._word))
 
     def export_blocks(self, block_ids: Sequence[int]) -> list[memoryview]:
         """Copy blocks out to host memory and wait for them (a swap-out)."""
@@ -217,9 +231,10 @@ class KVCache:
             return
         host = [i for i, row in enumerate(rows) if row.device.type == "cpu"]
         other = [i for i, row in enumerate(rows) if row.device.type != "cpu"]  # CUDA IPC views
-        if other:
-            src = torch.stack([rows[i] for i in other]).to(self.device)
-            self.as_bytes.index_copy_(0, self._index([ids[i] for i in other]), src)
+        if other:  # device rows: each run adjacent in memory (one get's buffer) as it is
+            dev_ids = [ids[i] for i in other]
+            for start, run in _runs([rows[i] for i in other]):
+                self._scatter(dev_ids[start : start + run.shape[0]], run.to(self.device))
         if host:
             self._upload([ids[i] for i in host], [rows[i] for i in host])
 
@@ -243,8 +258,7 @@ class KVCache:
             self._upload_run(loose_ids, staged)
 
     def _upload_run(self, ids: list[int], run: torch.Tensor) -> None:
-        src = run.to(self.device, non_blocking=True)
-        self.as_bytes.index_copy_(0, self._index(ids), src)
+        self._scatter(ids, run.to(self.device, non_blocking=True))
         # the host memory may not be torch's own pinned memory (which guards itself):
         # keep it alive until the copy has read it
         done = torch.cuda.Event()

@@ -52,6 +52,10 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
     exported_blocks: list[ExportedBlock] = field(default_factory=list)  # full blocks
     tail_block: ExportedBlock | None = None  # on finish, with export_kv
+    # with export_kv: hashes of full blocks not exported because they were prefix-cache
+    # hits whose KV this engine already exported (or imported) under that name: the
+    # store holds (or is about to hold) them, so they are pinned there, not copied
+    held_blocks: list[bytes] = field(default_factory=list)
 
 
 def merge_outputs(outs: list[StepOutput]) -> StepOutput:
@@ -68,6 +72,7 @@ def merge_outputs(outs: list[StepOutput]) -> StepOutput:
         num_cached_tokens=max(o.num_cached_tokens for o in outs),
         exported_blocks=[b for o in outs for b in o.exported_blocks],
         tail_block=last.tail_block,
+        held_blocks=[h for o in outs for h in o.held_blocks],
     )
 
 

@@ -7,6 +7,7 @@ import random
 import re
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,4 +87,24 @@ def test_next_turn_finds_the_answer_in_the_store(one_each: RunningCluster,
     # the answer's last token has no KV yet: whole blocks of prompt + answer[:-1]
     assert got.usage.cached_tokens == (len(turn1) + len(answer) - 1) // BS * BS
     assert after.get("store", 0) - before.get("store", 0) >= 2  # the answer's blocks
+    assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)
+
+
+def test_agents_arriving_together_offer_the_shared_prompt_once(one_each: RunningCluster,
+                                                               reference: LLM) -> None:
+    """8 requests over one 6-block prompt at once: the prefill worker computes and saves
+    the prompt once; the others name it as held in the store (pinned, not copied again),
+    and the decode worker gets every handed-over block (none computed again)."""
+    shared = _tokens(6 * BS, 61)
+    prompts = [shared + _tokens(9, 70 + i) for i in range(8)]
+    prefill_port = one_each.settings.prefill[0].http_port
+    decode_port = one_each.settings.decode[0].http_port
+    saved_before, handed_before = _saved_blocks(prefill_port), _blocks_from(decode_port,
+                                                                          "decode")
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: one_each.generate(request(p, max_tokens=5)), prompts))
+    assert [g.tokens for g in got] == expected(reference, prompts, 5)
+    assert _saved_blocks(prefill_port) - saved_before == 6 + 8  # the prompt once, 8 tails
+    handed = _blocks_from(decode_port, "decode")
+    assert sum(handed.values()) - sum(handed_before.values()) == 8 * 7  # 6 full + a tail
     assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)

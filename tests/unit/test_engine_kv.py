@@ -410,22 +410,28 @@ def test_agents_sharing_a_prefix_compute_it_once(tiny_llama_dir: Path) -> None:
     assert e.stats().num_prefix_hit_tokens == 7 * len(system)
 
 
-def test_exports_start_after_the_blocks_the_store_holds(tiny_llama_dir: Path) -> None:
-    """``kv_held_blocks``: the store already holds a request's first blocks (the KV
-    connector pinned its copies of the engine's prefix hits), so a prefill exports only
-    the blocks after them; without it, prefix hits are exported like computed blocks."""
+def test_exports_skip_the_blocks_the_store_holds(tiny_llama_dir: Path) -> None:
+    """A prefill exports only blocks the store lacks: not the first ``kv_held_blocks``
+    (the KV connector pinned the store's copies), and not prefix-cache hits this
+    engine exported before (named in ``held_blocks``, to be pinned); hits it never
+    exported are exported like computed blocks. The tokens stay the same."""
     prompt = tokens(4 * BS + 5, 51)
     e = engine(tiny_llama_dir)
     e.add_request("warm", prompt[: 3 * BS + 1], SamplingParams(max_tokens=1, ignore_eos=True))
     drain(e)
+    hashes = e.block_hashes(prompt)
+    want = hf_greedy(tiny_llama_dir, [prompt], 1)[0]
 
-    def exported(rid: str, **kw) -> list[int]:
-        _, full, tail, _ = prefill(e, rid, prompt, GREEDY, **kw)
-        assert tail is not None and tail.num_tokens == 5
-        return [b.block_index for b in full]
+    def exported(rid: str, **kw) -> tuple[list[int], list[bytes]]:
+        e.add_request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True),
+                      export_kv=True, **kw)
+        outs = drain(e)[rid]
+        assert token_ids(outs) == want and outs[-1].tail_block.num_tokens == 5
+        return ([b.block_index for o in outs for b in o.exported_blocks],
+                [h for o in outs for h in o.held_blocks])
 
-    assert exported("held", kv_held_blocks=3) == [3]  # 3 prefix hits the store holds
-    assert exported("partly", kv_held_blocks=1) == [1, 2, 3]  # the store had 1 of 4 hits
-    assert exported("none") == [0, 1, 2, 3]
+    assert exported("held", kv_held_blocks=3) == ([3], [])  # 3 hits the store holds
+    assert exported("partly", kv_held_blocks=1) == ([1, 2], [hashes[3]])
+    assert exported("again") == ([0], hashes[1:4])
     with pytest.raises(ValueError, match="kv_held_blocks=5"):
         e.add_request("bad", prompt, GREEDY, kv_held_blocks=5)
