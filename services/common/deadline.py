@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.engine_loop import EngineStopped
+from services.transfer.base import call_deadline
 
 NO_DEADLINE_S = 1e6  # grpc reports a huge time_remaining() for calls without a deadline
 
@@ -52,6 +53,20 @@ class RequestDeadline:
     def error(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"the request's deadline of {self.budget_ms:.0f} ms passed "
                                 "before it finished; raise deadline_ms or ask for fewer tokens")
+
+    @contextmanager
+    def store_calls(self) -> Iterator[None]:
+        """Store calls inside end by the deadline; one cut short by it (its own
+        DEADLINE_EXCEEDED) is this request's deadline passing, not a store failure."""
+        try:
+            with call_deadline(self.remaining_s()):
+                yield
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED or self.at is None or \
+                    time.monotonic() < self.at:
+                raise
+            self.expired = True
+            raise self.error() from None
 
     @contextmanager
     def enforced(self, abort: Callable[[], None]) -> Iterator[None]:

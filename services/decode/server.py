@@ -24,7 +24,6 @@ from services.common.worker import (
 )
 from services.engine.block_hash import block_hashes
 from services.engine.outputs import merge_outputs
-from services.transfer.base import call_deadline
 from services.transfer.contract.errors import MissingBlocksError
 from splitserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -45,7 +44,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         with grpc_errors(context):
             deadline = RequestDeadline.of(request.deadline_ms, context)
             try:
-                with call_deadline(deadline.remaining_s()):  # store calls end in time too
+                with deadline.store_calls():  # store calls end in time too
                     yield from self._decode(ctx, request, deadline, context.is_active)
             finally:  # a put may have landed after on_rpc_done released: release again
                 ctx.kv.release(rid)

@@ -25,7 +25,6 @@ from services.common.worker import (
     serve_worker,
 )
 from services.engine.block_hash import block_hashes
-from services.transfer.base import call_deadline
 from splitserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = get_logger("prefill")
@@ -47,7 +46,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         try:
             with grpc_errors(context):
                 deadline = RequestDeadline.of(request.deadline_ms, context)
-                with call_deadline(deadline.remaining_s()):  # store calls end in time too
+                with deadline.store_calls():  # store calls end in time too
                     yield from self._prefill(ctx, request, deadline)
                 handed_over.set()
         finally:
