@@ -85,7 +85,8 @@ class KVLoad:
 class KVConnector:
     def __init__(self, store: KVStoreClient, cached_prefix_blocks: Callable[[list[bytes]], int],
                  block_size: int, block_nbytes: int, pinned_staging: bool, *,
-                 prefix_reuse: bool = True) -> None:
+                 prefix_reuse: bool = True,
+                 forget_store: Callable[[], None] | None = None) -> None:
         self.store = store
         self._cached_prefix_blocks = cached_prefix_blocks
         self.block_size = block_size
@@ -93,6 +94,7 @@ class KVConnector:
         self._pinned = pinned_staging
         self.prefix_reuse = prefix_reuse  # load_prefix asks the store (else: the engine only)
         self._shared = SharedFetches()  # a prefix several requests fetch at once: once
+        self._forget_store = forget_store  # the engine's: held blocks are gone from the store
 
     @property
     def device_payloads(self) -> bool:
@@ -163,7 +165,10 @@ class KVConnector:
         try:
             if out.held_blocks and not self._pin_held(owner, list(out.held_blocks)):
                 log.warning("held_blocks_gone", request_id=owner,
-                            blocks=len(out.held_blocks), fallback="blocks not handed over")
+                            blocks=len(out.held_blocks), fallback="blocks not handed over; "
+                            "the engine exports its blocks again from now on")
+                if self._forget_store is not None:
+                    self._forget_store()
                 return False
         except grpc.RpcError as e:
             if not store_unreachable(e):

@@ -204,7 +204,8 @@ def start_worker(role: str, settings: ClusterSettings, endpoint: Endpoint,
              transport=store.transport_name)
     kv = KVConnector(store, engine.cached_prefix_blocks, engine.block_size,
                      engine.block_nbytes, settings.model.device.startswith("cuda"),
-                     prefix_reuse=settings.kvstore.prefix_reuse)
+                     prefix_reuse=settings.kvstore.prefix_reuse,
+                     forget_store=engine.forget_store)
     engine.kv_cache.export_device = kv.device_payloads
     events = KVEventBuffer() if settings.redis_url else None
     if events is not None:

@@ -25,7 +25,9 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None
-    in_store: bool = False  # its KV went to the store under its name (or came from it)
+    # the store epoch in which its KV went to the store under its name (or came from
+    # it); -1: never. ``BlockManager.forget_store`` makes every earlier epoch stale
+    store_epoch: int = -1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -50,6 +52,7 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # unnamed, ref 0
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # named, ref 0, LRU first
         self.hash_to_block: dict[bytes, int] = {}
+        self.store_epoch = 0  # see Block.store_epoch
         # KV events: (hash, True) when a block joins the prefix cache, (hash, False) when
         # it leaves; a worker publishes them for the gateway's KV-aware routing
         self.on_kv_event: Callable[[bytes, bool], None] | None = None
@@ -72,27 +75,33 @@ class BlockManager:
             block = self.blocks[bid]
             self._forget_hash(block)
         self.blocks[bid].ref_count = 1
-        self.blocks[bid].in_store = False
+        self.blocks[bid].store_epoch = -1
         return bid
 
     def mark_in_store(self, bid: int, h: bytes | None) -> None:
         """Block ``bid``'s KV went to the store (or came from it) under the name ``h``."""
         block = self.blocks[bid]
         if h is not None and block.block_hash == h:
-            block.in_store = True
+            block.store_epoch = self.store_epoch
 
     def held_by_store(self, seq: Sequence, i: int) -> bool:
         """Block ``i`` of ``seq`` came from the prefix cache and its KV is in the store
         under its name already (exported or imported by this engine)."""
         return i < seq.num_cached_tokens // self.block_size and \
-            self.blocks[seq.block_table[i]].in_store
+            self.blocks[seq.block_table[i]].store_epoch == self.store_epoch
+
+    def forget_store(self) -> None:
+        """The store lost blocks this engine sent it (it restarted, or evicted them):
+        no block counts as held there any more; each is exported again when next due.
+        Safe from another thread (one integer moves on)."""
+        self.store_epoch += 1
 
     def _forget_hash(self, block: Block) -> None:
         del self.hash_to_block[block.block_hash]
         if self.on_kv_event is not None:
             self.on_kv_event(block.block_hash, False)
         block.block_hash = None
-        block.in_store = False
+        block.store_epoch = -1
 
     def _remember_hash(self, block: Block, h: bytes) -> None:
         block.block_hash = h

@@ -179,6 +179,11 @@ class LLMEngine:
         that a worker's other threads may make; see ``BlockManager``)."""
         return self.block_manager.cached_prefix_blocks(list(hashes))
 
+    def forget_store(self) -> None:
+        """The store lost KV this engine sent it: export held blocks again (another
+        thread may call this; see ``BlockManager.forget_store``)."""
+        self.block_manager.forget_store()
+
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks; False if it is not (or no longer) here."""
         seq = self.scheduler.abort(request_id)

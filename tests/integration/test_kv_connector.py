@@ -108,3 +108,24 @@ def test_agents_arriving_together_offer_the_shared_prompt_once(one_each: Running
     handed = _blocks_from(decode_port, "decode")
     assert sum(handed.values()) - sum(handed_before.values()) == 8 * 7  # 6 full + a tail
     assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)
+
+
+def test_held_blocks_lost_with_a_store_restart_are_computed_and_saved_again(
+        one_each: RunningCluster, reference: LLM) -> None:
+    """The store restarts empty while the prefill engine still caches a prompt it sent
+    there: the next request over it finds its held blocks gone, hands nothing over (the
+    decode worker computes the prompt) and has its engine export again, so the request
+    after it saves the prompt anew and hands it over. Tokens equal the reference."""
+    shared = _tokens(6 * BS, 81)
+    prompts = [shared + _tokens(5, 82 + i) for i in range(3)]
+    port = one_each.settings.prefill[0].http_port
+    assert one_each.generate(request(prompts[0], max_tokens=4)).tokens == \
+        expected(reference, prompts[:1], 4)[0]
+    one_each.cluster.kill("kvstore", 0)
+    one_each.cluster.start_service("kvstore", 0)
+    for p in prompts[1:]:
+        saved = _saved_blocks(port)
+        assert one_each.generate(request(p, max_tokens=4)).tokens == \
+            expected(reference, [p], 4)[0]
+    assert _saved_blocks(port) - saved == 6 + 1  # the last request saved the prompt anew
+    assert wait_until(lambda: one_each.store.stats().pinned_blocks == 0, timeout_s=10)

@@ -414,7 +414,8 @@ def test_exports_skip_the_blocks_the_store_holds(tiny_llama_dir: Path) -> None:
     """A prefill exports only blocks the store lacks: not the first ``kv_held_blocks``
     (the KV connector pinned the store's copies), and not prefix-cache hits this
     engine exported before (named in ``held_blocks``, to be pinned); hits it never
-    exported are exported like computed blocks. The tokens stay the same."""
+    exported are exported like computed blocks, and so is every block once the store
+    is known to have lost some (``forget_store``). The tokens stay the same."""
     prompt = tokens(4 * BS + 5, 51)
     e = engine(tiny_llama_dir)
     e.add_request("warm", prompt[: 3 * BS + 1], SamplingParams(max_tokens=1, ignore_eos=True))
@@ -433,5 +434,8 @@ def test_exports_skip_the_blocks_the_store_holds(tiny_llama_dir: Path) -> None:
     assert exported("held", kv_held_blocks=3) == ([3], [])  # 3 hits the store holds
     assert exported("partly", kv_held_blocks=1) == ([1, 2], [hashes[3]])
     assert exported("again") == ([0], hashes[1:4])
+    e.forget_store()  # the store lost them (a restart): they go out again, once
+    assert exported("after_loss") == ([0, 1, 2, 3], [])
+    assert exported("after_that") == ([], hashes[:4])
     with pytest.raises(ValueError, match="kv_held_blocks=5"):
         e.add_request("bad", prompt, GREEDY, kv_held_blocks=5)
