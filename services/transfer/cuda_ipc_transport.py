@@ -38,7 +38,7 @@ from services.transfer.contract.errors import (
 )
 from services.transfer.device_copy import copy_blocks, pin_host, unpin_host
 from services.transfer.host_id import host_id
-from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from services.transfer.metrics import TransferMeter
 from services.transfer.shm_transport import _open_arena
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
@@ -96,10 +96,7 @@ class CudaIpcTransport(KVTransport):
         self._channel = channel
         self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
         self.timeout_s = timeout_s
-        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
-        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
-        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
-        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+        self._meter = TransferMeter(self.name)
 
     # -- put ----------------------------------------------------------------------------
     def put(self, owner: str, refs: Sequence[common_pb2.BlockRef], payloads: Sequence[Buffer],
@@ -122,8 +119,8 @@ class CudaIpcTransport(KVTransport):
         t0 = time.perf_counter()
         resp, slots = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
                                     self.store_id, self._stale, write, device=True)
-        self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * sum(1 for o in slots if o >= 0))
+        written = sum(1 for o in slots if o >= 0)  # -1: a block the store held already
+        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
         return PutResult(resp.stored, resp.present)
 
     def _on_device(self, payloads: Sequence[Buffer], nbytes: int) -> tuple[torch.Tensor,
@@ -166,8 +163,7 @@ class CudaIpcTransport(KVTransport):
             raise wrap_rpc_error(e) from None
         finally:
             release_anonymous(self._stub, owner, pin_owner)
-        self._get_time.observe(time.perf_counter() - t0)
-        self._get_bytes.inc(sum(lengths))
+        self._meter.observe("get", time.perf_counter() - t0, sum(lengths))
         if out is None:
             return results
         for i, r in enumerate(results):  # rows not written in place (staged, re-read)

@@ -23,7 +23,7 @@ from services.transfer.contract.errors import (
     wrap_rpc_error,
 )
 from services.transfer.memory import tune_malloc
-from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from services.transfer.metrics import TransferMeter
 from splitserve.v1 import common_pb2, kvstore_pb2
 
 PUT_BLOCKS = "/splitserve.v1.KVStore/PutBlocks"
@@ -48,10 +48,7 @@ class GrpcTransport(KVTransport):
         self._get_blocks = channel.unary_stream(
             GET_BLOCKS, request_serializer=kvstore_pb2.GetRequest.SerializeToString,
             response_deserializer=wire.decode_block_data)
-        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
-        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
-        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
-        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+        self._meter = TransferMeter(self.name)
 
     def _chunks(self, header: bytes, views: Sequence[memoryview]) -> Iterator[bytes]:
         """PutChunk messages of ``chunk_bytes`` payload bytes, blocks back to back."""
@@ -83,8 +80,7 @@ class GrpcTransport(KVTransport):
             resp = self._put_blocks(self._chunks(header, views), timeout=bounded(self.timeout_s))
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
-        self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * len(views))
+        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * len(views))
         return PutResult(resp.stored, resp.present)
 
     def get(self, owner: str, keys: Sequence[bytes], out: Sequence[Buffer] | None = None, *,
@@ -103,8 +99,7 @@ class GrpcTransport(KVTransport):
         except grpc.RpcError as e:
             raise wrap_rpc_error(e) from None
         results = asm.finish()
-        self._get_time.observe(time.perf_counter() - t0)
-        self._get_bytes.inc(asm.total)
+        self._meter.observe("get", time.perf_counter() - t0, asm.total)
         if out is not None:
             return list(out[: len(results)])
         return results

@@ -25,3 +25,15 @@ TRANSPORT_FALLBACKS = Counter(
     "Requests retried on the next transport down the ladder after one failed mid-request",
     ["from_transport", "to_transport"],
 )
+
+
+class TransferMeter:
+    """One transport's put and get series: the time of each call and its bytes."""
+
+    def __init__(self, transport: str) -> None:
+        self._bytes = {d: TRANSFER_BYTES.labels(transport, d) for d in ("put", "get")}
+        self._seconds = {d: TRANSFER_SECONDS.labels(transport, d) for d in ("put", "get")}
+
+    def observe(self, direction: str, seconds: float, nbytes: int) -> None:
+        self._seconds[direction].observe(seconds)
+        self._bytes[direction].inc(nbytes)

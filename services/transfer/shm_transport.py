@@ -42,7 +42,7 @@ from services.transfer.contract.errors import (
 )
 from services.transfer.host_id import host_id
 from services.transfer.memory import tune_malloc
-from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from services.transfer.metrics import TransferMeter
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 POPULATE_MAX_BYTES = 8 << 30
@@ -99,10 +99,7 @@ class ShmTransport(KVTransport):
         self._channel = channel
         self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
         self.timeout_s = timeout_s
-        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
-        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
-        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
-        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+        self._meter = TransferMeter(self.name)
 
     def _span(self, offset: int, length: int) -> memoryview:
         if offset < 0 or offset + length > self._arena.nbytes:
@@ -131,8 +128,8 @@ class ShmTransport(KVTransport):
         t0 = time.perf_counter()
         resp, offsets = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
                                       self.store_id, self._stale, write)
-        self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * sum(1 for o in offsets if o >= 0))
+        written = sum(1 for o in offsets if o >= 0)  # -1: a block the store held already
+        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
         return PutResult(resp.stored, resp.present)
 
     def _stale(self, store_id: str) -> StaleTransportError:
@@ -176,8 +173,7 @@ class ShmTransport(KVTransport):
             raise wrap_rpc_error(e) from None
         finally:
             release_anonymous(self._stub, owner, pin_owner)
-        self._get_time.observe(time.perf_counter() - t0)
-        self._get_bytes.inc(total)
+        self._meter.observe("get", time.perf_counter() - t0, total)
         return results
 
     def close(self) -> None:

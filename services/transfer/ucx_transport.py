@@ -51,7 +51,7 @@ from services.transfer.contract.errors import (
     wrap_rpc_error,
 )
 from services.transfer.memory import tune_malloc
-from services.transfer.metrics import TRANSFER_BYTES, TRANSFER_SECONDS
+from services.transfer.metrics import TransferMeter
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 Op = kvstore_pb2.UcxRequest
@@ -105,10 +105,7 @@ class UcxTransport(KVTransport):
         except Exception as e:
             raise UcxUnavailable(f"cannot reach the store's UCX listener at {self.peer}: "
                                  f"{_describe_error(e)}") from e
-        self._put_bytes = TRANSFER_BYTES.labels(self.name, "put")
-        self._get_bytes = TRANSFER_BYTES.labels(self.name, "get")
-        self._put_time = TRANSFER_SECONDS.labels(self.name, "put")
-        self._get_time = TRANSFER_SECONDS.labels(self.name, "get")
+        self._meter = TransferMeter(self.name)
 
     async def _connect(self, host: str, port: int, secret: str) -> Any:
         ucxx = ucx_loop.ucxx_module()
@@ -170,8 +167,8 @@ class UcxTransport(KVTransport):
         t0 = time.perf_counter()
         resp, offsets = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
                                       self.store_id, self._stale, write)
-        self._put_time.observe(time.perf_counter() - t0)
-        self._put_bytes.inc(block_nbytes * sum(1 for o in offsets if o >= 0))
+        written = sum(1 for o in offsets if o >= 0)  # -1: a block the store held already
+        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
         return PutResult(resp.stored, resp.present)
 
     # -- get --------------------------------------------------------------------------
@@ -200,8 +197,7 @@ class UcxTransport(KVTransport):
             raise wrap_rpc_error(e) from None
         finally:
             release_anonymous(self._stub, owner, pin_owner)
-        self._get_time.observe(time.perf_counter() - t0)
-        self._get_bytes.inc(sum(lengths))
+        self._meter.observe("get", time.perf_counter() - t0, sum(lengths))
         return results
 
     @staticmethod
