@@ -115,19 +115,20 @@ class KVConnector:
         blocks before them: the store's copies are pinned for ``owner`` now (those it
         lacks are exported after all)."""
         engine = self.engine_prefix(hashes)
+        engine_only = KVLoad(engine, [], engine * self.block_size)
         if not self.prefix_reuse:
-            return KVLoad(engine, [], engine * self.block_size)
+            return engine_only
         try:
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
             if not payloads:  # the engine names its held blocks as it exports
-                return KVLoad(engine, [], engine * self.block_size)
+                return engine_only
             pinned = self.store.pin(owner, hashes[:engine]) if engine else 0
         except grpc.RpcError as e:
             if not store_unreachable(e):
                 raise
             log.warning("store_unreachable", request_id=owner, error=e.details(),
                         fallback="computing the prefix")
-            return KVLoad(engine, [], engine * self.block_size)
+            return engine_only
         held = engine + len(payloads) if pinned == engine else pinned
         return KVLoad(engine, payloads, (engine + len(payloads)) * self.block_size, held)
 
@@ -163,34 +164,29 @@ class KVConnector:
         and pins the ones it named as held there (``held_blocks``), all for ``owner``.
         False (logged) when the store cannot be reached or lost a held block."""
         try:
-            if out.held_blocks and not self._pin_held(owner, list(out.held_blocks)):
-                log.warning("held_blocks_gone", request_id=owner,
-                            blocks=len(out.held_blocks), fallback="blocks not handed over; "
-                            "the engine exports its blocks again from now on")
-                if self._forget_store is not None:
-                    self._forget_store()
-                return False
+            return self._pin_and_put(owner, out, with_tail)
         except grpc.RpcError as e:
             if not store_unreachable(e):
                 raise
             log.warning("store_unreachable", request_id=owner, error=e.details(),
                         fallback="blocks not saved")
+            return False
+
+    def _pin_and_put(self, owner: str, out: Any, with_tail: bool) -> bool:
+        if out.held_blocks and not self._pin_held(owner, list(out.held_blocks)):
+            log.warning("held_blocks_gone", request_id=owner, blocks=len(out.held_blocks),
+                        fallback="blocks not handed over; the engine exports its blocks "
+                        "again from now on")
+            if self._forget_store is not None:
+                self._forget_store()
             return False
         blocks = list(out.exported_blocks)
         refs = [common_pb2.BlockRef(key=b.block_hash, num_tokens=b.num_tokens) for b in blocks]
         if with_tail and out.tail_block is not None:
             blocks.append(out.tail_block)
             refs.append(tail_ref(owner, out.tail_block.num_tokens))
-        if not blocks:
-            return True
-        try:
+        if blocks:
             self.store.put(owner, refs, [b.payload for b in blocks], self.block_nbytes)
-        except grpc.RpcError as e:
-            if not store_unreachable(e):
-                raise
-            log.warning("store_unreachable", request_id=owner, error=e.details(),
-                        fallback="blocks not saved")
-            return False
         return True
 
     def _pin_held(self, owner: str, keys: list[bytes]) -> bool:
