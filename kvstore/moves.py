@@ -90,9 +90,10 @@ class Moves:
             stamps = dict(zip(map(id, good), crcs(outs), strict=True))
         else:
             datas = [src.view(m.src_slot) for m in batch]
-            sums = crcs(datas)
-            good = [m for m, c in zip(batch, sums, strict=True) if c == m.block.checksum]
-            dst.write_many([m.dst_slot for m in good], [src.view(m.src_slot) for m in good],
+            sound = [(m, d) for m, d, c in zip(batch, datas, crcs(datas), strict=True)
+                     if c == m.block.checksum]
+            good = [m for m, _ in sound]
+            dst.write_many([m.dst_slot for m in good], [d for _, d in sound],
                            [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
                                       m.block.partial) for m in good])
             stamps = dict(zip(map(id, good), dst.checksums([m.dst_slot for m in good]),

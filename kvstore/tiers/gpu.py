@@ -46,18 +46,15 @@ class GpuTier(SpanTier):
         return self.arena[slot.offset : slot.offset + slot.length]
 
     def read_into(self, slot: Slot, out: memoryview) -> None:
-        host = torch.frombuffer(out, dtype=torch.uint8)
-        host.copy_(self.span(slot))  # device -> pageable host: returns when done
+        self.read_many_into([slot], [out])
 
     def write(self, slot: Slot, data: memoryview, meta: BlockMeta) -> None:
-        self.span(slot).copy_(torch.frombuffer(bytearray(data) if data.readonly else data,
-                                               dtype=torch.uint8))
-        self._sync()  # readers in other processes see it once the store commits it
+        self.write_many([slot], [data], [meta])
 
     def read_many_into(self, slots: list[Slot], outs: list[memoryview]) -> None:
-        for slot, out in zip(slots, outs, strict=True):  # DMA into a page-locked tier
+        for slot, out in zip(slots, outs, strict=True):  # DMA when ``out`` is page-locked
             torch.frombuffer(out, dtype=torch.uint8).copy_(self.span(slot), non_blocking=True)
-        self._sync()
+        self._sync()  # the bytes are in ``out`` on return
 
     def write_many(self, slots: list[Slot], datas: list[memoryview],
                    metas: list[BlockMeta]) -> None:
@@ -65,10 +62,10 @@ class GpuTier(SpanTier):
                    for d in datas]  # alive until the copies are done
         for slot, src in zip(slots, sources, strict=True):
             self.span(slot).copy_(src, non_blocking=True)
-        self._sync()
+        self._sync()  # readers in other processes see them once the store commits them
 
     def checksum(self, slot: Slot) -> int:
-        return checksum_blocks(self.arena, [slot.offset], slot.length)[0]
+        return self.checksums([slot])[0]
 
     def checksums(self, slots: list[Slot]) -> list[int]:
         by_length: dict[int, list[int]] = {}
