@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -276,12 +277,33 @@ def local_redis_port(redis_url: str | None) -> int | None:
     return port if not port_in_use("127.0.0.1", port) else None
 
 
-def free_port() -> int:
-    import socket
+_PORTS_BELOW_EPHEMERAL = (10000, 20000)  # clear of the defaults and the bench scripts'
+_handed_out: set[int] = set()
+_port_rng = random.Random()  # its own: tests that seed the module's must not repeat ports
 
-    with socket.socket() as s:
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a service to bind soon after. Taken below
+    the kernel's ephemeral range where it can: a port from that range (what binding to 0
+    gives) may be taken by any outgoing connection before the service binds it."""
+    lo, hi = _PORTS_BELOW_EPHEMERAL
+    hi = min(hi, _ephemeral_start())
+    for _ in range(200 if hi > lo else 0):
+        port = _port_rng.randrange(lo, hi)
+        if port not in _handed_out and not port_in_use("127.0.0.1", port):
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # a crowded machine: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def with_free_ports(settings: ClusterSettings) -> ClusterSettings:
