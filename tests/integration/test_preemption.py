@@ -125,11 +125,14 @@ def test_decode_worker_swaps_instead_of_recomputing(tiny_llama_dir: Path, tmp_pa
     engine (preemption_mode: swap): the streams still equal the reference, and the
     worker ran each answer token through the model once (no recompute)."""
     settings = cluster_settings(tiny_llama_dir, prefill=1, decode=1)
-    settings.model.num_kv_blocks = 16  # 256 token slots for 4 x 90 tokens
+    settings.model.num_kv_blocks = 16  # 256 token slots for 4 x 150 tokens
+    # answers long enough that the four streams overlap on the decode worker even on a
+    # loaded machine (with 60 tokens, streams that arrived late found the cache free)
+    answer = 120
     prompts = [[11 + i] * 10 + list(range(60 + 20 * i, 80 + 20 * i)) for i in range(4)]
-    want = expected(reference, prompts, 60)
+    want = expected(reference, prompts, answer)
     with running_cluster(settings, tmp_path) as rc:
-        streams = [Stream(rc, p, 60, common_pb2.PRIORITY_CLASS_NORMAL) for p in prompts]
+        streams = [Stream(rc, p, answer, common_pb2.PRIORITY_CLASS_NORMAL) for p in prompts]
         for s in streams:
             s.join(timeout=120)
         assert [s.error for s in streams] == [None] * 4
@@ -140,5 +143,5 @@ def test_decode_worker_swaps_instead_of_recomputing(tiny_llama_dir: Path, tmp_pa
 
         assert engine("preemptions") >= 1
         assert engine("swapped_out") == engine("preemptions")
-        assert engine("computed_tokens") == 4 * (60 - 1)
+        assert engine("computed_tokens") == 4 * (answer - 1)
         assert wait_until(lambda: rc.store.stats().pins == 0, timeout_s=15)
