@@ -63,6 +63,9 @@ STORE_BYTES = Counter("splitserve_kvstore_transfer_bytes",
                       ["transport", "direction"])
 
 
+SLOW_RPC_S = 0.05  # a call that took longer is logged (what the store was doing then)
+
+
 def _status(e: StoreError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL)
 
@@ -82,7 +85,10 @@ def _rpc(method: Callable) -> Callable:
                 log.warning("put_refused", detail=str(e))
             context.abort(_status(e), str(e))
         finally:
-            timer.observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            timer.observe(seconds)
+            if seconds > SLOW_RPC_S:
+                log.info("slow_rpc", method=name, ms=round(seconds * 1000, 1))
 
     return wrapper
 

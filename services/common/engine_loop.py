@@ -7,8 +7,10 @@ is just another message to the loop. No torch here: the engine is passed in.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +25,9 @@ class Engine(Protocol):
     def abort(self, request_id: str) -> bool: ...
     def has_unfinished(self) -> bool: ...
     def stats(self) -> Any: ...
+
+
+LOG_STEPS_ENV = "SPLITSERVE_LOG_STEPS"
 
 
 class EngineStopped(RuntimeError):
@@ -90,6 +95,12 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._stats = engine.stats()
         self._accepting = True
+        # a line per step (its wall time, what ran): where a request's time goes
+        self._log_steps = os.environ.get(LOG_STEPS_ENV, "") not in ("", "0")
+        # with the engine's section timer on, each line splits the step's host time
+        self._profiler = getattr(getattr(engine, "runner", None), "profiler", None)
+        if self._log_steps and self._profiler is not None:
+            self._profiler.enabled = True
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
@@ -158,6 +169,8 @@ class EngineLoop:
         self._streams[rid] = item.stream
 
     def _step(self) -> None:
+        start = time.perf_counter()
+        before = dict(self._profiler.seconds) if self._log_steps and self._profiler else {}
         try:
             outputs = self._engine.step()
         except Exception as e:
@@ -172,6 +185,17 @@ class EngineLoop:
             if out.finished:
                 del self._streams[out.request_id]
         self._stats = self._engine.stats()
+        if self._log_steps:
+            self._log_step(time.perf_counter() - start, len(outputs), before)
+
+    def _log_step(self, seconds: float, outputs: int, before: dict[str, float]) -> None:
+        parts = {}
+        if self._profiler is not None:
+            parts = {k: round((v - before.get(k, 0.0)) * 1000, 2)
+                     for k, v in self._profiler.seconds.items() if v > before.get(k, 0.0)}
+        self._log.info("step", ms=round(seconds * 1000, 2), outputs=outputs,
+                       running=self._stats.num_running, waiting=self._stats.num_waiting,
+                       **{f"{k}_ms": v for k, v in parts.items()})
 
     def _finish_aborted(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)

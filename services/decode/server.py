@@ -56,12 +56,13 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         check_request(rid, request.model, prompt, ctx.settings.model)
         params = sampling_params(request.sampling)
         # not kept here: the engine lets go of the staging buffer once it is copied in
-        load = self._load(ctx, request)
+        load, hashes = self._load(ctx, request)
         self.metrics.observe_kv_load(load.engine_blocks, load.store_blocks)
         deadline.check()
         stream = ctx.loop.submit(
             rid, prompt, params, output_token_ids=list(request.output_token_ids),
-            cache_salt=request.cache_salt, export_kv=True, **load.engine_kwargs(),
+            cache_salt=request.cache_salt, export_kv=True, block_hashes=hashes,
+            **load.engine_kwargs(),
         )
         n = 0
         prefills = not request.output_token_ids  # colocated: this worker computes the prompt
@@ -95,17 +96,20 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             ctx.loop.abort(stream.request_id, stream)
 
     @staticmethod
-    def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest) -> KVLoad:
+    def _load(ctx: WorkerContext, request: worker_pb2.DecodeRequest
+              ) -> tuple[KVLoad, list[bytes]]:
         """The blocks named by the request; with none named (a resumed request, or a
         colocated cluster's new one), or when they are lost with the store: whatever
         prefix of prompt + outputs the engine and the store hold (the engine computes
-        the rest)."""
+        the rest). With the load, the hashes of the leading full blocks (the engine's
+        names for them: the named blocks' keys are those hashes)."""
         rid = request.request_id
         if request.blocks:
+            keys = [b.key for b in request.blocks]
             full = sum(1 for b in request.blocks if not b.partial)
             try:
-                return ctx.kv.load_exact(rid, [b.key for b in request.blocks], full,
-                                         request.kv_num_tokens)
+                load = ctx.kv.load_exact(rid, keys, full, request.kv_num_tokens)
+                return load, keys[:full]
             except grpc.RpcError as e:  # the store went away, or came back without them
                 if not (isinstance(e, MissingBlocksError) or store_unreachable(e)):
                     raise
@@ -113,7 +117,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                             fallback="computing what the store does not hold")
         tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
         hashes = block_hashes(tokens, ctx.hash_ctx, cache_salt=request.cache_salt)
-        return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size])
+        return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size]), hashes
 
     @staticmethod
     def _save_answer(ctx: WorkerContext, rid: str, out: Any,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 DIGEST_BYTES = 16  # 128-bit names
 ROOT_PARENT = b"\x00" * DIGEST_BYTES
+PERSON = b"splitserve-kv1"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], ctx: HashContext,
     whose parent is the root of ``cache_salt``)."""
     if len(tokens) != ctx.block_size:
         raise ValueError(f"a hashed block holds exactly {ctx.block_size} tokens, got {len(tokens)}")
-    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"splitserve-kv1")
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=PERSON)
     h.update(parent if parent is not None else chain_root(cache_salt))
     h.update(ctx.salt())
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
@@ -59,11 +60,19 @@ def block_hashes(
     tokens: Sequence[int], ctx: HashContext, parent: bytes | None = None, cache_salt: str = ""
 ) -> list[bytes]:
     """Chained digests of every full block of ``tokens`` (the partial tail gets none)."""
-    out: list[bytes] = []
     bs = ctx.block_size
+    n = len(tokens) // bs
     if parent is None:
         parent = chain_root(cache_salt)
-    for start in range(0, len(tokens) - bs + 1, bs):
-        parent = hash_block(parent, tokens[start : start + bs], ctx)
+    # hash_block's digests, with the tokens packed once and the salt encoded once:
+    # a long prompt's hashes are computed on every worker it reaches
+    packed = struct.pack(f"<{n * bs}q", *tokens[: n * bs])
+    salt, step = ctx.salt(), bs * 8
+    out: list[bytes] = []
+    for i in range(n):
+        h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES, person=PERSON)
+        h.update(salt)
+        h.update(packed[i * step : (i + 1) * step])
+        parent = h.digest()
         out.append(parent)
     return out

@@ -96,6 +96,7 @@ class LLMEngine:
         cache_salt: str = "",
         kv_first_block: int = 0,
         kv_held_blocks: int | None = None,
+        block_hashes: Seq[bytes] | None = None,
     ) -> None:
         """Queue a request.
 
@@ -111,6 +112,9 @@ class LLMEngine:
         ``kv_held_blocks``: the store already holds the first this many full blocks for
         the request, so ``export_kv`` reports only the blocks after them (None: the
         blocks of ``kv_blocks`` and the cached ones before them).
+        ``block_hashes``: the caller's chained hashes of the prompt's leading full blocks
+        (:func:`block_hash.block_hashes` with this engine's hash context and
+        ``cache_salt``), so that they are not computed twice.
         """
         params = params or SamplingParams()
         cfg = self.config
@@ -120,8 +124,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: empty prompt")
         tokens = list(prompt_token_ids) + list(output_token_ids)
         vocab = self.model_config.vocab_size
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
-        if bad is not None:
+        if min(tokens) < 0 or max(tokens) >= vocab:  # builtins: C speed on long prompts
+            bad = next(t for t in tokens if not 0 <= t < vocab)
             raise ValueError(f"request {request_id!r}: token id {bad} outside [0, {vocab})")
         if len(tokens) > cfg.max_model_len:
             raise ValueError(
@@ -143,6 +147,8 @@ class LLMEngine:
             self._check_kv(len(tokens), kv_blocks, kv_num_tokens, kv_first_block)
         if kv_held_blocks is not None and not 0 <= kv_held_blocks <= len(tokens) // cfg.block_size:
             raise ValueError(f"kv_held_blocks={kv_held_blocks} for {len(tokens)} tokens")
+        if block_hashes is not None and len(block_hashes) > len(tokens) // cfg.block_size:
+            raise ValueError(f"{len(block_hashes)} block hashes for {len(tokens)} tokens")
         seq = Sequence(
             request_id,
             prompt_token_ids,
@@ -155,6 +161,8 @@ class LLMEngine:
             kv_first_block=kv_first_block,
             kv_held_blocks=kv_held_blocks,
         )
+        if block_hashes:
+            seq.block_hashes.extend(block_hashes)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

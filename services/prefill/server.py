@@ -68,7 +68,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         deadline.check()
         stream = ctx.loop.submit(
             rid, prompt, replace(params, max_tokens=1), export_kv=True,
-            cache_salt=request.cache_salt, **load.engine_kwargs(),
+            cache_salt=request.cache_salt, block_hashes=hashes, **load.engine_kwargs(),
         )
         first, first_at = None, 0.0
         stored = True  # every block reached the store: they can be handed over

@@ -172,3 +172,13 @@ def test_a_store_without_a_gpu_tier_refuses_device_clients():
     with pytest.raises(ValueError, match="needs a host memory tier"):
         KVStoreCore(build_tiers([{"kind": "gpu", "bytes": NBYTES, "device": "cpu"}], "t"))
     time.sleep(0)
+
+
+def test_copy_blocks_refuses_a_block_outside_its_buffer():
+    flat = torch.zeros(2 * NBYTES, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="runs outside"):
+        copy_blocks(flat, [NBYTES + 4], torch.zeros_like(flat), [0], NBYTES)
+    with pytest.raises(ValueError, match="runs outside"):
+        copy_blocks(flat, [0], torch.zeros_like(flat), [-4], NBYTES)
+    with pytest.raises(ValueError, match="4-byte words"):
+        checksum_blocks(flat, [2], NBYTES)
