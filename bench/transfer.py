@@ -147,7 +147,12 @@ def _print(result: dict[str, Any]) -> None:
         if "cpu_tier_to_gpu" in r:
             c = r["cpu_tier_to_gpu"]
             print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
-                  f"({c['median']:.2f}) GB/s (pinned host to device, crc32 on the host)")
+                  f"({c['median']:.2f}) GB/s (host-written blocks: crc32 on the host)")
+        if "demoted_to_gpu" in r:
+            c = r["demoted_to_gpu"]
+            print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
+                  f"({c['median']:.2f}) GB/s (blocks the gpu tier demoted: dsum32 on the "
+                  "device)")
         if "cpu_tier_parts" in r:
             p = r["cpu_tier_parts"]
             print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "

@@ -3,7 +3,9 @@
 Device payloads in (put: device -> the store's gpu arena, dsum32 on the way), out into
 fresh device buffers (get) and into preallocated ones (get_into); and the blocks the
 store keeps in its cpu tier read straight to this GPU (its pinned shared memory ->
-device, crc32 verified on the host): the host -> device rate of the pinned cpu tier.
+device): the host -> device rate of the pinned cpu tier, for blocks a host writer put
+there (crc32 verified on host threads) and for blocks the gpu tier demoted there (their
+dsum32 verified on the device after the copy).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
     host_payloads = [memoryview(data)[i * block : (i + 1) * block] for i in range(count)]
     times: dict[str, list[float]] = {"put": [], "get": [], "get_into": [],
                                      "cpu_tier_to_gpu": []}
+    rounds: list[list[bytes]] = []
     with KVStoreClient(client.address, TransferSettings(transport="shm")) as host:
         for r in range(repeat + 1):
             owner = f"bench-gpu-{os.getpid()}-{r}"
             keys = [os.urandom(16) for _ in range(count)]
+            rounds.append(keys)
             hkeys = [os.urandom(16) for _ in range(count)]
             host.put(owner, hkeys, host_payloads, block)  # lands in the cpu tier
             t0 = time.perf_counter()
@@ -51,11 +55,31 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 times[k].append(dt)
             del got, from_host
+    times["demoted_to_gpu"] = demoted_reads(client, rounds[1:], payloads, block, rows)
     result = {k: _gbps(block * count, v) for k, v in times.items()}
     result["kernel"] = kernel_rate(rows, repeat)
     result["plain_copy"] = plain_copy_rate(rows, repeat)
     result["cpu_tier_parts"] = host_parts(data, block, count, repeat)
     return result
+
+
+def demoted_reads(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
+                  block: int, rows: torch.Tensor) -> list[float]:
+    """Seconds of a get of each round's blocks once the gpu tier has demoted them to the
+    cpu tier: pinned puts of new blocks fill the gpu tier (its capacity is what the
+    rounds put, plus one round), pushing the rounds' (released) blocks down."""
+    owner = f"bench-fill-{os.getpid()}"
+    for _ in range(len(rounds) + 2):
+        client.put(owner, [os.urandom(16) for _ in payloads], payloads, block)
+    seconds = []
+    for keys in rounds:
+        t0 = time.perf_counter()
+        got = client.get(owner, keys)
+        seconds.append(time.perf_counter() - t0)
+        if not torch.equal(torch.stack(got), rows):
+            raise RuntimeError("demoted blocks came back different")
+    client.release(owner)
+    return seconds
 
 
 def kernel_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:

@@ -28,6 +28,10 @@ log = get_logger("kvstore")
 MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion gives up
 
 
+# a copy's outcome: (verified?, the block's checksum in its new tier, its dsum32 if known)
+Copied = tuple[bool | None, int, int | None]
+
+
 class Moves:
     tiers: list[Tier]
     _lock: threading.Lock
@@ -44,22 +48,22 @@ class Moves:
         if not moves:
             return
         copied = self._copy_all(moves)
-        for t in {m.dst for m, (good, _) in zip(moves, copied, strict=True) if good}:
+        for t in {m.dst for m, (good, *_) in zip(moves, copied, strict=True) if good}:
             try:
                 t.sync()
             except OSError as e:
                 log.warning("tier_sync_failed", tier=t.name, error=str(e))
         with self._lock:
-            for m, (good, checksum) in zip(moves, copied, strict=True):
-                self._finish(m, good, checksum)
+            for m, (good, checksum, dsum) in zip(moves, copied, strict=True):
+                self._finish(m, good, checksum, dsum)
             self._moved.notify_all()
 
-    def _copy_all(self, moves: list[Move]) -> list[tuple[bool | None, int]]:
+    def _copy_all(self, moves: list[Move]) -> list[Copied]:
         """``_copy`` of every move. Moves between a device tier and a memory tier go in
         batches of one (source, target, size): one checksum launch and one wait for many
         blocks. The store shares its GPU with the workers' processes, and each wait of
         its own has to take its turn on the GPU."""
-        results: dict[int, tuple[bool | None, int]] = {}
+        results: dict[int, Copied] = {}
         batches: dict[tuple[Tier, Tier, int], list[int]] = {}
         for i, m in enumerate(moves):
             if (m.src.on_device and m.dst.has_view) or (m.dst.on_device and m.src.has_view):
@@ -73,14 +77,16 @@ class Moves:
             except OSError as e:
                 log.warning("tier_copy_failed", src=batch[0].src.name, dst=batch[0].dst.name,
                             blocks=len(batch), error=str(e))
-                got = [(None, 0)] * len(batch)
+                got = [(None, 0, None)] * len(batch)
             results.update(zip(index, got, strict=True))
         return [results[i] for i in range(len(moves))]
 
     @staticmethod
-    def _copy_batch(batch: list[Move]) -> list[tuple[bool | None, int]]:
+    def _copy_batch(batch: list[Move]) -> list[Copied]:
         """Blocks of one size between a device tier and a memory tier, verified with the
-        source's checksum kind and stamped with the target's (as ``_copy``)."""
+        source's checksum kind and stamped with the target's (as ``_copy``). Blocks
+        raised from host memory whose dsum32 the store knows are verified on the device
+        after the copy: the host threads do not read their bytes."""
         src, dst = batch[0].src, batch[0].dst
         if src.on_device:
             sums = src.checksums([m.src_slot for m in batch])
@@ -88,47 +94,58 @@ class Moves:
             outs = [dst.view(m.dst_slot) for m in good]
             src.read_many_into([m.src_slot for m in good], outs)
             stamps = dict(zip(map(id, good), crcs(outs), strict=True))
+            return [(True, stamps[id(m)], m.block.checksum) if id(m) in stamps
+                    else (False, 0, None) for m in batch]
+        datas = [src.view(m.src_slot) for m in batch]
+        known = all(m.block.device_checksum is not None for m in batch)
+        if known:
+            sound = list(zip(batch, datas, strict=True))
         else:
-            datas = [src.view(m.src_slot) for m in batch]
             sound = [(m, d) for m, d, c in zip(batch, datas, crcs(datas), strict=True)
                      if c == m.block.checksum]
-            good = [m for m, _ in sound]
-            dst.write_many([m.dst_slot for m in good], [d for _, d in sound],
-                           [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
-                                      m.block.partial) for m in good])
-            stamps = dict(zip(map(id, good), dst.checksums([m.dst_slot for m in good]),
-                              strict=True))
-        return [(True, stamps[id(m)]) if id(m) in stamps else (False, 0) for m in batch]
+        good = [m for m, _ in sound]
+        dst.write_many([m.dst_slot for m in good], [d for _, d in sound],
+                       [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
+                                  m.block.partial) for m in good])
+        stamps = dict(zip(map(id, good), dst.checksums([m.dst_slot for m in good]),
+                          strict=True))
+        if known:  # the host bytes were not read: a copy that differs was corrupt there
+            stamps = {i: c for (i, c), m in zip(stamps.items(), good, strict=True)
+                      if c == m.block.device_checksum}
+        return [(True, stamps[id(m)], None) if id(m) in stamps else (False, 0, None)
+                for m in batch]
 
-    def _copy(self, m: Move) -> tuple[bool | None, int]:
-        """(True, the block's checksum in its new tier): copied and verified; False: the
-        source failed its checksum (a corrupt block); None: the copy failed for another
-        reason (the move is dropped). A device tier's blocks are verified there and
-        stamped there (dsum32); host tiers' carry crc32."""
+    def _copy(self, m: Move) -> Copied:
+        """(True, the block's checksum in its new tier, its dsum32 where known): copied
+        and verified; False: the source failed its checksum (a corrupt block); None: the
+        copy failed for another reason (the move is dropped). A device tier's blocks are
+        verified there and stamped there (dsum32); host tiers' carry crc32, and the
+        dsum32 they came with (the same bytes)."""
         b = m.block
         on_host = m.src.checksum_kind == KIND_CRC32
+        dsum = b.device_checksum if on_host else b.checksum
         try:
             if not on_host and m.src.checksum(m.src_slot) != b.checksum:
-                return False, 0
+                return False, 0, None
             if m.dst.has_view:
                 out = m.dst.view(m.dst_slot)
                 m.src.read_into(m.src_slot, out)
                 crc = crc32(out)
-                return (not on_host or crc == b.checksum), crc
+                return (not on_host or crc == b.checksum), crc, dsum
             data = m.src.view(m.src_slot) if m.src.has_view else self._read_copy(m)
             crc = crc32(data)
             if on_host and crc != b.checksum:
-                return False, 0
+                return False, 0, None
             m.dst.write(m.dst_slot, data, BlockMeta(b.key, crc, b.num_tokens, b.partial))
             if m.dst.checksum_kind == KIND_CRC32:
-                return True, crc
-            return True, m.dst.checksum(m.dst_slot)
+                return True, crc, dsum
+            return True, m.dst.checksum(m.dst_slot), None
         except ValueError:  # a block file with a bad header: corrupt
-            return False, 0
+            return False, 0, None
         except OSError as e:
             log.warning("tier_copy_failed", src=m.src.name, dst=m.dst.name,
                         key=b.key.hex(), error=str(e))
-            return None, 0
+            return None, 0, None
 
     @staticmethod
     def _read_copy(m: Move) -> memoryview:
@@ -136,7 +153,7 @@ class Moves:
         m.src.read_into(m.src_slot, out)
         return out
 
-    def _finish(self, m: Move, ok: bool | None, checksum: int) -> None:
+    def _finish(self, m: Move, ok: bool | None, checksum: int, dsum: int | None) -> None:
         b = m.block
         b.moving = False
         up = self.tiers.index(m.dst) < self.tiers.index(m.src)
@@ -154,6 +171,7 @@ class Moves:
         self._lru_del(b)
         m.src.free(m.src_slot)
         b.tier, b.slot, b.checksum = m.dst, m.dst_slot, checksum
+        b.device_checksum = None if m.dst.on_device else dsum
         if up:
             self._s.promotions += 1
             self._ts[m.dst].promotions += 1

@@ -26,7 +26,11 @@ from kvstore.types import (
     StoreStats,
     check_key,
 )
+from services.common.logging import get_logger
+from services.transfer.bulk import crcs
 from services.transfer.contract.checksum import crc32
+
+log = get_logger("kvstore")
 
 
 class Puts:
@@ -42,9 +46,10 @@ class Puts:
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
                   device: bool = False) -> BegunPut:
         """Reserves a slot for every block not already held, in the writer's home tier
-        (``device``: the gpu tier). Present blocks are pinned for ``owner`` at once; new
-        ones when committed. Refuses (ResourceExhausted) rather than evicting pinned
-        blocks; reserves all slots or none."""
+        (``device``: the gpu tier; when its blocks are all pinned, the host memory tier:
+        the put is *spilled*). Present blocks are pinned for ``owner`` at once; new ones
+        when committed. Refuses (ResourceExhausted) rather than evicting pinned blocks;
+        reserves all slots or none."""
         home = self.home(device)
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
@@ -59,9 +64,15 @@ class Puts:
             with self._lock:
                 now = self._expire()
                 todo = self._todo(owner, entries)
-                moves = self._reserve(todo, block_nbytes, protect, home) if todo else None
+                try:
+                    moves = self._reserve(todo, block_nbytes, protect, home) if todo else None
+                except ResourceExhausted as refused:
+                    home = self._spill_tier(home, refused)
+                    self._s.puts_refused -= 1  # counted once: if the spill is refused too
+                    moves = self._reserve(todo, block_nbytes, protect, home)
                 if moves is None:
-                    return self._pend(owner, entries, now)
+                    return self._pend(owner, entries, now, device,
+                                      spilled=device and home != self.home(True))
             self._carry_out(moves)
         raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
                                 "rounds of demotion (other puts took the room); retry")
@@ -84,18 +95,31 @@ class Puts:
             seen.add(e.key)
         return todo
 
-    def _pend(self, owner: str, entries: list[PutEntry], now: float) -> BegunPut:
+    def _spill_tier(self, home: int, refused: ResourceExhausted) -> int:
+        """Where a device put goes whose gpu tier refused it: the host memory tier
+        (device writers copy into its shared arena). ``refused`` for any other put."""
+        if not self.tiers[home].on_device:
+            raise refused
+        return self.home(False)
+
+    def _pend(self, owner: str, entries: list[PutEntry], now: float, device: bool = False,
+              spilled: bool = False) -> BegunPut:
         put_id = uuid.uuid4().hex
-        self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s)
+        self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s, device)
         self._next_expiry = min(self._next_expiry, now + self.pin_ttl_s)
         slots = [PutSlot(e.key, False, e.slot.offset, e.slot.length, e.tier.name)
                  if e.slot is not None else PutSlot(e.key, True) for e in entries]
-        return BegunPut(put_id, slots)
+        if spilled:
+            log.info("put_spilled", owner=owner, blocks=len(slots),
+                     tier=self.tiers[self.home(False)].name)
+        return BegunPut(put_id, slots, spilled)
 
     def commit_put(self, put_id: str, checksums: Sequence[int]) -> tuple[int, int]:
-        """Makes the written blocks visible with their crc32s -> (stored, present).
+        """Makes the written blocks visible with their checksums -> (stored, present).
         ``checksums``: one per slot (values of present slots ignored) or one per
-        written slot, in slot order."""
+        written slot, in slot order: crc32s, or a device writer's dsum32s (a spilled
+        put's blocks keep theirs beside the crc32 the store stamps on them)."""
+        stamps = self._host_stamps(put_id)
         with self._lock:
             p = self._pending.get(put_id)
             if p is None:
@@ -130,8 +154,11 @@ class Puts:
                         old.pinners.discard(owner)
                         o.pins.discard(old)
                     self._remove(old)
-                b = Block(e.key, e.tier, e.slot, int(c) & 0xFFFFFFFF, e.num_tokens,
+                c = int(c) & 0xFFFFFFFF
+                b = Block(e.key, e.tier, e.slot, stamps.get(id(e), c), e.num_tokens,
                           e.partial, owner if e.partial else "")
+                if id(e) in stamps:
+                    b.device_checksum = c
                 blocks[e.key] = b
                 stored += 1
                 nbytes += e.slot.length
@@ -146,6 +173,16 @@ class Puts:
             self._s.bytes_stored += nbytes
         self.demote_soon()
         return stored, len(p.entries) - stored
+
+    def _host_stamps(self, put_id: str) -> dict[int, int]:
+        """crc32 of a device put's blocks written into a host tier (a spilled put),
+        computed before the commit takes the lock (id(entry) -> crc32). The slots stay
+        the put's until it commits or ends (then the commit finds no put)."""
+        with self._lock:
+            p = self._pending.get(put_id)
+            host = [e for e in p.entries if e.slot is not None and e.tier is not None
+                    and not e.tier.on_device] if p is not None and p.device else []
+        return dict(zip(map(id, host), crcs([e.tier.view(e.slot) for e in host]), strict=True))
 
     def abort_put(self, put_id: str) -> bool:
         with self._lock:

@@ -133,15 +133,16 @@ class KVStoreServicer:
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes,
                                     device=request.device)
-        resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id)
+        resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id,
+                                            spilled=begun.spilled)
         if request.packed:
             resp.offsets.extend([-1 if s.present else s.offset for s in begun.slots])
         else:
             add = resp.slots.add
             for s in begun.slots:
                 add(key=s.key, present=s.present, offset=s.offset, length=s.length)
-        STORE_BYTES.labels("cuda_ipc" if request.device else "shm", "put").inc(
-            sum(s.length for s in begun.slots))
+        STORE_BYTES.labels("cuda_ipc" if request.device and not begun.spilled else "shm",
+                           "put").inc(sum(s.length for s in begun.slots))
         return resp
 
     @_rpc
@@ -214,9 +215,12 @@ class KVStoreServicer:
         locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix,
                              memory=True, device=request.device)
         resp = kvstore_pb2.GetResponse(store_id=self.store_id)
-        if request.device:
+        if request.device:  # device sums where known: the reader verifies on the device
             gpu = self.core.device_tier.name  # type: ignore[union-attr]
             resp.on_device.extend([loc.tier == gpu for loc in locs])
+            resp.device_sums.extend([loc.device_checksum is not None for loc in locs])
+            locs = [loc._replace(checksum=loc.device_checksum)
+                    if loc.device_checksum is not None else loc for loc in locs]
         lengths = [loc.length for loc in locs]
         if request.packed:
             resp.offsets.extend([loc.offset for loc in locs])

@@ -247,7 +247,8 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
 
     @staticmethod
     def _location(b: Block) -> Location:
-        return Location(b.key, b.tier.name, b.slot.offset, b.slot.length, b.checksum)
+        dsum = b.checksum if b.tier.on_device else b.device_checksum
+        return Location(b.key, b.tier.name, b.slot.offset, b.slot.length, b.checksum, dsum)
 
     def view(self, loc: Location | PutSlot) -> memoryview:
         """The bytes at a location (read) or a reserved slot (write) of a memory tier."""

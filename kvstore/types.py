@@ -51,6 +51,9 @@ class Block:
     pinners: set[str] = field(default_factory=set)
     dead: bool = False  # dropped from the index; the slot is freed when the last pin goes
     moving: bool = False  # being copied to another tier (kvstore.moves): not a victim
+    # a host tier's block: its dsum32 when known (it came from the gpu tier or a device
+    # writer), so that a device reader verifies it on the device, not on host threads
+    device_checksum: int | None = None
 
 
 class Location(NamedTuple):
@@ -59,6 +62,7 @@ class Location(NamedTuple):
     offset: int
     length: int
     checksum: int
+    device_checksum: int | None = None  # the block's dsum32, where known
 
 
 class PutSlot(NamedTuple):
@@ -72,6 +76,7 @@ class PutSlot(NamedTuple):
 class BegunPut(NamedTuple):
     put_id: str
     slots: list[PutSlot]
+    spilled: bool = False  # a device put reserved in the host memory tier
 
 
 @dataclass(slots=True)
@@ -88,6 +93,7 @@ class PendingPut:
     owner: str
     entries: list[PutEntry]
     expires_at: float
+    device: bool = False  # its checksums are dsum32 (a device writer's)
 
 
 @dataclass(slots=True)

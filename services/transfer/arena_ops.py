@@ -30,13 +30,15 @@ def put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[
 def two_phase_put(
     stub: kvstore_pb2_grpc.KVStoreStub, owner: str, refs: Sequence[common_pb2.BlockRef],
     block_nbytes: int, timeout_s: float | None, store_id: str,
-    stale: Callable[[str], Exception], write: Callable[[str, list[int]], list[int]], *,
+    stale: Callable[[str], Exception],
+    write: Callable[[kvstore_pb2.BeginPutResponse, list[int]], list[int]], *,
     device: bool = False,
 ) -> tuple[kvstore_pb2.CommitPutResponse, list[int]]:
-    """BeginPut -> ``write(put_id, offsets)`` (where each block goes, -1 for one already
-    held; it returns the checksums CommitPut takes) -> CommitPut -> (its answer, the
-    offsets). Any failure after BeginPut aborts the put; ``stale(id)`` is raised when
-    another store instance answers. ``device``: the slots are in the gpu tier."""
+    """BeginPut -> ``write(its answer, offsets)`` (where each block goes, -1 for one
+    already held; it returns the checksums CommitPut takes) -> CommitPut -> (its answer,
+    the offsets). Any failure after BeginPut aborts the put; ``stale(id)`` is raised
+    when another store instance answers. ``device``: the slots are in the gpu tier
+    (unless the answer says ``spilled``: then in the host arena)."""
     try:
         begun = stub.BeginPut(kvstore_pb2.BeginPutRequest(
             owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
@@ -50,7 +52,7 @@ def two_phase_put(
         if len(offsets) != len(refs):
             raise InvalidRequestError(f"store answered {len(offsets)} slots for "
                                       f"{len(refs)} blocks")
-        sums = write(begun.put_id, offsets)
+        sums = write(begun, offsets)
         resp = stub.CommitPut(kvstore_pb2.CommitPutRequest(
             put_id=begun.put_id, checksums=sums), timeout=bounded(timeout_s))
     except BaseException as e:
@@ -97,9 +99,10 @@ def pinned_device_locations(
     stub: kvstore_pb2_grpc.KVStoreStub, owner: str, keys: Sequence[bytes],
     longest_prefix: bool, timeout_s: float | None, store_id: str,
     stale: Callable[[str], Exception], *, device: bool = True,
-) -> tuple[list[int], list[int], list[int], list[bool]]:
+) -> tuple[list[int], list[int], list[int], list[bool], list[bool]]:
     """``pinned_locations`` for a reader that maps the gpu arena too (``device``):
-    blocks in the gpu tier stay there; the fourth list says which offsets are in it."""
+    blocks in the gpu tier stay there; the fourth list says which offsets are in it, the
+    fifth which checksums are dsum32 (the others: crc32)."""
     resp = stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, device=device,
                                            longest_prefix=longest_prefix, packed=True),
                     timeout=timeout_s)
@@ -110,9 +113,10 @@ def pinned_device_locations(
     if m > n or (m < n and not longest_prefix):
         raise InvalidRequestError(f"store answered {m} blocks for {n} keys")
     on_device = list(resp.on_device) or [False] * m
-    if len(on_device) != m:
+    device_sums = list(resp.device_sums) or on_device
+    if len(on_device) != m or len(device_sums) != m:
         raise InvalidRequestError("store answered a malformed Get (on_device)")
-    return offsets, lengths, checksums, on_device
+    return offsets, lengths, checksums, on_device, device_sums
 
 
 def release_anonymous(stub: kvstore_pb2_grpc.KVStoreStub, owner: str, pin_owner: str) -> None:

@@ -107,11 +107,15 @@ class CudaIpcTransport(KVTransport):
             return PutResult(0, 0)
         base, offsets = self._on_device(payloads, block_nbytes)
 
-        def write(put_id: str, slots: list[int]) -> list[int]:
+        def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
             todo = [j for j, o in enumerate(slots) if o >= 0]
             sums = [0] * len(refs)  # present blocks: 0 (ignored)
-            got = copy_blocks(base, [offsets[j] for j in todo], self._arena,
-                              [slots[j] for j in todo], block_nbytes)
+            src = [offsets[j] for j in todo]
+            dst = [slots[j] for j in todo]
+            if begun.spilled:  # the gpu tier was full of pinned blocks: its host arena
+                got = self._to_host(base, src, dst, block_nbytes)
+            else:
+                got = copy_blocks(base, src, self._arena, dst, block_nbytes)
             for j, c in zip(todo, got, strict=True):
                 sums[j] = c
             return sums
@@ -122,6 +126,17 @@ class CudaIpcTransport(KVTransport):
         written = sum(1 for o in slots if o >= 0)  # -1: a block the store held already
         self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
         return PutResult(resp.stored, resp.present)
+
+    def _to_host(self, base: torch.Tensor, src: list[int], dst: list[int],
+                 nbytes: int) -> list[int]:
+        """Copies device blocks into the store's host arena (DMA to its page-locked
+        shared memory) -> their dsum32, computed on the device."""
+        arena = self._host_arena()
+        sums = copy_blocks(base, src, None, (), nbytes)
+        for s, d in zip(src, dst, strict=True):
+            arena[d : d + nbytes].copy_(base[s : s + nbytes], non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return sums
 
     def _on_device(self, payloads: Sequence[Buffer], nbytes: int) -> tuple[torch.Tensor,
                                                                              list[int]]:
@@ -150,10 +165,10 @@ class CudaIpcTransport(KVTransport):
         pin_owner = owner or f"ipc-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            offsets, lengths, sums, on_device = pinned_device_locations(
+            offsets, lengths, sums, on_device, device_sums = pinned_device_locations(
                 self._stub, pin_owner, keys, longest_prefix, bounded(self.timeout_s),
                 self.store_id, self._stale)
-            rows, bad = self._fetch(offsets, lengths, sums, on_device, dest)
+            rows, bad = self._fetch(offsets, lengths, sums, on_device, device_sums, dest)
             results: list[Any] = list(rows)
             results = reread_bad(self._channel, pin_owner, keys, len(offsets), bad, results,
                                  None, longest_prefix, self.timeout_s)
@@ -173,11 +188,14 @@ class CudaIpcTransport(KVTransport):
         return list(out[: len(results)])
 
     def _fetch(self, offsets: list[int], lengths: list[int], sums: list[int],
-               on_device: list[bool], dest: tuple[torch.Tensor, list[int]] | None
+               on_device: list[bool], device_sums: list[bool],
+               dest: tuple[torch.Tensor, list[int]] | None
                ) -> tuple[list[torch.Tensor], list[int]]:
         """The blocks on this GPU, in ``dest`` (a flat tensor and each block's offset
-        in it) or in a new buffer -> (rows, indices whose checksum failed). Returns when
-        every copy is done (the caller may drop its pins)."""
+        in it) or in a new buffer -> (rows, indices whose checksum failed). Blocks of the
+        store's host arena with a device checksum are verified here after the copy; the
+        others by crc32 on host threads. Returns when every copy is done (the caller
+        may drop its pins)."""
         n = len(offsets)
         if n == 0:
             return [], []
@@ -194,7 +212,14 @@ class CudaIpcTransport(KVTransport):
         got = copy_blocks(self._arena, [offsets[i] for i in dev], flat,
                           [where[i] for i in dev], nbytes)
         bad = [i for i, c in zip(dev, got, strict=True) if c != sums[i]]
-        host = [i for i in range(n) if not on_device[i]]
+        summed = [i for i in range(n) if not on_device[i] and device_sums[i]]
+        if summed:
+            arena = self._host_arena()
+            for i in summed:
+                buf[i].copy_(arena[offsets[i] : offsets[i] + nbytes], non_blocking=True)
+            got = copy_blocks(flat, [where[i] for i in summed], None, (), nbytes)
+            bad += [i for i, c in zip(summed, got, strict=True) if c != sums[i]]
+        host = [i for i in range(n) if not on_device[i] and not device_sums[i]]
         if host:
             bad += self._from_host([offsets[i] for i in host], [buf[i] for i in host],
                                    [sums[i] for i in host], host)

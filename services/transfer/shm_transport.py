@@ -112,7 +112,7 @@ class ShmTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
 
-        def write(put_id: str, offsets: list[int]) -> list[int]:
+        def write(begun: kvstore_pb2.BeginPutResponse, offsets: list[int]) -> list[int]:
             sums = [0] * len(views)  # present blocks: 0 (ignored)
             copies, where = [], []
             for j, (offset, v) in enumerate(zip(offsets, views, strict=True)):

@@ -157,10 +157,10 @@ class UcxTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
 
-        def write(put_id: str, offsets: list[int]) -> list[int]:
+        def write(begun: kvstore_pb2.BeginPutResponse, offsets: list[int]) -> list[int]:
             written = [v for o, v in zip(offsets, views, strict=True) if o >= 0]
             if written:
-                req = Op(op=Op.PUT, put_id=put_id, lengths=[v.nbytes for v in written])
+                req = Op(op=Op.PUT, put_id=begun.put_id, lengths=[v.nbytes for v in written])
                 self._exchange("put", _put, req, written)
             return [crc32(v) for v in written]
 

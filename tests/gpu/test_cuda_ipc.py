@@ -95,3 +95,66 @@ def _offsets(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
                                               device=True))
     assert all(resp.on_device)
     return list(resp.offsets)
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """A gpu tier of 16 blocks before a cpu tier of 128."""
+    settings, cluster = start_store(
+        tmp_path, tiers=[{"kind": "gpu", "bytes": 16 * NBYTES, "device": "cuda:0"},
+                         {"kind": "cpu", "bytes": 128 * NBYTES}])
+    yield settings
+    cluster.stop()
+
+
+def _device_sums(c: KVStoreClient, keys: list[bytes]) -> tuple[list[bool], list[bool]]:
+    from splitserve.v1 import kvstore_pb2
+
+    resp = c._stub.Get(kvstore_pb2.GetRequest(keys=keys, packed=True, device=True))
+    return list(resp.on_device), list(resp.device_sums)
+
+
+def test_a_gpu_tier_full_of_pinned_blocks_spills_device_puts_to_the_cpu_tier(small_store):
+    with _client(small_store, "cuda_ipc") as c:
+        held, rows = _keys(16), _rows(16)
+        assert c.put("hold", held, list(rows.unbind(0)), NBYTES).stored == 16
+        keys, more = _keys(4), _rows(4)
+        assert c.put("w", keys, list(more.unbind(0)), NBYTES).stored == 4
+        assert c.lookup_per_tier(keys)["cpu"] == 4
+        assert _device_sums(c, keys) == ([False] * 4, [True] * 4)
+        assert torch.equal(torch.stack(c.get("r", keys)), more)
+        for owner in ("hold", "w", "r"):
+            c.release(owner)
+        s = c.stats()
+        assert s.pins == 0 and s.checksum_failures == 0 and s.puts_refused == 0
+
+
+def test_demoted_blocks_are_read_to_the_gpu_and_verified_there(small_store):
+    with _client(small_store, "cuda_ipc") as c:
+        cold, rows = _keys(8), _rows(8)
+        c.put("", cold, list(rows.unbind(0)), NBYTES)
+        c.put("hold", _keys(16), list(_rows(16).unbind(0)), NBYTES)  # pushes them down
+        assert c.lookup_per_tier(cold)["cpu"] == 8
+        assert _device_sums(c, cold) == ([False] * 8, [True] * 8)
+        assert torch.equal(torch.stack(c.get("r", cold)), rows)
+        c.release("r")
+        owner = f"peek-{uuid.uuid4().hex}"
+        offsets = _offsets_anywhere(c, owner, cold[3:4])
+        c.transport._host_arena()[offsets[0] + 9] ^= 0x10  # behind the store's back
+        c.release(owner)
+        before = c.stats().checksum_failures
+        with pytest.raises(MissingBlocksError):
+            c.get("", cold)
+        assert len(c.get_prefix("p", cold)) == 3
+        c.release("p")
+        c.release("hold")
+        s = c.stats()
+        assert s.checksum_failures == before + 1 and s.pins == 0
+
+
+def _offsets_anywhere(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
+    from splitserve.v1 import kvstore_pb2
+
+    resp = c._stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, packed=True,
+                                              device=True))
+    return list(resp.offsets)

@@ -139,13 +139,16 @@ def test_a_demotion_batch_drops_its_corrupt_block_and_moves_the_others_whole():
     assert all(core.check(loc) for loc in locs)
 
 
-def test_a_pinned_gpu_tier_refuses_a_device_put_and_names_the_tier():
-    core = _store(gpu_blocks=1)
+def test_a_device_put_is_refused_when_both_memory_tiers_are_pinned_and_names_the_tier():
+    core = _store(gpu_blocks=1, cpu_blocks=1)
     _device_put(core, "holder", {0: _payload(0)})
-    with pytest.raises(Exception, match=r"gpu tier.*kvstore.tiers\[0\]"):
-        _device_put(core, "", {1: _payload(1)})
+    core.put("holder", [common_pb2.BlockRef(key=_key(1))], [_payload(1)], NBYTES)
+    refs = [common_pb2.BlockRef(key=_key(2), num_tokens=16)]
+    with pytest.raises(Exception, match=r"cpu tier.*kvstore.tiers\[1\]"):
+        core.begin_put("", refs, NBYTES, device=True)
     core.release("holder")
-    assert core.stats().pins == 0
+    s = core.stats()
+    assert s.pins == 0 and s.puts_refused == 1
 
 
 def test_a_corrupted_gpu_block_is_never_moved_or_served():
@@ -182,3 +185,56 @@ def test_copy_blocks_refuses_a_block_outside_its_buffer():
         copy_blocks(flat, [0], torch.zeros_like(flat), [-4], NBYTES)
     with pytest.raises(ValueError, match="4-byte words"):
         checksum_blocks(flat, [2], NBYTES)
+
+
+def _dsum(data: bytes) -> int:
+    return dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0]
+
+
+def test_demoted_blocks_keep_their_device_checksum_for_device_readers():
+    core = _store(gpu_blocks=2)
+    data = {i: _payload(i) for i in range(3)}
+    for i in range(3):
+        _device_put(core, "", {i: data[i]})
+    (host, dev) = core.get("r", [_key(0), _key(2)], memory=True, device=True)
+    assert (host.tier, dev.tier) == ("cpu", "gpu")
+    assert host.checksum == crc32(data[0])  # host readers' kind
+    assert host.device_checksum == _dsum(data[0]) and dev.device_checksum == _dsum(data[2])
+    core.release("r")
+    assert core.promote([_key(0)], core.home(True)) == (1, 0, 0, 0)
+    (up,) = core.get("", [_key(0)])
+    assert up.tier == "gpu" and _bytes(core, up) == data[0]
+    assert core.stats().checksum_failures == 0
+
+
+def test_a_raise_verified_by_device_checksum_drops_a_block_corrupted_in_host_memory():
+    core = _store(gpu_blocks=2)
+    data = {i: _payload(i) for i in range(3)}
+    for i in range(3):
+        _device_put(core, "", {i: data[i]})
+    (host,) = core.get("", [_key(0)])
+    core.view(host)[10] ^= 1  # after the store stamped it: only a check would see it
+    assert core.promote([_key(0)], core.home(True))[0] == 0
+    assert core.stats().checksum_failures == 1 and core.lookup([_key(0)])[0] == 0
+
+
+def test_a_device_put_spills_to_the_cpu_tier_when_the_gpu_tier_is_all_pinned():
+    core = _store(gpu_blocks=2)
+    data = {i: _payload(i) for i in range(4)}
+    _device_put(core, "holder", {0: data[0], 1: data[1]})  # pinned by their owner
+    refs = [common_pb2.BlockRef(key=_key(i), num_tokens=16) for i in (2, 3)]
+    begun = core.begin_put("w", refs, NBYTES, device=True)
+    assert begun.spilled and [s.tier for s in begun.slots] == ["cpu", "cpu"]
+    for s, i in zip(begun.slots, (2, 3), strict=True):
+        core.view(s)[:] = data[i]
+    assert core.commit_put(begun.put_id, [_dsum(data[2]), _dsum(data[3])]) == (2, 0)
+    locs = core.get("", [_key(2), _key(3)])
+    assert [loc.tier for loc in locs] == ["cpu", "cpu"]
+    assert [loc.checksum for loc in locs] == [crc32(data[2]), crc32(data[3])]
+    assert [loc.device_checksum for loc in locs] == [_dsum(data[2]), _dsum(data[3])]
+    assert all(core.check(loc) for loc in locs)
+    s = core.stats()
+    assert s.puts_refused == 0 and s.checksum_failures == 0
+    core.release("holder")
+    core.release("w")
+    assert core.stats().pins == 0

@@ -139,16 +139,18 @@ class PutSlot(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., present: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class BeginPutResponse(_message.Message):
-    __slots__ = ("put_id", "slots", "store_id", "offsets")
+    __slots__ = ("put_id", "slots", "store_id", "offsets", "spilled")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SPILLED_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     slots: _containers.RepeatedCompositeFieldContainer[PutSlot]
     store_id: str
     offsets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+    spilled: bool
+    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., spilled: _Optional[bool] = ...) -> None: ...
 
 class CommitPutRequest(_message.Message):
     __slots__ = ("put_id", "checksums", "abort")
@@ -207,20 +209,22 @@ class BlockLocation(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("blocks", "store_id", "offsets", "lengths", "checksums", "on_device")
+    __slots__ = ("blocks", "store_id", "offsets", "lengths", "checksums", "on_device", "device_sums")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SUMS_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
     store_id: str
     offsets: _containers.RepeatedScalarFieldContainer[int]
     lengths: _containers.RepeatedScalarFieldContainer[int]
     checksums: _containers.RepeatedScalarFieldContainer[int]
     on_device: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ..., on_device: _Optional[_Iterable[bool]] = ...) -> None: ...
+    device_sums: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ..., on_device: _Optional[_Iterable[bool]] = ..., device_sums: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class BlockData(_message.Message):
     __slots__ = ("index", "offset", "data", "length", "lengths", "num_blocks")
