@@ -157,6 +157,11 @@ def _print(result: dict[str, Any]) -> None:
             p = r["cpu_tier_parts"]
             print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "
                   f"{p['threads']} threads {p['crc32']['best']:.2f} GB/s")
+            if "shm_dma" in p:
+                print(f"{'':<10} DMA from registered shared memory: one copy "
+                      f"{p['shm_dma']['best']:.2f} GB/s, block by block "
+                      f"{p['shm_dma_blocks']['best']:.2f} GB/s (is_pinned: "
+                      f"{p['shm_pinned']})")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,7 @@ dsum32 verified on the device after the copy).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -100,21 +101,60 @@ def plain_copy_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:
 
 def host_parts(data: bytes, block: int, count: int, repeat: int) -> dict[str, Any]:
     """The two halves of a cpu-tier read to this GPU, each alone: one DMA of the bytes
-    from page-locked memory, and the crc32 of the blocks on the host threads, GB/s."""
+    from page-locked memory, and the crc32 of the blocks on the host threads, GB/s; and
+    the DMA from shared memory page-locked by registration (as the store's arena is),
+    in one copy and block by block."""
     pinned = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
     pinned.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dev = torch.empty(len(data), dtype=torch.uint8, device="cuda")
     view = memoryview(pinned.numpy())
     blocks = [view[i * block : (i + 1) * block] for i in range(count)]
     dma = _timed_rate(lambda: dev.copy_(pinned, non_blocking=True), len(data), repeat)
+    shm_dma = registered_dma(data, block, count, dev, repeat)
     seconds = []
     for _ in range(max(3, repeat)):
         t0 = time.perf_counter()
         crcs(blocks)
         seconds.append(time.perf_counter() - t0)
-    return {"dma": dma, "crc32": _gbps(len(data), seconds), "threads": threads()}
+    return {"dma": dma, "crc32": _gbps(len(data), seconds), "threads": threads(), **shm_dma}
 
 
+def registered_dma(data: bytes, block: int, count: int, dev: torch.Tensor,
+                   repeat: int) -> dict[str, Any]:
+    """DMA rates from a shared memory segment page-locked with cudaHostRegister."""
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(create=True, size=len(data))
+    try:
+        return _dma_from(torch.frombuffer(shm.buf, dtype=torch.uint8), data, block, count,
+                         dev, repeat)
+    finally:
+        with contextlib.suppress(BufferError):
+            shm.close()
+        shm.unlink()
+
+
+def _dma_from(host: torch.Tensor, data: bytes, block: int, count: int, dev: torch.Tensor,
+              repeat: int) -> dict[str, Any]:
+    from services.transfer.device_copy import pin_host, unpin_host
+
+    host.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    if not pin_host(host.data_ptr(), host.numel()):
+        return {}
+    rows = [(dev[i * block : (i + 1) * block], host[i * block : (i + 1) * block])
+            for i in range(count)]
+
+    def by_block() -> None:
+        for d, h in rows:
+            d.copy_(h, non_blocking=True)
+
+    try:
+        return {"shm_pinned": host.is_pinned(),
+                "shm_dma": _timed_rate(lambda: dev.copy_(host, non_blocking=True), len(data),
+                                       repeat),
+                "shm_dma_blocks": _timed_rate(by_block, len(data), repeat)}
+    finally:
+        unpin_host(host.data_ptr())
 def _timed_rate(call, nbytes: int, repeat: int) -> dict[str, float]:
     """GB/s of ``call`` timed with CUDA events around it, after one warm (compiling) call."""
     call()

@@ -261,10 +261,13 @@ class LLMEngine:
         before launched: the next step is scheduled, prepared and queued on the
         device before the host waits for the last one's tokens, so the host's work
         hides behind the device's. A step that would preempt is scheduled only
-        after the last one is processed (preemption sees committed state)."""
+        after the last one is processed (preemption sees committed state), and so is
+        one that waiting requests would join once the last one's prefix blocks are
+        cached."""
         prev, self._inflight = self._inflight, None
         results: list[StepOutput] = []
-        if prev is not None and self.scheduler.would_preempt():
+        if prev is not None and (self.scheduler.would_preempt()
+                                 or self.scheduler.waits_on_step(prev.out)):
             results, prev = self._complete(prev), None
         launched = self._launch()
         if prev is not None:

@@ -176,3 +176,31 @@ def test_profile_shows_the_host_waiting(tiny_llama_dir: Path) -> None:
     run(e, prompts(2, 5, 20, seed=13))
     table = e.runner.profiler.table(e.stats().num_steps)
     assert all(name in table for name in ("schedule", "prepare", "forward", "wait"))
+
+
+def test_agents_join_the_step_after_their_shared_prefix_is_computed(tiny_llama_dir: Path) -> None:
+    """A long shared prompt computed in chunks: requests that arrive meanwhile wait for
+    it, and join the step right after the one computing its last full block (the
+    engine completes that step before scheduling), with the same tokens."""
+    shared = prompts(1, 64, 64, seed=3)[0]
+    ps = [shared + p for p in prompts(4, 5, 9, seed=4)]
+    sync = run(engine(tiny_llama_dir, overlap=False, enable_prefix_caching=True), ps)
+    e = engine(tiny_llama_dir, enable_prefix_caching=True, max_num_batched_tokens=32)
+    e.add_request("r0", ps[0], GREEDY)
+    first: dict[str, int] = {}
+    steps = 0
+    while e.has_unfinished():
+        outs = e.step()
+        steps += 1
+        if steps == 1:  # the others arrive while the first chunk is in flight
+            for i in range(1, len(ps)):
+                e.add_request(f"r{i}", ps[i], GREEDY)
+        for o in outs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, steps)
+    # r0: chunks of 32, 32, then its tail in the step the others join (the 64 shared
+    # tokens end with chunk 2); scheduled before chunk 2 was done, they came one later
+    assert all(first[f"r{i}"] == first["r0"] for i in range(1, len(ps)))
+    assert e.stats().num_prefix_hit_tokens >= 3 * 64
+    e2 = engine(tiny_llama_dir, enable_prefix_caching=True, max_num_batched_tokens=32)
+    assert run(e2, ps) == sync
