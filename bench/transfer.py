@@ -179,8 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings.kvstore.cpu_bytes = max(settings.kvstore.cpu_bytes, need)
         if args.gpu:  # room for every round: puts are timed without demotions
             gpu = args.mib * MiB * (args.repeat + 2) + 64 * MiB
+            # the cpu tier holds the host rounds and every demoted device round
             settings.kvstore.tiers = [{"kind": "gpu", "bytes": gpu, "device": "cuda:0"},
-                                      {"kind": "cpu", "bytes": gpu}]
+                                      {"kind": "cpu", "bytes": 2 * gpu}]
         with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as tmp:
             config = Path(tmp) / "cluster.yaml"
             settings.dump_yaml(config)

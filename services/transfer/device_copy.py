@@ -138,8 +138,11 @@ def _plan(device: torch.device, n: int, words: int, write: bool, align: int) -> 
 def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor | None,
                 dst_offsets: Sequence[int], nbytes: int) -> list[int]:
     """Copies ``nbytes`` at each byte offset of ``src`` to the matching offset of ``dst``
-    (both flat uint8 tensors on one device; ``dst`` None: checksum only) -> each block's
-    dsum32. Returns when the copies are done (it reads the checksums on the host)."""
+    (flat uint8 tensors; ``dst`` None: checksum only) -> each block's dsum32. One side
+    may be page-locked host memory registered with CUDA (the store's shared arena, see
+    :func:`pin_host`): the GPU of the other side reads or writes it over the link, in
+    the same single pass. Returns when the copies are done (it reads the checksums on
+    the host)."""
     n = len(src_offsets)
     if n == 0:
         return []
@@ -148,10 +151,11 @@ def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor
     sources, vectors = _addresses(src, src_offsets, nbytes)
     targets, dst_vectors = (_addresses(dst, dst_offsets, nbytes) if dst is not None
                             else (sources[:0], True))
-    if src.device.type != "cuda" or not HAVE_TRITON:
+    device = src.device if src.is_cuda else dst.device if dst is not None else src.device
+    if device.type != "cuda" or not HAVE_TRITON:
         return _copy_blocks_torch(src, src_offsets, dst, dst_offsets, nbytes)
     align = 16 if vectors and dst_vectors and nbytes % 16 == 0 else 4
-    return _plan(src.device, n, nbytes // 4, dst is not None, align).run(sources, targets)
+    return _plan(device, n, nbytes // 4, dst is not None, align).run(sources, targets)
 
 
 def _addresses(t: torch.Tensor, offsets: Sequence[int], nbytes: int
