@@ -68,9 +68,11 @@ def demoted_reads(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
                   block: int, rows: torch.Tensor) -> list[float]:
     """Seconds of a get of each round's blocks once the gpu tier has demoted them to the
     cpu tier: pinned puts of new blocks fill the gpu tier (its capacity is what the
-    rounds put, plus one round), pushing the rounds' (released) blocks down."""
+    rounds put, plus one round and some), pushing the rounds' (released) blocks down;
+    the last fill spills, so the gpu tier has no room to promote the read blocks into
+    while they are read (that would share the link with the read)."""
     owner = f"bench-fill-{os.getpid()}"
-    for _ in range(len(rounds) + 2):
+    for _ in range(len(rounds) + 4):
         client.put(owner, [os.urandom(16) for _ in payloads], payloads, block)
     seconds = []
     for keys in rounds:
