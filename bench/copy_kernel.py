@@ -60,7 +60,7 @@ def _queued_us(launch: Callable[[], object], launches: int = 20) -> float:
 
 def _plan_for(src: torch.Tensor, dst: torch.Tensor, offs: list[int], nbytes: int) -> dc._Plan:
     plan = dc._plan(src.device, len(offs), nbytes // 4, True, 16)
-    plan.run([src.data_ptr() + o for o in offs], [dst.data_ptr() + o for o in offs])
+    plan.run(offs, src.data_ptr(), offs, dst.data_ptr())
     return plan
 
 

@@ -14,6 +14,8 @@ come from torch ops (:func:`dsum32`).
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
 from collections.abc import Sequence
 
@@ -75,13 +77,20 @@ class _Plan:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False  # capture failed: launch directly
 
-    def run(self, src: np.ndarray, dst: np.ndarray) -> list[int]:
+    def run(self, src: Sequence[int], src_base: int, dst: Sequence[int],
+            dst_base: int) -> list[int]:
+        """Copies (and sums) the blocks at byte offsets ``src`` from ``src_base`` to
+        ``dst`` from ``dst_base`` (absolute addresses) -> their dsum32s."""
         n = len(src)
         with self.lock:
-            self.table[0] = n
-            self.table[1 : 1 + n] = src
+            table = self.table
+            table[0] = n
+            table[1 : 1 + n] = src
+            table[1 : 1 + n] += src_base
             if self.write:
-                self.table[1 + self.cap : 1 + self.cap + n] = dst
+                at = 1 + self.cap
+                table[at : at + n] = dst
+                table[at : at + n] += dst_base
             if self.graph is not None:
                 self.graph.replay()
             else:
@@ -89,9 +98,9 @@ class _Plan:
                 if not self.eager:
                     self._capture()
             torch.cuda.current_stream(self.device).synchronize()
-            sums = self.partials[: n * self.chunks].reshape(n, self.chunks).sum(
-                axis=1, dtype=np.int64)
-            return (sums & 0xFFFFFFFF).tolist()
+            # uint32 sums wrap modulo 2**32: the checksum's own arithmetic
+            return self.partials[: n * self.chunks].reshape(n, self.chunks).sum(
+                axis=1, dtype=np.uint32).tolist()
 
     def launch(self) -> None:
         self._table_dev.copy_(self._table, non_blocking=True)
@@ -148,31 +157,31 @@ def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor
         return []
     if nbytes % 4:
         raise ValueError(f"a block of {nbytes} bytes is not whole 4-byte words")
-    sources, vectors = _addresses(src, src_offsets, nbytes)
-    targets, dst_vectors = (_addresses(dst, dst_offsets, nbytes) if dst is not None
-                            else (sources[:0], True))
+    vectors = _check(src, src_offsets, nbytes)
+    if dst is not None:
+        vectors = _check(dst, dst_offsets, nbytes) and vectors
     device = src.device if src.is_cuda else dst.device if dst is not None else src.device
     if device.type != "cuda" or not HAVE_TRITON:
         return _copy_blocks_torch(src, src_offsets, dst, dst_offsets, nbytes)
-    align = 16 if vectors and dst_vectors and nbytes % 16 == 0 else 4
-    return _plan(device, n, nbytes // 4, dst is not None, align).run(sources, targets)
+    align = 16 if vectors and nbytes % 16 == 0 else 4
+    plan = _plan(device, n, nbytes // 4, dst is not None, align)
+    return plan.run(src_offsets, src.data_ptr(), dst_offsets if dst is not None else (),
+                    dst.data_ptr() if dst is not None else 0)
 
 
-def _addresses(t: torch.Tensor, offsets: Sequence[int], nbytes: int
-               ) -> tuple[np.ndarray, bool]:
-    """The blocks' absolute addresses, and whether all are 16-byte multiples. They go to
-    the kernel unchecked, so a block that would run outside its buffer (another
-    allocation's memory) is refused here."""
-    at = np.asarray(offsets, dtype=np.int64)
-    size = t.numel() * t.element_size()
-    if at.min() < 0 or at.max() + nbytes > size:
+def _check(t: torch.Tensor, offsets: Sequence[int], nbytes: int) -> bool:
+    """Refuses a block that would run outside its buffer (the kernel gets addresses,
+    unchecked: that would be another allocation's memory) -> whether every address is
+    a 16-byte multiple. Builtins on the offsets: a hand-off's few dozen are checked in
+    microseconds, where numpy's calls cost more than the copy's own host work."""
+    size = t.nbytes
+    if min(offsets) < 0 or max(offsets) + nbytes > size:
         raise ValueError(f"a block of {nbytes} bytes at one of the offsets runs outside "
                          f"its {size}-byte buffer")
-    base = t.data_ptr()
-    low_bits = int(np.bitwise_or.reduce(at)) | base
+    low_bits = functools.reduce(operator.or_, offsets, t.data_ptr())
     if low_bits % 4:
         raise ValueError("block offsets must be whole 4-byte words")
-    return at + base, low_bits % 16 == 0
+    return low_bits % 16 == 0
 
 
 def _copy_blocks_torch(src: torch.Tensor, src_offsets: Sequence[int],
