@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny random-weight HF model directories (made once per session)."""
+"""Shared fixtures: tiny random-weight HF model directories (made once per session).
+
+Where there is no GPU, Triton kernels run on the CPU through Triton's interpreter
+(tests/unit); on a CUDA machine they are tested compiled (tests/gpu). TRITON_INTERPRET
+must be set before Triton is first imported (its standard library is compiled at
+import), so it is set here, before any test module is collected: a GPU test module
+that imports a kernel at collection would otherwise import Triton uninterpreted first.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
