@@ -144,15 +144,13 @@ def _print(result: dict[str, Any]) -> None:
             c = r["plain_copy"]
             print(f"{'':<10} one plain device copy of the same bytes: {c['best']:.1f} "
                   f"({c['median']:.1f}) GB/s (the reference)")
-        if "cpu_tier_to_gpu" in r:
-            c = r["cpu_tier_to_gpu"]
-            print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
-                  f"({c['median']:.2f}) GB/s (host-written blocks: crc32 on the host)")
-        if "demoted_to_gpu" in r:
-            c = r["demoted_to_gpu"]
-            print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
-                  f"({c['median']:.2f}) GB/s (blocks the gpu tier demoted: dsum32 on the "
-                  "device)")
+        for key, blocks in (("cpu_tier_to_gpu", "host-written blocks: crc32 on the host"),
+                            ("demoted_to_gpu",
+                             "blocks the gpu tier demoted: dsum32 on the device")):
+            if key in r:
+                c = r[key]
+                print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
+                      f"({c['median']:.2f}) GB/s ({blocks})")
         if "cpu_tier_parts" in r:
             p = r["cpu_tier_parts"]
             print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "

@@ -107,11 +107,10 @@ class Moves:
         dst.write_many([m.dst_slot for m in good], [d for _, d in sound],
                        [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
                                   m.block.partial) for m in good])
-        stamps = dict(zip(map(id, good), dst.checksums([m.dst_slot for m in good]),
-                          strict=True))
-        if known:  # the host bytes were not read: a copy that differs was corrupt there
-            stamps = {i: c for (i, c), m in zip(stamps.items(), good, strict=True)
-                      if c == m.block.device_checksum}
+        sums = dst.checksums([m.dst_slot for m in good])
+        # with ``known`` the host bytes were not read: a copy that differs was corrupt there
+        stamps = {id(m): c for m, c in zip(good, sums, strict=True)
+                  if not known or c == m.block.device_checksum}
         return [(True, stamps[id(m)], None) if id(m) in stamps else (False, 0, None)
                 for m in batch]
 

@@ -88,11 +88,16 @@ def test_a_corrupted_device_block_is_never_served(store):
         assert s.checksum_failures == before + 1 and s.pins == 0
 
 
-def _offsets(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
+def _device_get(c: KVStoreClient, owner: str, keys: list[bytes]):
+    """The store's packed answer to a device reader's Get (pins for ``owner``)."""
     from splitserve.v1 import kvstore_pb2
 
-    resp = c._stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, packed=True,
+    return c._stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, packed=True,
                                               device=True))
+
+
+def _offsets(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
+    resp = _device_get(c, owner, keys)
     assert all(resp.on_device)
     return list(resp.offsets)
 
@@ -108,9 +113,7 @@ def small_store(tmp_path):
 
 
 def _device_sums(c: KVStoreClient, keys: list[bytes]) -> tuple[list[bool], list[bool]]:
-    from splitserve.v1 import kvstore_pb2
-
-    resp = c._stub.Get(kvstore_pb2.GetRequest(keys=keys, packed=True, device=True))
+    resp = _device_get(c, "", keys)
     return list(resp.on_device), list(resp.device_sums)
 
 
@@ -139,7 +142,7 @@ def test_demoted_blocks_are_read_to_the_gpu_and_verified_there(small_store):
         assert torch.equal(torch.stack(c.get("r", cold)), rows)
         c.release("r")
         owner = f"peek-{uuid.uuid4().hex}"
-        offsets = _offsets_anywhere(c, owner, cold[3:4])
+        offsets = list(_device_get(c, owner, cold[3:4]).offsets)
         c.transport._host_arena()[offsets[0] + 9] ^= 0x10  # behind the store's back
         c.release(owner)
         before = c.stats().checksum_failures
@@ -151,10 +154,3 @@ def test_demoted_blocks_are_read_to_the_gpu_and_verified_there(small_store):
         s = c.stats()
         assert s.checksum_failures == before + 1 and s.pins == 0
 
-
-def _offsets_anywhere(c: KVStoreClient, owner: str, keys: list[bytes]) -> list[int]:
-    from splitserve.v1 import kvstore_pb2
-
-    resp = c._stub.Get(kvstore_pb2.GetRequest(owner=owner, keys=keys, packed=True,
-                                              device=True))
-    return list(resp.offsets)
