@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the store's gpu tier (default: 8 on CUDA, none on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--log-dir", default=None,
+                   help="keep each run's service logs under this folder (with-reuse/, without/)")
 
 
 def _settings(args: argparse.Namespace, reuse: bool) -> ClusterSettings:
@@ -106,6 +108,9 @@ def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -
     settings = _settings(args, reuse)
     with tempfile.TemporaryDirectory(prefix="splitserve-agents-") as d:
         tmp = Path(d)
+        if args.log_dir:
+            tmp = Path(args.log_dir) / ("with-reuse" if reuse else "without")
+            tmp.mkdir(parents=True, exist_ok=True)
         settings.dump_yaml(tmp / "cluster.yaml")
         with LocalCluster(settings, tmp / "cluster.yaml", tmp):
             _ttfts(settings.gateway.address, prompts[:1], 1)  # warm-up: another prefix

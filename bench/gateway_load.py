@@ -150,14 +150,15 @@ class Load:
         return self.report
 
 
-def start_local_cluster(streams: int, workdir: Path):
-    """A dummy tiny-llama cluster whose admission takes ``streams`` at once."""
+def start_local_cluster(streams: int, workdir: Path, max_len: int = 512):
+    """A dummy tiny-llama cluster whose admission takes ``streams`` at once, each with
+    up to ``max_len`` tokens (prompt and answer)."""
     from services.common.launcher import LocalCluster, with_free_ports
     from services.common.settings import ClusterSettings, Endpoint
 
     s = ClusterSettings(prefill=[Endpoint()], decode=[Endpoint()], ready_timeout_s=120.0)
-    s.model.max_model_len = 512
-    s.model.num_kv_blocks = 1024
+    s.model.max_model_len = max(512, max_len)
+    s.model.num_kv_blocks = max(1024, 2 * streams * (s.model.max_model_len // 16 + 1))
     s.gateway.max_queue = max(s.gateway.max_queue, streams)
     s = with_free_ports(s)
     config = workdir / "cluster.yaml"
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster = None
     pid = args.gateway_pid
     if args.address is None:
-        cluster = start_local_cluster(args.streams, Path(tempfile.mkdtemp(prefix="gwload-")))
+        cluster = start_local_cluster(args.streams, Path(tempfile.mkdtemp(prefix="gwload-")),
+                                      args.prompt_len + args.max_tokens + 16)
         args.address = cluster.settings.gateway.address
         pid = cluster.find("gateway").proc.pid
     try:

@@ -158,9 +158,8 @@ class RequestFlow:
         self.outputs: list[int] = []  # every token sent
         self.session = (session_owner(cache_salt, req.session_id)
                         if req.session_id and deps.settings.session_ttl_s > 0 else "")
-        # named once (kv_aware routing only): where the prompt's KV already is
-        self.block_hashes = deps.router.name_blocks(model.name_blocks, req.prompt_token_ids,
-                                                    cache_salt)
+        # named once, when routing weighs where the prompt's KV already is (_kv_view)
+        self.block_hashes: tuple[bytes, ...] = ()
         self.store_blocks = 0  # leading blocks of block_hashes the store holds (Lookup)
         self.decoding = Decoding(lifecycle.internal_id, req.priority, self._preempt)
         self._call: grpc.aio.Call | None = None  # the worker call in flight
@@ -227,7 +226,7 @@ class RequestFlow:
     ) -> tuple[worker_pb2.PrefillResponse, worker_pb2.PrefillResponse]:
         req, lc = self.req, self.lifecycle
         lc.phase = Phase.PREFILL
-        if self.block_hashes and not self.store_blocks:  # kv_aware: what the store holds
+        if self._kv_view():  # kv_aware, with a choice: what the store holds
             self.store_blocks = await self.deps.store_prefix(self.block_hashes)
         worker, route = await self._route(PREFILL, len(req.prompt_token_ids))
         call_req = worker_pb2.PrefillRequest(
@@ -255,6 +254,20 @@ class RequestFlow:
                 call.cancel()  # the worker then drops the request and its blocks
                 raise
         return self.first, kv
+
+    def _kv_view(self) -> bool:
+        """Names the prompt's blocks for the router when it weighs where their KV is
+        (kv_aware) and there is a choice: with one healthy prefill worker, hashing a
+        long prompt and a store Lookup per request would buy nothing. -> whether the
+        store still has to be asked."""
+        if not self.block_hashes:
+            healthy = [w for w in self.deps.pool.workers(PREFILL, self.model.name)
+                       if w.healthy]
+            if len(healthy) < 2:
+                return False
+            self.block_hashes = self.deps.router.name_blocks(
+                self.model.name_blocks, self.req.prompt_token_ids, self.cache_salt)
+        return bool(self.block_hashes) and not self.store_blocks
 
     def _migrate_or_raise(self, error: FlowError, phase: str) -> None:
         """Carry on elsewhere after a worker failure, or re-raise ``error``."""

@@ -22,6 +22,7 @@ import grpc
 
 from gateway.chat import ChatError, render_chat, render_chat_parts
 from gateway.tokenizer import Tokenizer
+from services.common.proto_ids import ids_list
 from splitserve.v1 import common_pb2, generation_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -220,7 +221,7 @@ def prepare_prompt(
     if kind is None:
         raise invalid("input is required: set one of prompt, prompt_token_ids or chat")
     if kind == "prompt_token_ids":
-        ids = list(req.prompt_token_ids.ids)
+        ids = ids_list(req.prompt_token_ids.ids)
         if not ids:
             raise invalid("prompt_token_ids.ids must not be empty")
         if vocab_size is not None:

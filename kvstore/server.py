@@ -215,21 +215,23 @@ class KVStoreServicer:
         locs = self.core.get(request.owner, request.keys, prefix=request.longest_prefix,
                              memory=True, device=request.device)
         resp = kvstore_pb2.GetResponse(store_id=self.store_id)
+        lengths = [loc.length for loc in locs]
+        sums = [loc.checksum for loc in locs]
         if request.device:  # device sums where known: the reader verifies on the device
             gpu = self.core.device_tier.name  # type: ignore[union-attr]
+            known = [loc.device_checksum is not None for loc in locs]
             resp.on_device.extend([loc.tier == gpu for loc in locs])
-            resp.device_sums.extend([loc.device_checksum is not None for loc in locs])
-            locs = [loc._replace(checksum=loc.device_checksum)
-                    if loc.device_checksum is not None else loc for loc in locs]
-        lengths = [loc.length for loc in locs]
+            resp.device_sums.extend(known)
+            sums = [loc.device_checksum if k else c
+                    for loc, k, c in zip(locs, known, sums, strict=True)]
         if request.packed:
             resp.offsets.extend([loc.offset for loc in locs])
             resp.lengths.extend(lengths)
-            resp.checksums.extend([loc.checksum for loc in locs])
+            resp.checksums.extend(sums)
         else:
             add = resp.blocks.add
-            for loc in locs:
-                add(key=loc.key, offset=loc.offset, length=loc.length, checksum=loc.checksum)
+            for loc, c in zip(locs, sums, strict=True):
+                add(key=loc.key, offset=loc.offset, length=loc.length, checksum=c)
         STORE_BYTES.labels("cuda_ipc" if request.device else "shm", "get").inc(sum(lengths))
         return resp
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from services.common.computing_prefixes import ComputingPrefixes
 from services.common.logging import get_logger
 from services.common.shared_fetch import SharedFetches
 from services.transfer.store_client import KVStoreClient
@@ -94,6 +95,7 @@ class KVConnector:
         self._pinned = pinned_staging
         self.prefix_reuse = prefix_reuse  # load_prefix asks the store (else: the engine only)
         self._shared = SharedFetches()  # a prefix several requests fetch at once: once
+        self.computing = ComputingPrefixes()  # blocks the engine computes for a request now
         self._forget_store = forget_store  # the engine's: held blocks are gone from the store
 
     @property
@@ -116,10 +118,14 @@ class KVConnector:
         lacks are exported after all)."""
         engine = self.engine_prefix(hashes)
         engine_only = KVLoad(engine, [], engine * self.block_size)
-        if not self.prefix_reuse:
+        if not self.prefix_reuse or engine == len(hashes):
+            return engine_only
+        if self.computing.computing(hashes[engine]):  # the engine has it before the store
+            self.computing.add(hashes[engine:])
             return engine_only
         try:
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
+            self.computing.add(hashes[engine + len(payloads):])
             if not payloads:  # the engine names its held blocks as it exports
                 return engine_only
             pinned = self.store.pin(owner, hashes[:engine]) if engine else 0

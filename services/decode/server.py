@@ -12,6 +12,7 @@ from services.common.deadline import RequestDeadline
 from services.common.kv_connector import KVLoad, store_unreachable
 from services.common.logging import get_logger
 from services.common.metrics import WorkerMetrics
+from services.common.proto_ids import ids_list
 from services.common.settings import ClusterSettings
 from services.common.worker import (
     WorkerContext,
@@ -52,7 +53,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
     def _decode(self, ctx: WorkerContext, request: worker_pb2.DecodeRequest,
                 deadline: RequestDeadline,
                 active: Callable[[], bool]) -> Iterator[worker_pb2.DecodeChunk]:
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        rid, prompt = request.request_id, ids_list(request.prompt_token_ids)
         check_request(rid, request.model, prompt, ctx.settings.model)
         params = sampling_params(request.sampling)
         # not kept here: the engine lets go of the staging buffer once it is copied in
@@ -60,7 +61,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         self.metrics.observe_kv_load(load.engine_blocks, load.store_blocks)
         deadline.check()
         stream = ctx.loop.submit(
-            rid, prompt, params, output_token_ids=list(request.output_token_ids),
+            rid, prompt, params, output_token_ids=ids_list(request.output_token_ids),
             cache_salt=request.cache_salt, export_kv=True, block_hashes=hashes,
             **load.engine_kwargs(),
         )
@@ -115,7 +116,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                     raise
                 log.warning("handed_blocks_lost", request_id=rid, error=e.details(),
                             fallback="computing what the store does not hold")
-        tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
+        tokens = ids_list(request.prompt_token_ids) + ids_list(request.output_token_ids)
         hashes = block_hashes(tokens, ctx.hash_ctx, cache_salt=request.cache_salt)
         return ctx.kv.load_prefix(rid, hashes[: (len(tokens) - 1) // ctx.block_size]), hashes
 

@@ -53,6 +53,9 @@ class BlockManager:
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # named, ref 0, LRU first
         self.hash_to_block: dict[bytes, int] = {}
         self.store_epoch = 0  # see Block.store_epoch
+        # moves on whenever a name joins or leaves the prefix cache: a waiting
+        # sequence's prefix hits, looked up several times per schedule, are kept until then
+        self.names_version = 0
         # KV events: (hash, True) when a block joins the prefix cache, (hash, False) when
         # it leaves; a worker publishes them for the gateway's KV-aware routing
         self.on_kv_event: Callable[[bytes, bool], None] | None = None
@@ -98,6 +101,7 @@ class BlockManager:
 
     def _forget_hash(self, block: Block) -> None:
         del self.hash_to_block[block.block_hash]
+        self.names_version += 1
         if self.on_kv_event is not None:
             self.on_kv_event(block.block_hash, False)
         block.block_hash = None
@@ -106,6 +110,7 @@ class BlockManager:
     def _remember_hash(self, block: Block, h: bytes) -> None:
         block.block_hash = h
         self.hash_to_block[h] = block.block_id
+        self.names_version += 1
         if self.on_kv_event is not None:
             self.on_kv_event(h, True)
 
@@ -131,13 +136,17 @@ class BlockManager:
         """Blocks of the longest cached prefix; the last token is always left to compute."""
         if not self.enable_prefix_caching:
             return []
-        hits: list[int] = []
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        key = (self.names_version, max_blocks)
+        if seq.prefix_hits_memo is not None and seq.prefix_hits_memo[0] == key:
+            return seq.prefix_hits_memo[1]  # read only: callers copy before they change it
+        hits: list[int] = []
         for h in self.seq_hashes(seq, max_blocks):
             bid = self.hash_to_block.get(h)
             if bid is None:
                 break
             hits.append(bid)
+        seq.prefix_hits_memo = (key, hits)
         return hits
 
     def prefix_hit_blocks(self, seq: Sequence) -> int:

@@ -84,6 +84,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.cache_salt = cache_salt  # prefix-cache hits only between equal salts
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, lazily
+        # BlockManager's last prefix-cache lookup: ((names version, blocks), hit block ids)
+        self.prefix_hits_memo: tuple[tuple[int, int], list[int]] | None = None
         self.num_committed_blocks = 0  # full computed blocks offered to the prefix cache
         # KV handed in with the request: payloads copied into blocks on admission
         self.kv_blocks = kv_blocks

@@ -105,3 +105,26 @@ def test_unique_prompts_still_spread(kv_cluster: RunningCluster, reference: LLM)
         assert r.tokens == expected(reference, [p], 4)[0]
     after = [_prefilled(p) for p in ports]
     assert all(a > b for a, b in zip(after, before, strict=True))  # both workers computed
+
+
+def test_with_one_prefill_worker_left_the_store_is_not_looked_up(
+        kv_cluster: RunningCluster, reference: LLM) -> None:
+    """kv_aware with no choice to make: once the gateway knows one prefill worker is
+    left, a request costs no Lookup of the store (nor the hashing of its prompt), and
+    is still served right. Runs last: it stops a prefill worker of the module's cluster."""
+    rc = kv_cluster
+    lookups = r'splitserve_kvstore_rpc_seconds_count\{method="Lookup"\}'
+    store_port = rc.settings.kvstore.http_port
+    rc.cluster.kill("prefill", 1)
+    seed = iter(range(200, 400))
+
+    def served_without_lookup() -> bool:
+        before = metric(store_port, lookups)
+        prompt = _tokens(4 * BS + 3, next(seed))
+        assert rc.generate(request(prompt, max_tokens=3)).tokens == \
+            expected(reference, [prompt], 3)[0]
+        return metric(store_port, lookups) == before
+
+    assert wait_until(served_without_lookup, timeout_s=20, poll_s=0.2)
+    assert served_without_lookup()
+    assert wait_until(lambda: rc.store.stats().pinned_blocks == 0, timeout_s=10)

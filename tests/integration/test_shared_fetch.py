@@ -1,5 +1,8 @@
-"""Two requests of one worker that load the same prefix at the same time: the store
-hands it out once, both get its bytes, and each holds its own pins until released."""
+"""The connector of one worker against a real store. Two requests that load the same
+prefix at the same time: the store hands it out once, both get its bytes, and each
+holds its own pins until released. Prefix blocks the engine is computing for another
+request are not asked of the store (they reach the engine first); they are asked
+again once that has expired, and whatever lies beyond them is asked."""
 
 from __future__ import annotations
 
@@ -113,3 +116,48 @@ def test_a_failed_shared_fetch_is_made_again_by_the_waiting_request(client) -> N
     client.release("b")
     client.release("writer")
     assert client.stats().pins == 0
+
+
+def _counting(kv: KVConnector) -> list[int]:
+    """Every store fetch the connector makes: the number of keys it asked for."""
+    asked: list[int] = []
+    real = kv._fetch
+
+    def fetch(owner: str, keys, prefix: bool):
+        asked.append(len(keys))
+        return real(owner, keys, prefix)
+
+    kv._fetch = fetch  # type: ignore[method-assign]
+    return asked
+
+
+def test_a_prefix_being_computed_is_not_asked_of_the_store(client) -> None:
+    held = [os.urandom(16) for _ in range(2)]
+    client.put("writer", held, [os.urandom(NBYTES) for _ in held], NBYTES)
+    prefix = held + [os.urandom(16) for _ in range(6)]
+    kv = KVConnector(client, lambda hashes: 0, 16, NBYTES, pinned_staging=False)
+    now = [0.0]
+    kv.computing._clock = lambda: now[0]
+    asked = _counting(kv)
+
+    first = kv.load_prefix("a", prefix)  # the store has 2 blocks: a computes the other 6
+    assert (first.store_blocks, asked) == (2, [8])
+    second = kv.load_prefix("b", prefix + [os.urandom(16)])
+    assert (second.store_blocks, second.engine_blocks, asked) == (2, 0, [8, 9])
+    other = kv.load_prefix("c", prefix[2:])  # starts where a computes: nothing asked
+    assert (other.store_blocks, other.num_tokens, asked) == (0, 0, [8, 9])
+
+    now[0] += kv.computing.ttl_s + 1  # a died before computing them: ask again
+    assert kv.load_prefix("d", prefix[2:]).store_blocks == 0
+    assert asked == [8, 9, 6]
+    for owner in ("a", "b", "c", "d", "writer"):
+        client.release(owner)
+    assert client.stats().pins == 0
+
+
+def test_blocks_the_engine_holds_are_neither_asked_nor_marked(client) -> None:
+    hashes = [os.urandom(16) for _ in range(4)]
+    kv = KVConnector(client, lambda hs: len(hs), 16, NBYTES, pinned_staging=False)
+    asked = _counting(kv)
+    load = kv.load_prefix("a", hashes)
+    assert (load.engine_blocks, load.store_blocks, asked, len(kv.computing)) == (4, 0, [], 0)

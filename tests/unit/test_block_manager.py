@@ -63,6 +63,21 @@ def test_prefix_hit_shares_blocks_and_keeps_last_token() -> None:
     assert a.block_hashes[:2] == block_hashes(prefix, CTX)
 
 
+def test_a_waiting_sequences_hits_follow_the_prefix_cache() -> None:
+    """Its prefix hits are looked up once per change of the cache's names: they grow
+    when blocks are named, shrink when named blocks are reallocated."""
+    bm = BlockManager(4, BS, CTX)
+    waiting = seq(list(range(12)) + [99])
+    assert bm.prefix_hit_blocks(waiting) == 0
+    a = seq(list(range(8)) + [7])  # names the first two blocks of waiting's prompt
+    run_prefill(bm, a)
+    assert bm.prefix_hit_blocks(waiting) == 2
+    assert bm.prefix_hit_blocks(waiting) == 2  # the same lookup, kept
+    bm.deallocate(a)
+    run_prefill(bm, seq(list(range(200, 215))))  # reallocates every block: names gone
+    assert bm.prefix_hit_blocks(waiting) == 0
+
+
 def test_freed_blocks_stay_cached_until_reallocated_lru() -> None:
     bm = BlockManager(4, BS, CTX)
     a = seq(list(range(9)))  # 2 full blocks + 1 partial
