@@ -1,13 +1,13 @@
 """A worker request's deadline: the sooner of its ``deadline_ms`` and the gRPC call's own.
 
-When it passes the engine request is aborted (a timer, no polling) and the
-request's stream ends with ``DeadlineExceeded``, which the worker answers
-``DEADLINE_EXCEEDED``; the RPC's done-callback then releases the store pins.
+When it passes the engine request is aborted (an entry on the process's one timer
+thread, no polling) and the request's stream ends with ``DeadlineExceeded``, which the
+worker answers ``DEADLINE_EXCEEDED``; the RPC's done-callback then releases the store
+pins.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.engine_loop import EngineStopped
+from services.common.timers import TIMERS
 from services.transfer.base import call_deadline
 
 NO_DEADLINE_S = 1e6  # grpc reports a huge time_remaining() for calls without a deadline
@@ -80,9 +81,7 @@ class RequestDeadline:
             self.expired = True
             abort()
 
-        timer = threading.Timer(self.remaining_s() or 0.0, expire)
-        timer.daemon = True
-        timer.start()
+        timer = TIMERS.call_at(self.at, expire)
         try:
             yield
         except EngineStopped:
@@ -90,4 +89,4 @@ class RequestDeadline:
                 raise self.error() from None
             raise
         finally:
-            timer.cancel()
+            TIMERS.cancel(timer)

@@ -121,7 +121,6 @@ class KVConnector:
         if not self.prefix_reuse or engine == len(hashes):
             return engine_only
         if self.computing.computing(hashes[engine]):  # the engine has it before the store
-            self.computing.add(hashes[engine:])
             return engine_only
         try:
             payloads = self._fetch(owner, hashes[engine:], prefix=True)
