@@ -230,13 +230,16 @@ class Moves:
 
     def promote_later(self, keys: Sequence[bytes], target: int = 0) -> None:
         """``promote`` on a background thread; dropped when it is behind."""
-        if not keys:
-            return
-        with self._lock:
-            if self._promoter is None:
-                self._promoter = queue.Queue(maxsize=256)
-                threading.Thread(target=self._promote_loop, args=(self._promoter,),
-                                 name="kv-promoter", daemon=True).start()
+        if keys:
+            with self._lock:
+                self._queue_promotion(keys, target)
+
+    def _queue_promotion(self, keys: Sequence[bytes], target: int) -> None:
+        """``promote_later`` for a caller that holds the lock."""
+        if self._promoter is None:
+            self._promoter = queue.Queue(maxsize=256)
+            threading.Thread(target=self._promote_loop, args=(self._promoter,),
+                             name="kv-promoter", daemon=True).start()
         with contextlib.suppress(queue.Full):  # behind: this promotion is skipped
             self._promoter.put_nowait((list(keys), target))
 

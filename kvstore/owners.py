@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvstore.types import Block, InvalidArgument, OwnerState, PendingPut, StoreStats, check_key
 
@@ -24,6 +25,9 @@ class Owners:
     _next_expiry: float
     _s: StoreStats
     _prefix: Callable[[list[bytes]], list[Block]]  # the held prefix of keys
+    _queue_promotion: Callable[[Sequence[bytes], int], None]
+    device_tier: Any
+    _rank: dict[Any, int]
 
     def pin(self, owner: str, keys: Sequence[bytes], ttl_s: float = 0.0) -> int:
         """Pins the longest held prefix of ``keys`` for ``owner`` (no read, no hit
@@ -93,6 +97,8 @@ class Owners:
             self._unpinned(b, owner)
         for b in list(o.private):
             self._remove(b)
+        if o.promote_on_release and self.device_tier is not None:
+            self._queue_promotion(list(o.promote_on_release), self._rank[self.device_tier])
         return len(o.pins)
 
     def _unpinned(self, b: Block, owner: str) -> None:

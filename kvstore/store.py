@@ -133,7 +133,9 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         All or nothing: a missing key raises NotFound and pins nothing. With ``prefix``:
         the longest held prefix of ``keys`` instead (possibly none), pinned; nothing
         past it is pinned and a missing key raises nothing. Blocks of slower tiers are
-        promoted into the reader's home tier (:meth:`home`) in the background; with
+        promoted into the reader's home tier (:meth:`home`) in the background (for a
+        device reader that maps the host arena, once it releases them: it reads them in
+        place over the link, which the promotion's copy would share); with
         ``memory`` (a reader that maps the host arena, and with ``device`` the gpu arena
         too) the blocks it cannot map are moved home at once, and a block that cannot
         be moved (corrupt, or no room) ends the prefix, or raises NotFound /
@@ -148,9 +150,13 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             unmapped = [b for b in found if b.tier not in mapped]
             if not unmapped:
                 locs = [self._location(b) for b in found]
+                slower = [b.key for b in found if self._rank[b.tier] > home] \
+                    if self.promote_on_get else []
+                if slower and device and memory and owner:  # read in place over the link
+                    self._owners[owner].promote_on_release.update(dict.fromkeys(slower))
+                elif slower:
+                    self._queue_promotion(slower, home)
         if not unmapped:
-            if self.promote_on_get:
-                self.promote_later([b.key for b in found if self._rank[b.tier] > home], home)
             if pin_owner != owner:
                 self.release(pin_owner)
             return locs

@@ -102,6 +102,9 @@ class OwnerState:
     pins: set[Block] = field(default_factory=set)
     private: set[Block] = field(default_factory=set)
     ttl_s: float = 0.0  # > 0: its own pin TTL (a session's), else the store's pin_ttl_s
+    # blocks a device reader read in place from a host tier: raised into the gpu tier
+    # once it lets go (raising them while it reads would share the link with its read)
+    promote_on_release: dict[bytes, None] = field(default_factory=dict)  # ordered set
 
 
 @dataclass(slots=True)

@@ -238,3 +238,27 @@ def test_a_device_put_spills_to_the_cpu_tier_when_the_gpu_tier_is_all_pinned():
     core.release("holder")
     core.release("w")
     assert core.stats().pins == 0
+
+
+def test_a_device_reader_of_host_blocks_has_them_raised_once_it_lets_go():
+    """Read in place over the link, a demoted block is not raised into the gpu tier
+    while its reader holds it (the copy would share the link with the read); its
+    release raises it."""
+    tiers = build_tiers([{"kind": "gpu", "bytes": 2 * NBYTES, "device": "cpu"},
+                         {"kind": "cpu", "bytes": 8 * NBYTES, "shm": False}], "t")
+    core = KVStoreCore(tiers)
+    core.set_watermarks(1.0, 1.0)
+    for i in range(3):
+        _device_put(core, "", {i: _payload(i)})
+    (loc,) = core.get("reader", [_key(0)], memory=True, device=True)
+    assert loc.tier == "cpu"
+    time.sleep(0.3)  # a promotion queued now would have run by then
+    assert core.lookup([_key(0)])[1]["cpu"] == 1 and core.stats().promotions == 0
+    core.release("reader")
+    deadline = time.monotonic() + 5
+    while core.stats().promotions == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert core.stats().promotions == 1
+    (raised,) = core.get("", [_key(0)])
+    assert raised.tier == "gpu"
+    core.close()
