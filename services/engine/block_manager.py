@@ -195,8 +195,12 @@ class BlockManager:
         assert not seq.block_table, f"{seq} already has blocks"
         bs = self.block_size
         hits = self._prefix_hits(seq)
-        for bid in hits:
-            self._take(bid)
+        blocks, cached_free = self.blocks, self.cached_free
+        for bid in hits:  # _take, inline: 32 agents take 512 shared blocks each at once
+            block = blocks[bid]
+            if block.ref_count == 0:
+                del cached_free[bid]
+            block.ref_count += 1
         table = list(hits)
         imports: list[tuple[int, Any]] = []
         kv_tokens = self._kv_tokens(seq, hits)
