@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.common.kv_connector import KVConnector
+from services.common.server import wait_until
 from services.common.settings import TransferSettings
 from services.transfer.store_client import KVStoreClient
 from tests.integration.test_transfer import start_store
@@ -161,3 +162,32 @@ def test_blocks_the_engine_holds_are_neither_asked_nor_marked(client) -> None:
     asked = _counting(kv)
     load = kv.load_prefix("a", hashes)
     assert (load.engine_blocks, load.store_blocks, asked, len(kv.computing)) == (4, 0, [], 0)
+
+
+def test_a_landed_fetch_is_taken_by_a_request_just_after_it(client) -> None:
+    """b comes after a's fetch landed, before a's engine could name the blocks: it takes
+    a's payloads (and pins them for itself); once the fetch has lingered its while, a
+    later request fetches from the store again."""
+    keys = [os.urandom(16) for _ in range(SHARED + 3)]
+    data = [os.urandom(NBYTES) for _ in keys]
+    client.put("writer", keys, data, NBYTES)
+    client.release("writer")
+    kv = KVConnector(client, lambda hashes: 0, 16, NBYTES, pinned_staging=False)
+    asked = _counting(kv)
+
+    def load(owner: str, own: int):
+        return kv.load_exact(owner, keys[:SHARED] + [keys[own]], SHARED, (SHARED + 1) * 16)
+
+    load("a", SHARED)
+    b = load("b", SHARED + 1)
+    assert asked == [SHARED + 1, 1]  # b asked the store for its own block only
+    got = [bytes(memoryview(p.numpy())) for p in b.payloads]
+    assert got == data[:SHARED] + [data[SHARED + 1]]
+    assert kv._shared.shared_blocks == SHARED
+    assert client.stats().pins == 2 * (SHARED + 1)
+    assert wait_until(lambda: len(kv._shared) == 0, timeout_s=5)  # lingered, let go
+    load("c", SHARED + 2)
+    assert asked == [SHARED + 1, 1, SHARED + 1]
+    for owner in ("a", "b", "c"):
+        client.release(owner)
+    assert client.stats().pins == 0
