@@ -35,6 +35,10 @@ class GatewayModel:
         return self.settings.block_size
 
     @property
+    def tokenizer_loaded(self) -> bool:
+        return self._tokenizer is not None
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """Built at the first call (thread-safe); later calls return the same one."""
         if self._tokenizer is None:
