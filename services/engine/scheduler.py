@@ -188,16 +188,8 @@ class Scheduler:
             seq, end = s.seq, (s.start + s.num_new_tokens) // bm.block_size
             if seq.status == SequenceStatus.RUNNING and end > seq.num_committed_blocks:
                 landing.update(bm.seq_hashes(seq, end)[seq.num_committed_blocks:])
-        if not landing:
-            return False
-        for seq in itertools.islice(self.waiting, self.max_num_seqs):
-            if seq.kv_blocks:
-                continue
-            hits = bm.prefix_hit_blocks(seq)
-            if hits < (seq.num_tokens - 1) // bm.block_size and \
-                    bm.seq_hashes(seq, hits + 1)[hits] in landing:
-                return True
-        return False
+        return any(self._waits_for_prefix(seq, landing)
+                   for seq in itertools.islice(self.waiting, self.max_num_seqs))
 
     def _seats_taken(self) -> int:
         """Running sequences, less those whose launched token finishes them."""
