@@ -114,11 +114,15 @@ class BlockManager:
         if self.on_kv_event is not None:
             self.on_kv_event(h, True)
 
-    def _take(self, bid: int) -> None:
-        block = self.blocks[bid]
-        if block.ref_count == 0:
-            del self.cached_free[bid]
-        block.ref_count += 1
+    def _take(self, bids: Iterable[int]) -> None:
+        """One more reference to each block (a free one leaves the free list). Many at
+        once: 32 agents take an 8K prompt's 512 shared blocks each in one schedule."""
+        blocks, cached_free = self.blocks, self.cached_free
+        for bid in bids:
+            block = blocks[bid]
+            if block.ref_count == 0:
+                del cached_free[bid]
+            block.ref_count += 1
 
     # ---- hashes ----
     def seq_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
@@ -195,12 +199,7 @@ class BlockManager:
         assert not seq.block_table, f"{seq} already has blocks"
         bs = self.block_size
         hits = self._prefix_hits(seq)
-        blocks, cached_free = self.blocks, self.cached_free
-        for bid in hits:  # _take, inline: 32 agents take 512 shared blocks each at once
-            block = blocks[bid]
-            if block.ref_count == 0:
-                del cached_free[bid]
-            block.ref_count += 1
+        self._take(hits)
         table = list(hits)
         imports: list[tuple[int, Any]] = []
         kv_tokens = self._kv_tokens(seq, hits)
@@ -210,7 +209,7 @@ class BlockManager:
                 h = self.seq_hashes(seq, i + 1)[i] if full else None
                 hit = self.hash_to_block.get(h) if (h and self.enable_prefix_caching) else None
                 if hit is not None:
-                    self._take(hit)
+                    self._take((hit,))
                     table.append(hit)
                     continue
                 bid = self._pop_free()
