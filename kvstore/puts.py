@@ -17,6 +17,7 @@ from kvstore.types import (
     BegunPut,
     Block,
     InvalidArgument,
+    Move,
     NotFound,
     PendingPut,
     PutEntry,
@@ -64,12 +65,8 @@ class Puts:
             with self._lock:
                 now = self._expire()
                 todo = self._todo(owner, entries)
-                try:
-                    moves = self._reserve(todo, block_nbytes, protect, home) if todo else None
-                except ResourceExhausted as refused:
-                    home = self._spill_tier(home, refused)
-                    self._s.puts_refused -= 1  # counted once: if the spill is refused too
-                    moves = self._reserve(todo, block_nbytes, protect, home)
+                moves, home = self._reserve_or_spill(todo, block_nbytes, protect, home) \
+                    if todo else (None, home)
                 if moves is None:
                     return self._pend(owner, entries, now, device,
                                       spilled=device and home != self.home(True))
@@ -95,12 +92,22 @@ class Puts:
             seen.add(e.key)
         return todo
 
-    def _spill_tier(self, home: int, refused: ResourceExhausted) -> int:
-        """Where a device put goes whose gpu tier refused it: the host memory tier
-        (device writers copy into its shared arena). ``refused`` for any other put."""
-        if not self.tiers[home].on_device:
-            raise refused
-        return self.home(False)
+    def _reserve_or_spill(self, todo: list[PutEntry], nbytes: int, protect: set[bytes],
+                          home: int) -> tuple[list[Move] | None, int]:
+        """``_reserve`` in tier ``home``; a device put that the gpu tier refuses goes to
+        the host memory tier (device writers copy into its shared arena) -> (its moves,
+        the tier). A put refused everywhere is counted once."""
+        try:
+            try:
+                return self._reserve(todo, nbytes, protect, home), home
+            except ResourceExhausted:
+                if not self.tiers[home].on_device:
+                    raise
+            spill = self.home(False)
+            return self._reserve(todo, nbytes, protect, spill), spill
+        except ResourceExhausted:
+            self._s.puts_refused += 1
+            raise
 
     def _pend(self, owner: str, entries: list[PutEntry], now: float, device: bool = False,
               spilled: bool = False) -> BegunPut:

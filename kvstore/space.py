@@ -79,7 +79,6 @@ class Space:
 
     def _refuse(self, todo: list[PutEntry], nbytes: int, need: int, room: int,
                 i: int) -> None:
-        self._s.puts_refused += 1
         t = self.tiers[i]
         free = t.free_bytes
         room = max(room, free)
