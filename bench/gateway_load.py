@@ -185,18 +185,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`splitserve bench gateway_load`: prints and returns the report."""
     args.requests = args.requests or args.streams
-    cluster = None
-    pid = args.gateway_pid
-    if args.address is None:
-        cluster = start_local_cluster(args.streams, Path(tempfile.mkdtemp(prefix="gwload-")),
-                                      args.prompt_len + args.max_tokens + 16)
-        args.address = cluster.settings.gateway.address
-        pid = cluster.find("gateway").proc.pid
-    try:
-        report = asdict(asyncio.run(Load(args, pid).run()))
-    finally:
-        if cluster is not None:
-            cluster.stop()
+    if args.address is not None:
+        report = asdict(asyncio.run(Load(args, args.gateway_pid).run()))
+    else:
+        with tempfile.TemporaryDirectory(prefix="gwload-") as workdir:
+            cluster = start_local_cluster(args.streams, Path(workdir),
+                                          args.prompt_len + args.max_tokens + 16)
+            args.address = cluster.settings.gateway.address
+            try:
+                report = asdict(asyncio.run(Load(args, cluster.find("gateway").proc.pid).run()))
+            finally:
+                cluster.stop()
     text = json.dumps(report, indent=1)
     if args.json:
         Path(args.json).write_text(text)

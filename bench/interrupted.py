@@ -143,20 +143,21 @@ def run_trials(settings: Any, name: str, trial: Callable[[Any, Any, int], dict[s
     from splitserve.v1 import generation_pb2_grpc
 
     with_free_ports(settings)
-    tmp = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = tmp / "cluster.yaml"
-    settings.dump_yaml(config)
-    cluster = LocalCluster(settings, config, tmp).start()
-    channel = grpc.insecure_channel(settings.gateway.address)
-    try:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        trial(cluster, stub, -1)  # warm-up
-        results: list[dict[str, float]] = []
-        for i in range(trials):
-            results.append(trial(cluster, stub, i))
-            done(results)
-        return results
-    finally:
-        channel.close()
-        cluster.stop()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as d:
+        tmp = Path(log_dir) if log_dir else Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = tmp / "cluster.yaml"
+        settings.dump_yaml(config)
+        cluster = LocalCluster(settings, config, tmp).start()
+        channel = grpc.insecure_channel(settings.gateway.address)
+        try:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            trial(cluster, stub, -1)  # warm-up
+            results: list[dict[str, float]] = []
+            for i in range(trials):
+                results.append(trial(cluster, stub, i))
+                done(results)
+            return results
+        finally:
+            channel.close()
+            cluster.stop()

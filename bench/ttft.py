@@ -94,21 +94,27 @@ def _cluster_settings(args: argparse.Namespace) -> ClusterSettings:
 
 def _split_times(args: argparse.Namespace, prompts: list[list[int]]) -> list[tuple[float, float]]:
     settings = _cluster_settings(args)
-    tmp = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
-    settings.dump_yaml(tmp / "cluster.yaml")
+    with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as d:
+        tmp = Path(d)
+        settings.dump_yaml(tmp / "cluster.yaml")
+        with LocalCluster(settings, tmp / "cluster.yaml", tmp), \
+                grpc.insecure_channel(settings.gateway.address) as channel:
+            return _timed_requests(generation_pb2_grpc.GenerationStub(channel), prompts)
+
+
+def _timed_requests(stub: generation_pb2_grpc.GenerationStub, prompts: list[list[int]]
+                    ) -> list[tuple[float, float]]:
+    """(TTFT, time to the second token) of each prompt through a gateway."""
     times = []
-    with LocalCluster(settings, tmp / "cluster.yaml", tmp), \
-            grpc.insecure_channel(settings.gateway.address) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        for ids in prompts:
-            req = generation_pb2.GenerateRequest(
-                model="bench", prompt_token_ids=generation_pb2.TokenIds(ids=ids),
-                sampling=common_pb2.SamplingParams(max_tokens=2, ignore_eos=True))
-            start = time.perf_counter()
-            stamps = []
-            for resp in stub.Generate(req, timeout=120):
-                stamps += [time.perf_counter()] * len(resp.token_ids)
-            times.append((stamps[0] - start, stamps[1] - start))
+    for ids in prompts:
+        req = generation_pb2.GenerateRequest(
+            model="bench", prompt_token_ids=generation_pb2.TokenIds(ids=ids),
+            sampling=common_pb2.SamplingParams(max_tokens=2, ignore_eos=True))
+        start = time.perf_counter()
+        stamps = []
+        for resp in stub.Generate(req, timeout=120):
+            stamps += [time.perf_counter()] * len(resp.token_ids)
+        times.append((stamps[0] - start, stamps[1] - start))
     return times
 
 
