@@ -32,13 +32,12 @@ class _CpuPlan(dc._Plan):
         self._table = torch.zeros(1 + 2 * cap, dtype=torch.int64)
         self._table_dev = torch.zeros_like(self._table)
         self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32)
-        self._partials_dev = torch.zeros_like(self._partials)
         self.table, self.partials = self._table.numpy(), self._partials.numpy()
         self.graph, self.eager = None, True
 
     def kernel(self) -> None:
         dc._copy_sum_kernel[(self.cap, self.chunks)](
-            self._table_dev, self._partials_dev, self.cap, self.words, CHUNK=CHUNK,
+            self._table_dev, self._partials, self.cap, self.words, CHUNK=CHUNK,
             WRITE=self.write, MASK=dc.WEIGHT_MASK, ALIGN=16)
 
 
