@@ -36,7 +36,13 @@ from services.transfer.contract.errors import (
     StaleTransportError,
     wrap_rpc_error,
 )
-from services.transfer.device_copy import copy_blocks, pin_host, unpin_host
+from services.transfer.device_copy import (
+    checksum_blocks,
+    copy_blocks,
+    copy_runs,
+    pin_host,
+    unpin_host,
+)
 from services.transfer.host_id import host_id
 from services.transfer.metrics import TransferMeter
 from services.transfer.shm_transport import _open_arena
@@ -130,28 +136,20 @@ class CudaIpcTransport(KVTransport):
     def _to_host(self, base: torch.Tensor, src: list[int], dst: list[int],
                  nbytes: int) -> list[int]:
         """Copies device blocks into the store's host arena -> their dsum32, computed on
-        the device. The kernel writes the page-locked arena over the link as it sums;
-        an arena that could not be page-locked gets the bytes by plain copies."""
-        arena = self._host_arena()
-        if self._pinned:
-            return copy_blocks(base, src, arena, dst, nbytes)
-        sums = copy_blocks(base, src, None, (), nbytes)
-        for s, d in zip(src, dst, strict=True):
-            arena[d : d + nbytes].copy_(base[s : s + nbytes])
+        the device before the bytes cross the link (one DMA per run of adjacent blocks
+        into the page-locked arena; staged copies where it could not be locked)."""
+        sums = checksum_blocks(base, src, nbytes)
+        copy_runs(base, src, self._host_arena(), dst, nbytes)
+        torch.cuda.current_stream(self.device).synchronize()  # in the arena before commit
         return sums
 
     def _read_host(self, src: list[int], flat: torch.Tensor, dst: list[int],
                    nbytes: int) -> list[int]:
         """Blocks of the store's host arena into ``flat`` on this GPU -> their dsum32,
-        computed on the device: the kernel reads the page-locked arena over the link as
-        it sums (one launch; ~48 GB/s on the H200's link where per-block DMAs gave 23);
-        an arena that could not be page-locked is copied first, then summed here."""
-        arena = self._host_arena()
-        if self._pinned:
-            return copy_blocks(arena, src, flat, dst, nbytes)
-        for s, d in zip(src, dst, strict=True):
-            flat[d : d + nbytes].copy_(arena[s : s + nbytes])
-        return copy_blocks(flat, dst, None, (), nbytes)
+        computed on the device after the copies (one DMA per run of adjacent blocks;
+        the sums are stream-ordered after them)."""
+        copy_runs(self._host_arena(), src, flat, dst, nbytes)
+        return checksum_blocks(flat, dst, nbytes)
 
     def _on_device(self, payloads: Sequence[Buffer], nbytes: int) -> tuple[torch.Tensor,
                                                                              list[int]]:
@@ -176,16 +174,15 @@ class CudaIpcTransport(KVTransport):
             raise InvalidRequestError(f"{len(keys)} keys but {len(out)} output buffers")
         if not keys:
             return []
-        dest = None if out is None else _shared_base([_as_bytes(o) for o in out], self.device)
+        targets = None if out is None else _output_rows(out)
+        dest = None if targets is None else _shared_base(targets, self.device)
         pin_owner = owner or f"ipc-get-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            offsets, lengths, sums, on_device, device_sums = pinned_device_locations(
-                self._stub, pin_owner, keys, longest_prefix, bounded(self.timeout_s),
-                self.store_id, self._stale)
-            rows, bad = self._fetch(offsets, lengths, sums, on_device, device_sums, dest)
+            rows, bad, nbytes = self._pin_and_fetch(pin_owner, list(keys), longest_prefix,
+                                                    targets, dest)
             results: list[Any] = list(rows)
-            results = reread_bad(self._channel, pin_owner, keys, len(offsets), bad, results,
+            results = reread_bad(self._channel, pin_owner, keys, len(rows), bad, results,
                                  None, longest_prefix, self.timeout_s)
             results = [r if isinstance(r, torch.Tensor) else _as_bytes(r).to(self.device)
                        for r in results]
@@ -193,36 +190,50 @@ class CudaIpcTransport(KVTransport):
             raise wrap_rpc_error(e) from None
         finally:
             release_anonymous(self._stub, owner, pin_owner)
-        self._meter.observe("get", time.perf_counter() - t0, sum(lengths))
-        if out is None:
+        self._meter.observe("get", time.perf_counter() - t0, nbytes * len(rows))
+        if targets is None:
             return results
-        for i, r in enumerate(results):  # rows not written in place (staged, re-read)
-            o = _as_bytes(out[i])
-            if r.data_ptr() != o.data_ptr():
+        for r, o in zip(results, targets, strict=False):  # rows not written in place
+            if r is not o:
                 o.copy_(r)
         return list(out[: len(results)])
 
+    def _pin_and_fetch(self, owner: str, keys: list[bytes], prefix: bool,
+                       targets: list[torch.Tensor] | None,
+                       dest: tuple[torch.Tensor, list[int]] | None
+                       ) -> tuple[list[torch.Tensor], list[int], int]:
+        """Pins ``keys`` (or their held prefix) and copies them here -> (rows, indices
+        whose checksum failed, block size)."""
+        located = pinned_device_locations(self._stub, owner, keys, prefix,
+                                          bounded(self.timeout_s), self.store_id,
+                                          self._stale)
+        held = len(located[0])
+        if not held:
+            return [], [], 0
+        nbytes = located[1][0]
+        _check_sizes(targets, nbytes)
+        window = None if dest is None else (dest[0], dest[1][:held], targets[:held])
+        rows, bad = self._fetch(*located, nbytes, window)
+        return rows, bad, nbytes
+
     def _fetch(self, offsets: list[int], lengths: list[int], sums: list[int],
-               on_device: list[bool], device_sums: list[bool],
-               dest: tuple[torch.Tensor, list[int]] | None
+               on_device: list[bool], device_sums: list[bool], nbytes: int,
+               dest: tuple[torch.Tensor, list[int], list[torch.Tensor]] | None
                ) -> tuple[list[torch.Tensor], list[int]]:
-        """The blocks on this GPU, in ``dest`` (a flat tensor and each block's offset
-        in it) or in a new buffer -> (rows, indices whose checksum failed). Blocks of the
-        store's host arena with a device checksum are verified here after the copy; the
-        others by crc32 on host threads. Returns when every copy is done (the caller
-        may drop its pins)."""
+        """The blocks on this GPU, in ``dest`` (a flat tensor, each block's offset in it
+        and its row) or in a new buffer -> (rows, indices whose checksum failed). Blocks
+        of the store's host arena with a device checksum are verified here after the
+        copy; the others by crc32 on host threads. Returns when every copy is done (the
+        caller may drop its pins)."""
         n = len(offsets)
-        if n == 0:
-            return [], []
-        nbytes = lengths[0]
         if any(length != nbytes for length in lengths):
             raise InvalidRequestError("blocks of one get must have one size")
         if dest is None:
-            flat, at = torch.empty(n * nbytes, dtype=torch.uint8, device=self.device), None
+            flat = torch.empty(n * nbytes, dtype=torch.uint8, device=self.device)
+            where = [i * nbytes for i in range(n)]
+            buf = list(flat.view(n, nbytes).unbind(0))
         else:
-            flat, at = dest
-        where = at or [i * nbytes for i in range(n)]
-        buf = [flat[where[i] : where[i] + nbytes] for i in range(n)]
+            flat, where, buf = dest
         dev = [i for i in range(n) if on_device[i]]
         got = copy_blocks(self._arena, [offsets[i] for i in dev], flat,
                           [where[i] for i in dev], nbytes)
@@ -234,22 +245,17 @@ class CudaIpcTransport(KVTransport):
             bad += [i for i, c in zip(summed, got, strict=True) if c != sums[i]]
         host = [i for i in range(n) if not on_device[i] and not device_sums[i]]
         if host:
-            bad += self._from_host([offsets[i] for i in host], [buf[i] for i in host],
-                                   [sums[i] for i in host], host)
+            bad += self._from_host([offsets[i] for i in host], flat, [where[i] for i in host],
+                                   [sums[i] for i in host], host, nbytes)
         return buf, sorted(bad)
 
-    def _from_host(self, offsets: list[int], rows: list[torch.Tensor], sums: list[int],
-                   index: list[int]) -> list[int]:
-        """Copies blocks of the store's cpu arena to ``rows`` (DMA from pinned memory)
-        while their crc32s are computed on host threads -> ``index`` of those that
-        failed. Returns when the copies are done."""
-        arena = self._host_arena()
-        nbytes = rows[0].numel()
-        views = []
-        for off, row in zip(offsets, rows, strict=True):
-            row.copy_(arena[off : off + nbytes], non_blocking=True)
-            views.append(self._host_view[off : off + nbytes])
-        got = crcs(views)
+    def _from_host(self, offsets: list[int], flat: torch.Tensor, where: list[int],
+                   sums: list[int], index: list[int], nbytes: int) -> list[int]:
+        """Copies blocks of the store's cpu arena to ``where`` in ``flat`` (one DMA per
+        run of adjacent blocks) while their crc32s are computed on host threads ->
+        ``index`` of those that failed. Returns when the copies are done."""
+        copy_runs(self._host_arena(), offsets, flat, where, nbytes)
+        got = crcs([self._host_view[off : off + nbytes] for off in offsets])
         torch.cuda.current_stream(self.device).synchronize()
         return [i for i, c, want in zip(index, got, sums, strict=True) if c != want]
 
@@ -287,6 +293,24 @@ def _as_bytes(payload: Buffer) -> torch.Tensor:
     return torch.frombuffer(mv.cast("B") if mv.format != "B" else mv, dtype=torch.uint8)
 
 
+def _output_rows(out: Sequence[Buffer]) -> list[torch.Tensor]:
+    """Flat uint8 tensors over a get's output buffers, writable in place."""
+    rows = []
+    for i, o in enumerate(out):
+        if isinstance(o, torch.Tensor) and not o.is_contiguous():
+            raise InvalidRequestError(f"output buffer {i} is not contiguous: the blocks "
+                                      "would land in a copy of it")
+        rows.append(_as_bytes(o))
+    return rows
+
+
+def _check_sizes(targets: list[torch.Tensor] | None, nbytes: int) -> None:
+    for i, row in enumerate(targets or ()):
+        if row.numel() != nbytes:
+            raise InvalidRequestError(f"output buffer {i} has {row.numel()} bytes; the "
+                                      f"blocks have {nbytes}")
+
+
 def _shared_base(rows: list[torch.Tensor], device: torch.device
                  ) -> tuple[torch.Tensor, list[int]] | None:
     """(the storage all ``rows`` lie in as a flat tensor, each row's byte offset), when
@@ -296,8 +320,11 @@ def _shared_base(rows: list[torch.Tensor], device: torch.device
         return None
     storage = first.untyped_storage()
     start = storage.data_ptr()
-    if any(r.device != device or r.untyped_storage().data_ptr() != start for r in rows):
+    at = [r.data_ptr() - start for r in rows]
+    # inside the first row's storage, so on its device too (one address space)
+    if min(at) < 0 or max(a + r.numel() for a, r in zip(at, rows, strict=True)) > \
+            storage.nbytes():
         return None
     flat = torch.empty(0, dtype=torch.uint8, device=device)
     flat.set_(storage, 0, (storage.nbytes(),), (1,))
-    return flat, [r.data_ptr() - start for r in rows]
+    return flat, at

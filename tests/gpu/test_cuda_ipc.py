@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.settings import TransferSettings
-from services.transfer import MissingBlocksError
+from services.transfer import InvalidRequestError, MissingBlocksError
 from services.transfer.store_client import KVStoreClient
 from tests.integration.test_transfer import start_store
 
@@ -154,3 +154,43 @@ def test_demoted_blocks_are_read_to_the_gpu_and_verified_there(small_store):
         s = c.stats()
         assert s.checksum_failures == before + 1 and s.pins == 0
 
+
+
+def test_a_get_lands_in_place_from_every_tier_and_path(small_store):
+    """Blocks of the gpu tier, demoted ones (dsum32) and host-written ones (crc32), read
+    into one preallocated device buffer: each lands in its own row, in place."""
+    with _client(small_store, "cuda_ipc") as dev, _client(small_store, "shm") as host:
+        demoted, drows = _keys(4), _rows(4)
+        dev.put("", demoted, list(drows.unbind(0)), NBYTES)
+        hot, hrows = _keys(16), _rows(16)
+        dev.put("hold", hot, list(hrows.unbind(0)), NBYTES)  # pushes the first ones down
+        written = _keys(3)
+        wrows = [os.urandom(NBYTES) for _ in range(3)]
+        host.put("", written, wrows, NBYTES)
+        keys = written[:1] + demoted + hot[:2] + written[1:]
+        want = torch.cat([torch.frombuffer(bytearray(wrows[0]), dtype=torch.uint8).cuda()[None],
+                          drows, hrows[:2],
+                          torch.stack([torch.frombuffer(bytearray(w), dtype=torch.uint8)
+                                       for w in wrows[1:]]).cuda()])
+        out = torch.zeros_like(want)
+        rows = list(out.unbind(0))
+        got = dev.get("r", keys, out=rows)
+        assert all(g is r for g, r in zip(got, rows, strict=True))
+        assert torch.equal(out, want)
+        dev.release("r")
+        dev.release("hold")
+        assert dev.stats().pins == 0
+
+
+def test_output_buffers_a_get_cannot_fill_are_refused(store):
+    with _client(store, "cuda_ipc") as c:
+        keys, rows = _keys(2), _rows(2)
+        c.put("", keys, list(rows.unbind(0)), NBYTES)
+        short = torch.zeros(2, NBYTES - 16, dtype=torch.uint8, device="cuda")
+        with pytest.raises(InvalidRequestError, match="output buffer 0 has"):
+            c.get("", keys, out=list(short.unbind(0)))
+        strided = torch.zeros(NBYTES, 2, dtype=torch.uint8, device="cuda")
+        with pytest.raises(InvalidRequestError, match="not contiguous"):
+            c.get("", keys, out=[strided[:, 0], strided[:, 1]])
+        assert not short.any() and not strided.any()
+        assert c.stats().pins == 0
