@@ -151,6 +151,11 @@ def _print(result: dict[str, Any]) -> None:
                 c = r[key]
                 print(f"{'':<10} the store's cpu tier -> this GPU: {c['best']:.2f} "
                       f"({c['median']:.2f}) GB/s ({blocks})")
+        if "gpu_to_cpu_tier" in r:
+            c = r["gpu_to_cpu_tier"]
+            print(f"{'':<10} this GPU -> the store's cpu tier: {c['best']:.2f} "
+                  f"({c['median']:.2f}) GB/s (puts the full gpu tier spills: dsum32 on "
+                  "the device)")
         if "cpu_tier_parts" in r:
             p = r["cpu_tier_parts"]
             print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "

@@ -5,7 +5,8 @@ fresh device buffers (get) and into preallocated ones (get_into); and the blocks
 store keeps in its cpu tier read straight to this GPU (its pinned shared memory ->
 device): the host -> device rate of the pinned cpu tier, for blocks a host writer put
 there (crc32 verified on host threads) and for blocks the gpu tier demoted there (their
-dsum32 verified on the device after the copy).
+dsum32 verified on the device after the copy); and the other way, device -> the pinned
+cpu tier, for puts that a gpu tier full of pinned blocks spills there.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 times[k].append(dt)
             del got, from_host
-    times["demoted_to_gpu"] = demoted_reads(client, rounds[1:], payloads, block, rows)
+    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows))
     result = {k: _gbps(block * count, v) for k, v in times.items()}
     result["kernel"] = kernel_rate(rows, repeat)
     result["plain_copy"] = plain_copy_rate(rows, repeat)
@@ -64,25 +65,36 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
     return result
 
 
-def demoted_reads(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
-                  block: int, rows: torch.Tensor) -> list[float]:
-    """Seconds of a get of each round's blocks once the gpu tier has demoted them to the
-    cpu tier: pinned puts of new blocks fill the gpu tier (its capacity is what the
-    rounds put, plus one round and some), pushing the rounds' (released) blocks down;
-    the last fill spills, so the gpu tier has no room to promote the read blocks into
-    while they are read (that would share the link with the read)."""
+def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
+                  block: int, rows: torch.Tensor) -> dict[str, list[float]]:
+    """Pinned puts of new blocks fill the gpu tier (its capacity is what the rounds put,
+    plus one round and some), pushing the rounds' (released) blocks down to the cpu
+    tier; the last fill spills, so the gpu tier has no room to promote the read blocks
+    into while they are read (that would share the link with the read). -> seconds of a
+    get of each round's demoted blocks ("demoted_to_gpu"), and of as many puts of new
+    blocks that the full gpu tier spills into the cpu tier ("gpu_to_cpu_tier": this
+    GPU -> the page-locked arena, dsum32 summed on the device)."""
     owner = f"bench-fill-{os.getpid()}"
     for _ in range(len(rounds) + 4):
         client.put(owner, [os.urandom(16) for _ in payloads], payloads, block)
-    seconds = []
+    times: dict[str, list[float]] = {"demoted_to_gpu": [], "gpu_to_cpu_tier": []}
     for keys in rounds:
         t0 = time.perf_counter()
         got = client.get(owner, keys)
-        seconds.append(time.perf_counter() - t0)
+        times["demoted_to_gpu"].append(time.perf_counter() - t0)
         if not torch.equal(torch.stack(got), rows):
             raise RuntimeError("demoted blocks came back different")
+    for _ in rounds:
+        keys = [os.urandom(16) for _ in payloads]
+        t0 = time.perf_counter()
+        client.put(owner, keys, payloads, block)
+        times["gpu_to_cpu_tier"].append(time.perf_counter() - t0)
+        if client.lookup_per_tier(keys).get("cpu") != len(keys):
+            raise RuntimeError("a put into the full gpu tier did not spill to the cpu tier")
+        if not torch.equal(torch.stack(client.get(owner, keys)), rows):
+            raise RuntimeError("spilled blocks came back different")
     client.release(owner)
-    return seconds
+    return times
 
 
 def kernel_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:
