@@ -139,6 +139,8 @@ def test_redis_restart_rebuilds_the_registry(client: redis.Redis) -> None:
         for h in hs[:2]:
             events.add(h, True)
         wait_for(lambda: index.prefix_blocks(wid, hs) == 2)
+        # a member writes its KV set before its key: the view lists it a moment later
+        wait_for(lambda: seen and wid in seen[-1])
         rp.stop()
         wait_for(lambda: links and links[-1][0] is False)
         assert "unreachable" in links[-1][1] and REDIS_UP._value.get() == 0
