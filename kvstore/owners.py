@@ -65,7 +65,7 @@ class Owners:
                 return 0
             dropped = [b for b in o.pins if b.key in wanted]
             for b in dropped:
-                o.pins.discard(b)
+                o.pins.pop(b, None)
                 self._unpinned(b, owner)
             return len(dropped)
 
@@ -86,7 +86,7 @@ class Owners:
     def _pin(self, o: OwnerState, owner: str, b: Block) -> None:
         if owner not in b.pinners:
             b.pinners.add(owner)
-            o.pins.add(b)
+            o.pins[b] = None
             self._lru_del(b)
 
     def _release(self, owner: str) -> int:

@@ -159,7 +159,7 @@ class Puts:
                     # a partial block grew: the new one takes the pin
                     if o is not None and owner in old.pinners:
                         old.pinners.discard(owner)
-                        o.pins.discard(old)
+                        o.pins.pop(old, None)
                     self._remove(old)
                 c = int(c) & 0xFFFFFFFF
                 b = Block(e.key, e.tier, e.slot, stamps.get(id(e), c), e.num_tokens,
@@ -171,7 +171,7 @@ class Puts:
                 nbytes += e.slot.length
                 if o is not None:  # a new block: pinned by its owner only
                     b.pinners.add(owner)
-                    o.pins.add(b)
+                    o.pins[b] = None
                     if b.private_owner:
                         o.private.add(b)
                 else:

@@ -207,7 +207,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         o = self._owners.get(owner)
         for b in found[len(keep):]:
             if b in newly and o is not None and b in o.pins:
-                o.pins.discard(b)
+                o.pins.pop(b, None)
                 self._unpinned(b, owner)
         if prefix:
             return keep

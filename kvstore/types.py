@@ -99,7 +99,10 @@ class PendingPut:
 @dataclass(slots=True)
 class OwnerState:
     expires_at: float
-    pins: set[Block] = field(default_factory=set)
+    # an ordered set: released in pin order, so the blocks of one request enter the LRU
+    # together and in order, and are demoted into adjacent slots of the tier below
+    # (one DMA for a reader of the run, where a set's order scattered them)
+    pins: dict[Block, None] = field(default_factory=dict)
     private: set[Block] = field(default_factory=set)
     ttl_s: float = 0.0  # > 0: its own pin TTL (a session's), else the store's pin_ttl_s
     # blocks a device reader read in place from a host tier: raised into the gpu tier

@@ -262,3 +262,20 @@ def test_a_device_reader_of_host_blocks_has_them_raised_once_it_lets_go():
     (raised,) = core.get("", [_key(0)])
     assert raised.tier == "gpu"
     core.close()
+
+
+def test_blocks_released_together_are_demoted_into_adjacent_slots_in_order():
+    """A request's blocks, pinned in key order and released, leave the gpu tier in that
+    order into one run of the cpu tier: a device reader then reads them with one DMA."""
+    core = _store(gpu_blocks=8, cpu_blocks=32)
+    first = {i: _payload(i) for i in range(8)}
+    _device_put(core, "w", first)
+    core.get("r", [_key(i) for i in range(8)], memory=True, device=True)
+    core.release("r")
+    core.release("w")
+    _device_put(core, "", {i: _payload(i) for i in range(100, 108)})  # pushes them down
+    locs = core.get("", [_key(i) for i in range(8)], memory=True, device=True)
+    assert [loc.tier for loc in locs] == ["cpu"] * 8
+    step = core.host.footprint(NBYTES)
+    assert [loc.offset - locs[0].offset for loc in locs] == [i * step for i in range(8)]
+    assert [_bytes(core, loc) for loc in locs] == list(first.values())
