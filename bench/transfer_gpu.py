@@ -41,6 +41,7 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             rounds.append(keys)
             hkeys = [os.urandom(16) for _ in range(count)]
             host.put(owner, hkeys, host_payloads, block)  # lands in the cpu tier
+            settle(client)
             t0 = time.perf_counter()
             res = client.put(owner, keys, payloads, block)
             t1 = time.perf_counter()
@@ -48,13 +49,15 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             t2 = time.perf_counter()
             client.get(owner, keys, out=list(outs.unbind(0)))
             t3 = time.perf_counter()
-            from_host = client.get(owner, hkeys)
+            settle(client)
             t4 = time.perf_counter()
+            from_host = client.get(owner, hkeys)
+            t5 = time.perf_counter()
             client.release(owner)
             if r == 0:
                 _check(res.stored, count, got, outs, from_host, rows)
                 continue
-            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t5 - t4), strict=True):
                 times[k].append(dt)
             del got, from_host
     times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows))
@@ -63,6 +66,15 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
     result["plain_copy"] = plain_copy_rate(rows, repeat)
     result["cpu_tier_parts"] = host_parts(data, block, count, repeat)
     return result
+
+
+def settle(client: KVStoreClient, timeout_s: float = 10.0) -> None:
+    """Waits until the store has no move between tiers queued or under way (the
+    promotion of blocks the last round read in place, demotions making room), so that a
+    timed copy has the link to itself."""
+    deadline = time.monotonic() + timeout_s
+    while client.stats().moves_pending and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
@@ -79,6 +91,7 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
         client.put(owner, [os.urandom(16) for _ in payloads], payloads, block)
     times: dict[str, list[float]] = {"demoted_to_gpu": [], "gpu_to_cpu_tier": []}
     for keys in rounds:
+        settle(client)
         t0 = time.perf_counter()
         got = client.get(owner, keys)
         times["demoted_to_gpu"].append(time.perf_counter() - t0)
@@ -86,6 +99,7 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
             raise RuntimeError("demoted blocks came back different")
     for _ in rounds:
         keys = [os.urandom(16) for _ in payloads]
+        settle(client)
         t0 = time.perf_counter()
         client.put(owner, keys, payloads, block)
         times["gpu_to_cpu_tier"].append(time.perf_counter() - t0)

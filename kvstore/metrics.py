@@ -35,6 +35,8 @@ class StoreCollector(Collector):
             ("pins", "Pins held (owner, block)", s.pins),
             ("owners", "Owners holding pins or private blocks", s.owners),
             ("pending_puts", "Puts begun and not yet committed", s.pending_puts),
+            ("moves_pending", "Blocks queued for, or being copied in, a move between tiers",
+             s.moves_pending),
         ):
             yield GaugeMetricFamily(f"splitserve_kvstore_{name}", doc, value=value)
         for name, doc, value in (

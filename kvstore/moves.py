@@ -242,8 +242,10 @@ class Moves:
                              name="kv-promoter", daemon=True).start()
         with contextlib.suppress(queue.Full):  # behind: this promotion is skipped
             self._promoter.put_nowait((list(keys), target))
+            self._promotions_queued += len(keys)
 
     _promoter: queue.Queue | None = None
+    _promotions_queued = 0  # keys of promotions queued or running (Stats: moves_pending)
 
     def _promote_loop(self, q: queue.Queue) -> None:
         while (job := q.get()) is not None:
@@ -251,3 +253,6 @@ class Moves:
                 self.promote(*job)
             except Exception as e:  # noqa: BLE001 (a background helper must go on)
                 log.warning("promotion_failed", error=str(e))
+            finally:
+                with self._lock:
+                    self._promotions_queued -= len(job[0])

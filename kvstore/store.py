@@ -320,6 +320,8 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             s.pins = sum(len(o.pins) for o in self._owners.values())
             s.owners = len(self._owners)
             s.pending_puts = len(self._pending)
+            s.moves_pending = self._promotions_queued + sum(
+                1 for b in self._blocks.values() if b.moving)
             counts = dict.fromkeys(self.tiers, 0)
             for b in self._blocks.values():
                 counts[b.tier] += 1

@@ -153,6 +153,7 @@ class StoreStats:
     pins: int = 0
     owners: int = 0
     pending_puts: int = 0
+    moves_pending: int = 0  # blocks queued for, or being copied in, a move between tiers
     hits: int = 0
     misses: int = 0
     evictions: int = 0

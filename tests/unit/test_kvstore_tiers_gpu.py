@@ -6,6 +6,7 @@ here (``device: cpu``): the same code as on a GPU, without CUDA IPC."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -279,3 +280,26 @@ def test_blocks_released_together_are_demoted_into_adjacent_slots_in_order():
     step = core.host.footprint(NBYTES)
     assert [loc.offset - locs[0].offset for loc in locs] == [i * step for i in range(8)]
     assert [_bytes(core, loc) for loc in locs] == list(first.values())
+
+
+def test_moves_pending_counts_queued_promotions_until_they_are_done():
+    core = _store()
+    keys = [_key(i) for i in range(3)]
+    core.put("", [common_pb2.BlockRef(key=k) for k in keys], [_payload(i) for i in range(3)],
+             NBYTES)
+    gate = threading.Event()
+    promote = core.promote
+
+    def held_back(*args):
+        gate.wait(timeout=10)
+        return promote(*args)
+
+    core.promote = held_back
+    core.promote_later(keys, core.home(True))
+    assert core.stats().moves_pending == 3
+    gate.set()
+    deadline = time.monotonic() + 10
+    while core.stats().moves_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.stats().moves_pending == 0
+    assert [loc.tier for loc in core.get("", keys)] == ["gpu"] * 3

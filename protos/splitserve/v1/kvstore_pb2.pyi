@@ -303,7 +303,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., kind: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers", "promotions", "demotions")
+    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers", "promotions", "demotions", "moves_pending")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,7 @@ class StatsResponse(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    MOVES_PENDING_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     pinned_blocks: int
     pins: int
@@ -328,7 +329,8 @@ class StatsResponse(_message.Message):
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     promotions: int
     demotions: int
-    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
+    moves_pending: int
+    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., moves_pending: _Optional[int] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
     __slots__ = ("keys",)
