@@ -121,12 +121,14 @@ class Puts:
                      tier=self.tiers[self.home(False)].name)
         return BegunPut(put_id, slots, spilled)
 
-    def commit_put(self, put_id: str, checksums: Sequence[int]) -> tuple[int, int]:
+    def commit_put(self, put_id: str, checksums: Sequence[int],
+                   host_checksums: Sequence[int] = ()) -> tuple[int, int]:
         """Makes the written blocks visible with their checksums -> (stored, present).
         ``checksums``: one per slot (values of present slots ignored) or one per
         written slot, in slot order: crc32s, or a device writer's dsum32s (a spilled
-        put's blocks keep theirs beside the crc32 the store stamps on them)."""
-        stamps = self._host_stamps(put_id)
+        put's blocks keep theirs beside a crc32: ``host_checksums``, the writer's, one
+        per written slot, else the store computes them)."""
+        stamps = self._host_stamps(put_id, host_checksums)
         with self._lock:
             p = self._pending.get(put_id)
             if p is None:
@@ -181,14 +183,24 @@ class Puts:
         self.demote_soon()
         return stored, len(p.entries) - stored
 
-    def _host_stamps(self, put_id: str) -> dict[int, int]:
-        """crc32 of a device put's blocks written into a host tier (a spilled put),
-        computed before the commit takes the lock (id(entry) -> crc32). The slots stay
-        the put's until it commits or ends (then the commit finds no put)."""
+    def _host_stamps(self, put_id: str, given: Sequence[int]) -> dict[int, int]:
+        """crc32 of a device put's blocks written into a host tier (a spilled put) ->
+        id(entry) -> crc32: the writer's (``given``, one per written slot), else
+        computed here before the commit takes the lock. The slots stay the put's until
+        it commits or ends (then the commit finds no put)."""
         with self._lock:
             p = self._pending.get(put_id)
             host = [e for e in p.entries if e.slot is not None and e.tier is not None
                     and not e.tier.on_device] if p is not None and p.device else []
+            written = sum(1 for e in p.entries if e.slot is not None) if p else 0
+        if not host:
+            return {}
+        if given:
+            if len(given) != written or len(host) != written:
+                raise InvalidArgument(
+                    f"put {put_id} spilled {len(host)} of {written} written blocks: send "
+                    f"one host checksum per written block, got {len(given)}")
+            return {id(e): int(c) & 0xFFFFFFFF for e, c in zip(host, given, strict=True)}
         return dict(zip(map(id, host), crcs([e.tier.view(e.slot) for e in host]), strict=True))
 
     def abort_put(self, put_id: str) -> bool:

@@ -150,7 +150,8 @@ class KVStoreServicer:
         if request.abort:
             self.core.abort_put(request.put_id)
             return kvstore_pb2.CommitPutResponse()
-        stored, present = self.core.commit_put(request.put_id, request.checksums)
+        stored, present = self.core.commit_put(request.put_id, request.checksums,
+                                               request.host_checksums)
         return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
 
     @_rpc

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from services.transfer.arena_ops import (
+    Checksums,
     pinned_device_locations,
     release_anonymous,
     reread_bad,
@@ -47,6 +48,8 @@ from services.transfer.host_id import host_id
 from services.transfer.metrics import TransferMeter
 from services.transfer.shm_transport import _open_arena
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+
+SPILL_GROUP_BYTES = 64 << 20  # a spilled put's copies: checksummed on the host per group
 
 
 class CudaIpcUnavailable(OSError):
@@ -113,18 +116,19 @@ class CudaIpcTransport(KVTransport):
             return PutResult(0, 0)
         base, offsets = self._on_device(payloads, block_nbytes)
 
-        def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
+        def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> Checksums:
             todo = [j for j, o in enumerate(slots) if o >= 0]
             sums = [0] * len(refs)  # present blocks: 0 (ignored)
             src = [offsets[j] for j in todo]
             dst = [slots[j] for j in todo]
+            host_sums: list[int] = []
             if begun.spilled:  # the gpu tier was full of pinned blocks: its host arena
-                got = self._to_host(base, src, dst, block_nbytes)
+                got, host_sums = self._to_host(base, src, dst, block_nbytes)
             else:
                 got = copy_blocks(base, src, self._arena, dst, block_nbytes)
             for j, c in zip(todo, got, strict=True):
                 sums[j] = c
-            return sums
+            return (sums, host_sums) if begun.spilled else sums
 
         t0 = time.perf_counter()
         resp, slots = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
@@ -134,14 +138,25 @@ class CudaIpcTransport(KVTransport):
         return PutResult(resp.stored, resp.present)
 
     def _to_host(self, base: torch.Tensor, src: list[int], dst: list[int],
-                 nbytes: int) -> list[int]:
-        """Copies device blocks into the store's host arena -> their dsum32, computed on
-        the device before the bytes cross the link (one DMA per run of adjacent blocks
-        into the page-locked arena; staged copies where it could not be locked)."""
+                 nbytes: int) -> tuple[list[int], list[int]]:
+        """Copies device blocks into the store's host arena -> (their dsum32s, computed
+        on the device before the bytes cross the link; their crc32s as they landed,
+        which host readers verify). The copies (one DMA per run of adjacent blocks into
+        the page-locked arena; staged where it could not be locked) go in groups of
+        ~SPILL_GROUP_BYTES: host threads checksum a group while the next crosses, where
+        the store stamping them all after the copies added their time to the put."""
         sums = checksum_blocks(base, src, nbytes)
-        copy_runs(base, src, self._host_arena(), dst, nbytes)
-        torch.cuda.current_stream(self.device).synchronize()  # in the arena before commit
-        return sums
+        arena, stream = self._host_arena(), torch.cuda.current_stream(self.device)
+        step = max(1, SPILL_GROUP_BYTES // nbytes)
+        landed = []
+        for i in range(0, len(src), step):
+            copy_runs(base, src[i : i + step], arena, dst[i : i + step], nbytes)
+            landed.append(stream.record_event())
+        host_sums: list[int] = []
+        for i, event in zip(range(0, len(dst), step), landed, strict=True):
+            event.synchronize()
+            host_sums += crcs([self._host_view[d : d + nbytes] for d in dst[i : i + step]])
+        return sums, host_sums
 
     def _read_host(self, src: list[int], flat: torch.Tensor, dst: list[int],
                    nbytes: int) -> list[int]:

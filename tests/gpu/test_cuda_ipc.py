@@ -126,7 +126,10 @@ def test_a_gpu_tier_full_of_pinned_blocks_spills_device_puts_to_the_cpu_tier(sma
         assert c.lookup_per_tier(keys)["cpu"] == 4
         assert _device_sums(c, keys) == ([False] * 4, [True] * 4)
         assert torch.equal(torch.stack(c.get("r", keys)), more)
-        for owner in ("hold", "w", "r"):
+        with _client(small_store, "shm") as host:  # the writer's crc32s, verified there
+            assert [bytes(b) for b in host.get("h", keys)] == \
+                [bytes(r.cpu().numpy()) for r in more]
+        for owner in ("hold", "w", "r", "h"):
             c.release(owner)
         s = c.stats()
         assert s.pins == 0 and s.checksum_failures == 0 and s.puts_refused == 0

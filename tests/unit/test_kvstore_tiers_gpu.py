@@ -241,6 +241,37 @@ def test_a_device_put_spills_to_the_cpu_tier_when_the_gpu_tier_is_all_pinned():
     assert core.stats().pins == 0
 
 
+def _spilled_put(core: KVStoreCore, keys: list[int], datas: list[bytes]):
+    refs = [common_pb2.BlockRef(key=_key(i), num_tokens=16) for i in keys]
+    begun = core.begin_put("w", refs, NBYTES, device=True)
+    assert begun.spilled
+    for s, data in zip(begun.slots, datas, strict=True):
+        core.view(s)[:] = data
+    return begun
+
+
+def test_a_spilled_put_keeps_the_crc32_its_writer_computed():
+    """A device writer that checksums its spilled blocks as they land hands the crc32s
+    to the commit: the store keeps them (a wrong one fails the block's check, as a host
+    writer's would) and refuses a count that does not match."""
+    core = _store(gpu_blocks=2)
+    _device_put(core, "holder", {0: _payload(0), 1: _payload(1)})
+    data = [_payload(2), _payload(3)]
+    begun = _spilled_put(core, [2, 3], data)
+    with pytest.raises(InvalidArgument, match="one host checksum per written block"):
+        core.commit_put(begun.put_id, [_dsum(d) for d in data], [crc32(data[0])])
+    wrong = crc32(data[1]) ^ 1
+    assert core.commit_put(begun.put_id, [_dsum(d) for d in data],
+                           [crc32(data[0]), wrong]) == (2, 0)
+    locs = core.get("", [_key(2), _key(3)])
+    assert [loc.checksum for loc in locs] == [crc32(data[0]), wrong]
+    assert [loc.device_checksum for loc in locs] == [_dsum(d) for d in data]
+    assert core.check(locs[0]) and not core.check(locs[1])
+    core.release("holder")
+    core.release("w")
+    assert core.stats().pins == 0
+
+
 def test_a_device_reader_of_host_blocks_has_them_raised_once_it_lets_go():
     """Read in place over the link, a demoted block is not raised into the gpu tier
     while its reader holds it (the copy would share the link with the read); its

@@ -153,14 +153,16 @@ class BeginPutResponse(_message.Message):
     def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., spilled: _Optional[bool] = ...) -> None: ...
 
 class CommitPutRequest(_message.Message):
-    __slots__ = ("put_id", "checksums", "abort")
+    __slots__ = ("put_id", "checksums", "abort", "host_checksums")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     checksums: _containers.RepeatedScalarFieldContainer[int]
     abort: bool
-    def __init__(self, put_id: _Optional[str] = ..., checksums: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ...) -> None: ...
+    host_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, put_id: _Optional[str] = ..., checksums: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ..., host_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitPutResponse(_message.Message):
     __slots__ = ("stored", "present")
