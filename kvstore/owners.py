@@ -10,7 +10,7 @@ lock, the others run under it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kvstore.types import Block, InvalidArgument, OwnerState, PendingPut, StoreStats, check_key
@@ -43,9 +43,7 @@ class Owners:
             held = self._prefix(wanted)
             if not held and owner not in self._owners:
                 return 0  # nothing to keep: no empty owner
-            o = self._owner(owner, ttl_s)
-            for b in held:
-                self._pin(o, owner, b)
+            self._pin_all(self._owner(owner, ttl_s), owner, held)
             return len(held)
 
     def release(self, owner: str) -> int:
@@ -84,10 +82,19 @@ class Owners:
         return o
 
     def _pin(self, o: OwnerState, owner: str, b: Block) -> None:
-        if owner not in b.pinners:
-            b.pinners.add(owner)
-            o.pins[b] = None
-            self._lru_del(b)
+        self._pin_all(o, owner, (b,))
+
+    def _pin_all(self, o: OwnerState, owner: str, blocks: Iterable[Block]) -> list[Block]:
+        """Pins ``blocks`` for ``owner`` (out of their LRU lists) -> those it newly pinned."""
+        newly = []
+        pins, lru = o.pins, self._lru
+        for b in blocks:
+            if owner not in b.pinners:
+                b.pinners.add(owner)
+                pins[b] = None
+                lru[b.tier].pop(b.key, None)
+                newly.append(b)
+        return newly
 
     def _release(self, owner: str) -> int:
         o = self._owners.pop(owner, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 from kvstore.demotion import Demotion
@@ -187,11 +187,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
                                f"{hex_keys(missing)}", missing)
         newly: set[Block] = set()
         if owner and found:
-            o = self._owner(owner)
-            for b in found:
-                if owner not in b.pinners:
-                    newly.add(b)
-                    self._pin(o, owner, b)
+            newly = set(self._pin_all(self._owner(owner), owner, found))
         elif not owner:
             for b in found:
                 if b.key in self._lru[b.tier]:
@@ -233,10 +229,10 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
         ts, tiers = self._ts, self.tiers
         self._s.hits += len(found)
         self._s.misses += missing
-        for b in found:
-            ts[b.tier].hits += 1
-            for t in tiers[: self._rank[b.tier]]:
-                ts[t].misses += 1
+        for tier, hits in Counter(b.tier for b in found).items():
+            ts[tier].hits += hits
+            for t in tiers[: self._rank[tier]]:
+                ts[t].misses += hits
         if missing:
             for t in tiers:
                 ts[t].misses += missing
