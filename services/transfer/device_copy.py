@@ -83,8 +83,15 @@ class _Plan:
         # itself (posted writes over the link): nothing to copy back after it
         self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32, pin_memory=True)
         self.table, self.partials = self._table.numpy(), self._partials.numpy()
+        self.views()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False  # capture failed: launch directly
+
+    def views(self) -> None:
+        """The table's source and target columns and the partial sums per block, as
+        numpy views made once (a call's host work is a few microseconds)."""
+        self.sources, self.targets = self.table[1 : 1 + self.cap], self.table[1 + self.cap :]
+        self.block_partials = self.partials.reshape(self.cap, self.chunks)
 
     def run(self, src: Sequence[int], src_base: int, dst: Sequence[int],
             dst_base: int) -> list[int]:
@@ -92,14 +99,14 @@ class _Plan:
         ``dst`` from ``dst_base`` (absolute addresses) -> their dsum32s."""
         n = len(src)
         with self.lock:
-            table = self.table
-            table[0] = n
-            table[1 : 1 + n] = src
-            table[1 : 1 + n] += src_base
+            self.table[0] = n
+            column = self.sources[:n]
+            column[:] = src
+            column += src_base
             if self.write:
-                at = 1 + self.cap
-                table[at : at + n] = dst
-                table[at : at + n] += dst_base
+                column = self.targets[:n]
+                column[:] = dst
+                column += dst_base
             if self.graph is not None:
                 self.graph.replay()
             else:
@@ -108,8 +115,7 @@ class _Plan:
                     self._capture()
             torch.cuda.current_stream(self.device).synchronize()
             # uint32 sums wrap modulo 2**32: the checksum's own arithmetic
-            return self.partials[: n * self.chunks].reshape(n, self.chunks).sum(
-                axis=1, dtype=np.uint32).tolist()
+            return self.block_partials[:n].sum(axis=1, dtype=np.uint32).tolist()
 
     def launch(self) -> None:
         self.stage()
@@ -152,10 +158,12 @@ _plans_lock = threading.Lock()
 def _plan(device: torch.device, n: int, words: int, write: bool, align: int) -> _Plan:
     cap = max(MIN_TABLE, 1 << (n - 1).bit_length())
     key = (device, cap, words, write, align)
-    with _plans_lock:
-        plan = _plans.get(key)
-        if plan is None:
-            plan = _plans[key] = _Plan(device, cap, words, write, align)
+    plan = _plans.get(key)  # plans are only ever added: a lookup needs no lock
+    if plan is None:
+        with _plans_lock:
+            plan = _plans.get(key)
+            if plan is None:
+                plan = _plans[key] = _Plan(device, cap, words, write, align)
     return plan
 
 

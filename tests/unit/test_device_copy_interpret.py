@@ -33,6 +33,7 @@ class _CpuPlan(dc._Plan):
         self._table_dev = torch.zeros_like(self._table)
         self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32)
         self.table, self.partials = self._table.numpy(), self._partials.numpy()
+        self.views()
         self.graph, self.eager = None, True
 
     def kernel(self) -> None:
