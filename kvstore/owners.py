@@ -87,12 +87,11 @@ class Owners:
     def _pin_all(self, o: OwnerState, owner: str, blocks: Iterable[Block]) -> list[Block]:
         """Pins ``blocks`` for ``owner`` (out of their LRU lists) -> those it newly pinned."""
         newly = []
-        pins, lru = o.pins, self._lru
         for b in blocks:
             if owner not in b.pinners:
                 b.pinners.add(owner)
-                pins[b] = None
-                lru[b.tier].pop(b.key, None)
+                o.pins[b] = None
+                self._lru_del(b)
                 newly.append(b)
         return newly
 
