@@ -105,6 +105,8 @@ def _ttfts(address: str, prompts: list[list[int]], output_len: int) -> list[tupl
 
 
 def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -> dict:
+    """``prompts``: the warm-up's (another prefix), then the agents'; only the agents'
+    burst is timed and counted."""
     settings = _settings(args, reuse)
     with tempfile.TemporaryDirectory(prefix="splitserve-agents-") as d:
         tmp = Path(d)
@@ -115,7 +117,7 @@ def _run_once(args: argparse.Namespace, reuse: bool, prompts: list[list[int]]) -
         with LocalCluster(settings, tmp / "cluster.yaml", tmp):
             _ttfts(settings.gateway.address, prompts[:1], 1)  # warm-up: another prefix
             before = store_get_bytes(settings.kvstore.http_port)
-            got = _ttfts(settings.gateway.address, prompts, args.output_len)
+            got = _ttfts(settings.gateway.address, prompts[1:], args.output_len)
             fetched = store_get_bytes(settings.kvstore.http_port) - before
         parts = prefill_parts(tmp / "prefill-0.log", skip=1)
     ttft = [t for t, _ in got]
