@@ -164,7 +164,8 @@ def _print(result: dict[str, Any]) -> None:
                 print(f"{'':<10} DMA from registered shared memory: one copy "
                       f"{p['shm_dma']['best']:.2f} GB/s, block by block "
                       f"{p['shm_dma_blocks']['best']:.2f} GB/s (is_pinned: "
-                      f"{p['shm_pinned']})")
+                      f"{p['shm_pinned']}); to it, one copy "
+                      f"{p['shm_dma_to_host']['best']:.2f} GB/s")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

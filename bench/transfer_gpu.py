@@ -180,9 +180,14 @@ def _dma_from(host: torch.Tensor, data: bytes, block: int, count: int, dev: torc
         return {"shm_pinned": host.is_pinned(),
                 "shm_dma": _timed_rate(lambda: dev.copy_(host, non_blocking=True), len(data),
                                        repeat),
-                "shm_dma_blocks": _timed_rate(by_block, len(data), repeat)}
+                "shm_dma_blocks": _timed_rate(by_block, len(data), repeat),
+                # the other way (a spilled put's copies): device -> registered memory
+                "shm_dma_to_host": _timed_rate(lambda: host.copy_(dev, non_blocking=True),
+                                               len(data), repeat)}
     finally:
         unpin_host(host.data_ptr())
+
+
 def _timed_rate(call, nbytes: int, repeat: int) -> dict[str, float]:
     """GB/s of ``call`` timed with CUDA events around it, after one warm (compiling) call."""
     call()
