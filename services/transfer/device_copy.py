@@ -197,14 +197,18 @@ def _check(t: torch.Tensor, offsets: Sequence[int], nbytes: int) -> bool:
     unchecked: that would be another allocation's memory) -> whether every address is
     a 16-byte multiple. Builtins on the offsets: a hand-off's few dozen are checked in
     microseconds, where numpy's calls cost more than the copy's own host work."""
-    size = t.nbytes
-    if min(offsets) < 0 or max(offsets) + nbytes > size:
-        raise ValueError(f"a block of {nbytes} bytes at one of the offsets runs outside "
-                         f"its {size}-byte buffer")
+    _check_bounds(t, offsets, nbytes)
     low_bits = functools.reduce(operator.or_, offsets, t.data_ptr())
     if low_bits % 4:
         raise ValueError("block offsets must be whole 4-byte words")
     return low_bits % 16 == 0
+
+
+def _check_bounds(t: torch.Tensor, offsets: Sequence[int], nbytes: int) -> None:
+    size = t.nbytes
+    if min(offsets) < 0 or max(offsets) + nbytes > size:
+        raise ValueError(f"a block of {nbytes} bytes at one of the offsets runs outside "
+                         f"its {size}-byte buffer")
 
 
 def _copy_blocks_torch(src: torch.Tensor, src_offsets: Sequence[int],
@@ -230,10 +234,8 @@ def copy_runs(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor,
         raise ValueError(f"{n} source offsets but {len(dst_offsets)} target offsets")
     if n == 0:
         return 0
-    for t, offsets in ((src, src_offsets), (dst, dst_offsets)):
-        if min(offsets) < 0 or max(offsets) + nbytes > t.nbytes:
-            raise ValueError(f"a block of {nbytes} bytes at one of the offsets runs "
-                             f"outside its {t.nbytes}-byte buffer")
+    _check_bounds(src, src_offsets, nbytes)
+    _check_bounds(dst, dst_offsets, nbytes)
     copies, start = 0, 0
     for i in range(1, n + 1):
         if (i < n and src_offsets[i] == src_offsets[i - 1] + nbytes
