@@ -170,11 +170,11 @@ def _plan(device: torch.device, n: int, words: int, write: bool, align: int) -> 
 def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor | None,
                 dst_offsets: Sequence[int], nbytes: int) -> list[int]:
     """Copies ``nbytes`` at each byte offset of ``src`` to the matching offset of ``dst``
-    (flat uint8 tensors; ``dst`` None: checksum only) -> each block's dsum32. One side
-    may be page-locked host memory registered with CUDA (the store's shared arena, see
-    :func:`pin_host`): the GPU of the other side reads or writes it over the link, in
-    the same single pass. Returns when the copies are done (it reads the checksums on
-    the host)."""
+    (flat uint8 tensors; ``dst`` None: checksum only) -> each block's dsum32. The
+    kernel runs where both lie on one GPU; anything else (the CPU, host memory on one
+    side: the transport moves those bytes with :func:`copy_runs`) is copied and summed
+    by torch ops. Returns when the copies are done (it reads the checksums on the
+    host)."""
     n = len(src_offsets)
     if n == 0:
         return []
@@ -183,8 +183,9 @@ def copy_blocks(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor
     vectors = _check(src, src_offsets, nbytes)
     if dst is not None:
         vectors = _check(dst, dst_offsets, nbytes) and vectors
-    device = src.device if src.is_cuda else dst.device if dst is not None else src.device
-    if device.type != "cuda" or not HAVE_TRITON:
+    device = src.device
+    if device.type != "cuda" or (dst is not None and dst.device != device) or \
+            not HAVE_TRITON:
         return _copy_blocks_torch(src, src_offsets, dst, dst_offsets, nbytes)
     align = 16 if vectors and nbytes % 16 == 0 else 4
     plan = _plan(device, n, nbytes // 4, dst is not None, align)
