@@ -64,16 +64,38 @@ def _plan_for(src: torch.Tensor, dst: torch.Tensor, offs: list[int], nbytes: int
     return plan
 
 
+def _steps_us(plan: dc._Plan, src: torch.Tensor, dst: torch.Tensor, offs: list[int],
+              nbytes: int, repeat: int) -> dict[str, float]:
+    """Median microseconds of each step of a call, taken one by one as ``copy_blocks``
+    and the plan's ``run`` take them."""
+    steps: dict[str, list[float]] = {k: [] for k in ("check", "table", "start", "wait",
+                                                     "sums")}
+    stream = torch.cuda.current_stream()
+    for _ in range(repeat):
+        t = [time.perf_counter()]
+        dc._check(src, offs, nbytes) and dc._check(dst, offs, nbytes)
+        t.append(time.perf_counter())
+        plan.write_table(offs, src.data_ptr(), offs, dst.data_ptr())
+        t.append(time.perf_counter())
+        plan.start()
+        t.append(time.perf_counter())
+        stream.synchronize()
+        t.append(time.perf_counter())
+        plan.sums[: len(offs)].tolist()
+        t.append(time.perf_counter())
+        for k, a, b in zip(steps, t, t[1:], strict=False):
+            steps[k].append(b - a)
+    return {k: statistics.median(v) * 1e6 for k, v in steps.items()}
+
+
 def _sweep(plan: dc._Plan, total: int) -> None:
     for chunk in (2048, 4096, 8192, 16384):
         for warps in (4, 8, 16):
             grid = (plan.cap, dc.triton.cdiv(plan.words, chunk))
-            partials = torch.empty(plan.cap * grid[1], dtype=torch.int32, device=plan.device)
 
-            def launch(chunk: int = chunk, warps: int = warps, grid: tuple = grid,
-                       partials: torch.Tensor = partials) -> None:
-                dc._copy_sum_kernel[grid](plan._table_dev, partials,
-                                          plan.cap, plan.words, CHUNK=chunk, WRITE=True,
+            def launch(chunk: int = chunk, warps: int = warps, grid: tuple = grid) -> None:
+                dc._copy_sum_kernel[grid](plan._table_dev, plan._partials, plan.cap,
+                                          plan.words, CHUNK=chunk, WRITE=True,
                                           MASK=dc.WEIGHT_MASK, ALIGN=16, num_warps=warps)
 
             us = _queued_us(launch)
@@ -105,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "copy_blocks, wall clock per call": _wall_us(call, args.repeat),
         "copy_blocks, CUDA events around it": _event_us(call, args.repeat),
         "the kernel alone on the device": _queued_us(plan.kernel),
+        "the call's graph alone on the device": _queued_us(plan.start),
         "one plain device copy": _event_us(lambda: dst.copy_(src), args.repeat),
     }
     how = "replays a CUDA graph" if plan.graph else "launches eagerly"
@@ -112,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
           f"(median of {args.repeat}; the call {how}):")
     for name, us in rows.items():
         print(f"  {name:<40} {us:9.1f} us {total / us / 1e3:9.1f} GB/s")
+    steps = _steps_us(plan, src, dst, offs, nbytes, args.repeat)
+    print("  the call's steps, median us: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
     if args.sweep:
         _sweep(plan, total)
 

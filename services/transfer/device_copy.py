@@ -3,21 +3,21 @@
 The cuda_ipc transport moves blocks between a worker's buffers and the store's gpu
 arena with these: one pass over the bytes both copies and checksums them, so a hand-off
 runs at the device's copy rate. The kernel takes each block's source and target as
-absolute device addresses from a small table, so one launch serves any buffers; the
+offsets from two base addresses in a small table, so one launch serves any buffers; the
 whole call (a one-program kernel that fetches the table from page-locked host memory,
-then the copy kernel, which writes each program's partial sum straight back into
-page-locked host memory) is a CUDA graph captured once per (device, block size, table
-size). A call writes
-the table into page-locked memory, replays the graph and waits: host work of a few
-tens of microseconds, where building tensors and launching through Triton took ~100-150
-(at 64 MiB as long as the copy itself). Without Triton (or on the CPU) the same results
+the copy kernel, which sums each chunk of a block, and a small kernel that adds the
+chunks' sums up and writes each block's sum straight into page-locked host memory) is
+a CUDA graph captured once per (device, block size, table size). A call packs the
+offsets into the table, replays the graph, waits and reads the sums: ~10 us of host
+work, where building tensors and launching through Triton took ~100-150 (at 64 MiB as
+long as the copy itself). Without Triton (or on the CPU) the same results
 come from torch ops (:func:`dsum32`).
 """
 
 from __future__ import annotations
 
-import functools
-import operator
+import math
+import struct
 import threading
 from collections.abc import Sequence
 
@@ -29,6 +29,7 @@ from services.transfer.contract.device_checksum import WEIGHT_MASK, dsum32
 CHUNK = 8192  # int32 words per program (32 KiB): among the fastest of a sweep on the H200
 WARPS = 8
 MIN_TABLE = 8  # blocks a table holds at least; tables grow by powers of two
+SUM_TILE = 8192  # partial sums one program of the last kernel adds up
 
 try:  # pragma: no cover - a GPU machine
     import triton
@@ -37,8 +38,9 @@ try:  # pragma: no cover - a GPU machine
     @triton.jit(do_not_specialize=["cap", "words"])
     def _copy_sum_kernel(table, partials, cap, words, CHUNK: tl.constexpr,
                          WRITE: tl.constexpr, MASK: tl.constexpr, ALIGN: tl.constexpr):
-        # table: [n, source address x cap, target address x cap] (int64); programs past
-        # the call's n blocks (the graph's grid is sized for the table) do nothing
+        # table: [n, source base, target base, source offset x cap, target offset x cap]
+        # (int64); programs past the call's n blocks (the graph's grid is sized for the
+        # table) do nothing
         b = tl.program_id(0)
         if b < tl.load(table):
             c = tl.program_id(1)
@@ -46,15 +48,29 @@ try:  # pragma: no cover - a GPU machine
             mask = idx < words
             # addresses are data: say they are ALIGN-byte multiples, or every access
             # would be a 4-byte one
-            src = tl.multiple_of(tl.load(table + 1 + b).to(tl.pointer_type(tl.int32)), ALIGN)
+            src = tl.multiple_of((tl.load(table + 1) + tl.load(table + 3 + b))
+                                 .to(tl.pointer_type(tl.int32)), ALIGN)
             x = tl.load(src + idx, mask=mask, other=0)
             if WRITE:
-                dst = tl.multiple_of(
-                    tl.load(table + 1 + cap + b).to(tl.pointer_type(tl.int32)), ALIGN)
+                dst = tl.multiple_of((tl.load(table + 2) + tl.load(table + 3 + cap + b))
+                                     .to(tl.pointer_type(tl.int32)), ALIGN)
                 tl.store(dst + idx, x, mask=mask)
             weight = ((idx & MASK) << 1) | 1
             # int32 products and sums wrap modulo 2**32, the checksum's own arithmetic
             tl.store(partials + b * tl.num_programs(1) + c, tl.sum(x * weight, axis=0))
+
+    @triton.jit
+    def _sum_kernel(table, partials, sums, chunks, ROWS: tl.constexpr,
+                    COLS: tl.constexpr):
+        # each program adds up the partial sums of ROWS blocks and writes each block's
+        # dsum32 into page-locked host memory (a posted write over the link); a kernel
+        # with atomics in the copy's programs instead slowed the copy by a quarter
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, COLS)
+        live = rows < tl.load(table)
+        parts = tl.load(partials + rows[:, None] * chunks + cols[None, :],
+                        mask=live[:, None] & (cols[None, :] < chunks), other=0)
+        tl.store(sums + rows, tl.sum(parts, axis=1), mask=live)
 
     @triton.jit
     def _stage_kernel(src, dst, size, BLOCK: tl.constexpr):
@@ -65,6 +81,8 @@ try:  # pragma: no cover - a GPU machine
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover
     HAVE_TRITON = False
+
+HEAD = 3  # the table's first words: n, the source base address, the target base address
 
 
 class _Plan:
@@ -77,49 +95,59 @@ class _Plan:
                                                                       write, align)
         self.chunks = -(-words // CHUNK)
         self.lock = threading.Lock()
-        self._table = torch.zeros(1 + 2 * cap, dtype=torch.int64, pin_memory=True)
+        self._table = torch.zeros(HEAD + 2 * cap, dtype=torch.int64, pin_memory=True)
         self._table_dev = torch.zeros_like(self._table, device=device)
-        # the kernel writes each program's partial sum into page-locked host memory
-        # itself (posted writes over the link): nothing to copy back after it
-        self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32, pin_memory=True)
-        self.table, self.partials = self._table.numpy(), self._partials.numpy()
+        self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32, device=device)
+        # the last kernel writes each block's sum into page-locked host memory itself:
+        # nothing to copy back or add up after it
+        self._sums = torch.zeros(cap, dtype=torch.int32, pin_memory=True)
         self.views()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False  # capture failed: launch directly
 
     def views(self) -> None:
-        """The table's source and target columns and the partial sums per block, as
-        numpy views made once (a call's host work is a few microseconds)."""
-        self.sources, self.targets = self.table[1 : 1 + self.cap], self.table[1 + self.cap :]
-        self.block_partials = self.partials.reshape(self.cap, self.chunks)
+        """The table and the sums as host views made once, and the table's packers per
+        call size: a call's host work is a few microseconds."""
+        self.table = self._table.numpy()
+        self.sums = self._sums.numpy().view(np.uint32)  # dsum32s are unsigned
+        self.targets_at = (HEAD + self.cap) * 8
+        self._packers: dict[int, tuple[struct.Struct, struct.Struct]] = {}
 
     def run(self, src: Sequence[int], src_base: int, dst: Sequence[int],
             dst_base: int) -> list[int]:
         """Copies (and sums) the blocks at byte offsets ``src`` from ``src_base`` to
         ``dst`` from ``dst_base`` (absolute addresses) -> their dsum32s."""
-        n = len(src)
         with self.lock:
-            self.table[0] = n
-            column = self.sources[:n]
-            column[:] = src
-            column += src_base
-            if self.write:
-                column = self.targets[:n]
-                column[:] = dst
-                column += dst_base
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.launch()
-                if not self.eager:
-                    self._capture()
+            self.write_table(src, src_base, dst, dst_base)
+            self.start()
             torch.cuda.current_stream(self.device).synchronize()
-            # uint32 sums wrap modulo 2**32: the checksum's own arithmetic
-            return self.block_partials[:n].sum(axis=1, dtype=np.uint32).tolist()
+            return self.sums[: len(src)].tolist()
+
+    def write_table(self, src: Sequence[int], src_base: int, dst: Sequence[int],
+                    dst_base: int) -> None:
+        n = len(src)
+        packers = self._packers.get(n)
+        if packers is None:
+            packers = self._packers[n] = (struct.Struct(f"<{HEAD + n}q"),
+                                          struct.Struct(f"<{n}q"))
+        packers[0].pack_into(self.table, 0, n, src_base, dst_base, *src)
+        if self.write:
+            packers[1].pack_into(self.table, self.targets_at, *dst)
+
+    def start(self) -> None:
+        """The call's work on the current stream: the graph, else launches (the first
+        call compiles the kernels, then captures them)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.launch()
+        if not self.eager:
+            self._capture()
 
     def launch(self) -> None:
         self.stage()
         self.kernel()
+        self.add_up()
 
     def stage(self) -> None:
         """The table to the device by a one-program kernel: a copy-engine transfer in
@@ -132,6 +160,12 @@ class _Plan:
         _copy_sum_kernel[(self.cap, self.chunks)](
             self._table_dev, self._partials, self.cap, self.words, CHUNK=CHUNK,
             WRITE=self.write, MASK=WEIGHT_MASK, ALIGN=self.align, num_warps=WARPS)
+
+    def add_up(self) -> None:
+        cols = triton.next_power_of_2(self.chunks)
+        rows = min(self.cap, max(1, SUM_TILE // cols))
+        _sum_kernel[(-(-self.cap // rows),)](self._table_dev, self._partials, self._sums,
+                                            self.chunks, ROWS=rows, COLS=cols)
 
     def _capture(self) -> None:
         """Captures the call on a side stream (after the eager call compiled the
@@ -197,12 +231,12 @@ def _check(t: torch.Tensor, offsets: Sequence[int], nbytes: int) -> bool:
     """Refuses a block that would run outside its buffer (the kernel gets addresses,
     unchecked: that would be another allocation's memory) -> whether every address is
     a 16-byte multiple. Builtins on the offsets: a hand-off's few dozen are checked in
-    microseconds, where numpy's calls cost more than the copy's own host work."""
+    a microsecond or two, where numpy's calls cost more than the copy's own host work."""
     _check_bounds(t, offsets, nbytes)
-    low_bits = functools.reduce(operator.or_, offsets, t.data_ptr())
-    if low_bits % 4:
+    grain = math.gcd(t.data_ptr(), *offsets)  # every address is a multiple of it
+    if grain % 4:
         raise ValueError("block offsets must be whole 4-byte words")
-    return low_bits % 16 == 0
+    return grain % 16 == 0
 
 
 def _check_bounds(t: torch.Tensor, offsets: Sequence[int], nbytes: int) -> None:

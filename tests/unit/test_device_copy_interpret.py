@@ -29,10 +29,10 @@ class _CpuPlan(dc._Plan):
             torch.device("cpu"), cap, words, write, 16)
         self.chunks = -(-words // CHUNK)
         self.lock = threading.Lock()
-        self._table = torch.zeros(1 + 2 * cap, dtype=torch.int64)
+        self._table = torch.zeros(dc.HEAD + 2 * cap, dtype=torch.int64)
         self._table_dev = torch.zeros_like(self._table)
         self._partials = torch.zeros(cap * self.chunks, dtype=torch.int32)
-        self.table, self.partials = self._table.numpy(), self._partials.numpy()
+        self._sums = torch.zeros(cap, dtype=torch.int32)
         self.views()
         self.graph, self.eager = None, True
 
@@ -71,4 +71,14 @@ def test_blocks_are_copied_in_any_order_and_summed_per_block(write):
         assert all(torch.equal(dst[d : d + nbytes], src[s : s + nbytes])
                    for s, d in zip(src_at, dst_at, strict=True))
         assert not dst[:64].any()  # nothing outside the blocks
-    assert plan.table[0] == n  # programs past n blocks did nothing: the sums say so
+    assert plan.table[0] == n
+    assert not plan.sums[n:].any()  # programs past n blocks did nothing
+
+
+def test_a_second_smaller_call_gets_only_its_own_sums():
+    nbytes = 2 * CHUNK * 4
+    src = _small_words(4 * nbytes)
+    plan = _CpuPlan(8, nbytes // 4, False)
+    first = plan.run([0, nbytes, 2 * nbytes], src.data_ptr(), (), 0)
+    again = plan.run([nbytes, 0], src.data_ptr(), (), 0)
+    assert again == first[1::-1]  # no sum of the first call leaks into the second
