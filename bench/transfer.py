@@ -156,6 +156,11 @@ def _print(result: dict[str, Any]) -> None:
             print(f"{'':<10} this GPU -> the store's cpu tier: {c['best']:.2f} "
                   f"({c['median']:.2f}) GB/s (puts the full gpu tier spills: dsum32 on "
                   "the device)")
+        if r.get("spill_steps_ms"):
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in r["spill_steps_ms"].items())
+            print(f"{'':<10} its steps, median ms a put: {steps}")
+        for note in r.get("spill_notes", []):
+            print(f"{'':<10} note: {note}")
         if "cpu_tier_parts" in r:
             p = r["cpu_tier_parts"]
             print(f"{'':<10} its parts alone: DMA {p['dma']['best']:.2f} GB/s, crc32 on "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,8 +62,11 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t5 - t4), strict=True):
                 times[k].append(dt)
             del got, from_host
-    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows))
-    result = {k: _gbps(block * count, v) for k, v in times.items()}
+    steps: dict[str, Any] = {}
+    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows, steps))
+    result: dict[str, Any] = {k: _gbps(block * count, v) for k, v in times.items()}
+    result["spill_notes"] = steps.pop("notes", [])
+    result["spill_steps_ms"] = steps
     result["kernel"] = kernel_rate(rows, repeat)
     result["plain_copy"] = plain_copy_rate(rows, repeat)
     result["cpu_tier_parts"] = host_parts(data, block, count, repeat)
@@ -77,18 +82,26 @@ def settle(client: KVStoreClient, timeout_s: float = 10.0) -> None:
         time.sleep(0.002)
 
 
+MAX_FILLS = 64  # puts of one round each that fill the gpu tier, at most
+MAX_ROOMY = 3  # puts meant to spill that found room in the gpu tier (noted), at most
+
+
 def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
-                  block: int, rows: torch.Tensor) -> dict[str, list[float]]:
-    """Pinned puts of new blocks fill the gpu tier (its capacity is what the rounds put,
-    plus one round and some), pushing the rounds' (released) blocks down to the cpu
-    tier; the last fill spills, so the gpu tier has no room to promote the read blocks
-    into while they are read (that would share the link with the read). -> seconds of a
+                  block: int, rows: torch.Tensor, steps: dict[str, Any]
+                  ) -> dict[str, list[float]]:
+    """Pinned puts of new blocks fill the gpu tier, pushing the rounds' (released)
+    blocks down to the cpu tier, until a fill spills: the gpu tier has no room to
+    promote the read blocks into while they are read (that would share the link with
+    the read). The store's background moves (promotions queued when the rounds'
+    owners released their blocks) are waited for first, or one could land in the
+    room a later put expects to be full. -> seconds of a
     get of each round's demoted blocks ("demoted_to_gpu"), and of as many puts of new
     blocks that the full gpu tier spills into the cpu tier ("gpu_to_cpu_tier": this
-    GPU -> the page-locked arena, dsum32 summed on the device)."""
+    GPU -> the page-locked arena, dsum32 summed on the device); ``steps``: the median
+    milliseconds of each step of those puts (:func:`timed_steps`)."""
     owner = f"bench-fill-{os.getpid()}"
-    for _ in range(len(rounds) + 4):
-        client.put(owner, [os.urandom(16) for _ in payloads], payloads, block)
+    settle(client)
+    fill_gpu_tier(client, owner, payloads, block)
     times: dict[str, list[float]] = {"demoted_to_gpu": [], "gpu_to_cpu_tier": []}
     for keys in rounds:
         settle(client)
@@ -97,18 +110,97 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
         times["demoted_to_gpu"].append(time.perf_counter() - t0)
         if not torch.equal(torch.stack(got), rows):
             raise RuntimeError("demoted blocks came back different")
-    for _ in rounds:
+    parts: dict[str, list[float]] = {}
+    while len(times["gpu_to_cpu_tier"]) < len(rounds):
         keys = [os.urandom(16) for _ in payloads]
         settle(client)
-        t0 = time.perf_counter()
-        client.put(owner, keys, payloads, block)
-        times["gpu_to_cpu_tier"].append(time.perf_counter() - t0)
+        with timed_steps(client.transport, parts):
+            t0 = time.perf_counter()
+            client.put(owner, keys, payloads, block)
+            seconds = time.perf_counter() - t0
         if client.lookup_per_tier(keys).get("cpu") != len(keys):
-            raise RuntimeError("a put into the full gpu tier did not spill to the cpu tier")
+            _found_room(client, len(keys), steps)  # not a spill: not timed
+            fill_gpu_tier(client, owner, payloads, block)
+            continue
+        times["gpu_to_cpu_tier"].append(seconds)
         if not torch.equal(torch.stack(client.get(owner, keys)), rows):
             raise RuntimeError("spilled blocks came back different")
     client.release(owner)
+    steps.update({k: round(statistics.median(v) * 1e3, 3) for k, v in parts.items()
+                  if k != "notes"})
     return times
+
+
+def fill_gpu_tier(client: KVStoreClient, owner: str, payloads: list, block: int) -> None:
+    """Pinned puts of new blocks until one spills to the cpu tier."""
+    for _ in range(MAX_FILLS):
+        keys = [os.urandom(16) for _ in payloads]
+        client.put(owner, keys, payloads, block)
+        if client.lookup_per_tier(keys).get("cpu") == len(keys):
+            return
+    raise RuntimeError(f"{MAX_FILLS} pinned puts did not fill the gpu tier")
+
+
+def _found_room(client: KVStoreClient, blocks: int, steps: dict[str, Any]) -> None:
+    """A put meant to spill found room in the gpu tier: noted with the store's state
+    (at most MAX_ROOMY times, then an error)."""
+    s = client.stats()
+    note = (f"a put of {blocks} blocks found room in the full gpu tier (pinned blocks "
+            f"{s.pinned_blocks}, checksum failures {s.checksum_failures}, evictions "
+            f"{s.evictions}, demotions {s.demotions}; " + ", ".join(f"{t.tier} {t.blocks} blocks "
+                                              f"{t.used_bytes}/{t.capacity_bytes} B"
+                                              for t in s.tiers) + ")")
+    notes = steps.setdefault("notes", [])
+    notes.append(note)
+    if len(notes) > MAX_ROOMY:
+        raise RuntimeError("; ".join(notes))
+
+
+# a spilled put's steps, as the probe names them: the transport module's functions
+# and the stub's RPCs it wraps, and the waits on the copies
+_STEPS = ("checksum_blocks", "copy_runs", "crcs")
+
+
+@contextlib.contextmanager
+def timed_steps(transport: Any, seconds: dict[str, list[float]]) -> Iterator[None]:
+    """Times the steps of the cuda_ipc transport's calls inside the block (the bench's
+    probe: its module functions, the BeginPut and CommitPut RPCs, the waits on CUDA
+    streams and events)
+    -> ``seconds[step]`` gains each call's total per step."""
+    from services.transfer import cuda_ipc_transport as mod
+
+    spent: dict[str, float] = dict.fromkeys((*_STEPS, "BeginPut", "CommitPut", "wait"), 0.0)
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def call(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return call
+
+    stub, waits = transport._stub, (torch.cuda.Event, torch.cuda.Stream)
+    syncs = [kind.synchronize for kind in waits]
+    saved = {n: getattr(mod, n) for n in _STEPS}
+    rpcs = {n: getattr(stub, n) for n in ("BeginPut", "CommitPut")}
+    try:
+        for n, fn in saved.items():
+            setattr(mod, n, timed(n, fn))
+        for n, fn in rpcs.items():
+            setattr(stub, n, timed(n, fn))
+        for kind, sync in zip(waits, syncs, strict=True):
+            kind.synchronize = timed("wait", sync)
+        yield
+    finally:
+        for kind, sync in zip(waits, syncs, strict=True):
+            kind.synchronize = sync
+        for n, fn in saved.items():
+            setattr(mod, n, fn)
+        for n, fn in rpcs.items():
+            setattr(stub, n, fn)
+    for n, s in spent.items():
+        seconds.setdefault(n, []).append(s)
 
 
 def kernel_rate(rows: torch.Tensor, repeat: int) -> dict[str, float]:

@@ -97,20 +97,20 @@ class Moves:
             return [(True, stamps[id(m)], m.block.checksum) if id(m) in stamps
                     else (False, 0, None) for m in batch]
         datas = [src.view(m.src_slot) for m in batch]
-        known = all(m.block.device_checksum is not None for m in batch)
-        if known:
-            sound = list(zip(batch, datas, strict=True))
-        else:
-            sound = [(m, d) for m, d, c in zip(batch, datas, crcs(datas), strict=True)
-                     if c == m.block.checksum]
+        on_host = [(m, d) for m, d in zip(batch, datas, strict=True)
+                   if m.block.device_checksum is None]
+        bad = {id(m) for (m, _), c in zip(on_host, crcs([d for _, d in on_host]),
+                                          strict=True) if c != m.block.checksum}
+        sound = [(m, d) for m, d in zip(batch, datas, strict=True) if id(m) not in bad]
         good = [m for m, _ in sound]
         dst.write_many([m.dst_slot for m in good], [d for _, d in sound],
                        [BlockMeta(m.block.key, m.block.checksum, m.block.num_tokens,
                                   m.block.partial) for m in good])
         sums = dst.checksums([m.dst_slot for m in good])
-        # with ``known`` the host bytes were not read: a copy that differs was corrupt there
+        # blocks with a known dsum32 were not read on the host: a copy that differs from
+        # it was corrupt there
         stamps = {id(m): c for m, c in zip(good, sums, strict=True)
-                  if not known or c == m.block.device_checksum}
+                  if m.block.device_checksum in (None, c)}
         return [(True, stamps[id(m)], None) if id(m) in stamps else (False, 0, None)
                 for m in batch]
 
@@ -123,6 +123,9 @@ class Moves:
         b = m.block
         on_host = m.src.checksum_kind == KIND_CRC32
         dsum = b.device_checksum if on_host else b.checksum
+        # a spilled block not stamped yet: its crc32 is of the bytes as they lie, as a
+        # stamp's would be
+        trusted = on_host and b.crc_pending
         try:
             if not on_host and m.src.checksum(m.src_slot) != b.checksum:
                 return False, 0, None
@@ -130,10 +133,10 @@ class Moves:
                 out = m.dst.view(m.dst_slot)
                 m.src.read_into(m.src_slot, out)
                 crc = crc32(out)
-                return (not on_host or crc == b.checksum), crc, dsum
+                return (not on_host or trusted or crc == b.checksum), crc, dsum
             data = m.src.view(m.src_slot) if m.src.has_view else self._read_copy(m)
             crc = crc32(data)
-            if on_host and crc != b.checksum:
+            if on_host and not trusted and crc != b.checksum:
                 return False, 0, None
             m.dst.write(m.dst_slot, data, BlockMeta(b.key, crc, b.num_tokens, b.partial))
             if m.dst.checksum_kind == KIND_CRC32:
@@ -169,7 +172,7 @@ class Moves:
             return
         self._lru_del(b)
         m.src.free(m.src_slot)
-        b.tier, b.slot, b.checksum = m.dst, m.dst_slot, checksum
+        b.tier, b.slot, b.checksum, b.crc_pending = m.dst, m.dst_slot, checksum, False
         b.device_checksum = None if m.dst.on_device else dsum
         if up:
             self._s.promotions += 1

@@ -28,7 +28,6 @@ from kvstore.types import (
     check_key,
 )
 from services.common.logging import get_logger
-from services.transfer.bulk import crcs
 from services.transfer.contract.checksum import crc32
 
 log = get_logger("kvstore")
@@ -43,6 +42,7 @@ class Puts:
     _s: StoreStats
     demote_soon: Callable[[], None]
     home: Callable[[bool], int]
+    _stamp_later: Callable[[list[Block]], None]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
                   device: bool = False) -> BegunPut:
@@ -127,8 +127,9 @@ class Puts:
         ``checksums``: one per slot (values of present slots ignored) or one per
         written slot, in slot order: crc32s, or a device writer's dsum32s (a spilled
         put's blocks keep theirs beside a crc32: ``host_checksums``, the writer's, one
-        per written slot, else the store computes them)."""
+        per written slot, else the store stamps them soon after: kvstore.stamps)."""
         stamps = self._host_stamps(put_id, host_checksums)
+        spilled: list[Block] = []
         with self._lock:
             p = self._pending.get(put_id)
             if p is None:
@@ -168,6 +169,9 @@ class Puts:
                           e.partial, owner if e.partial else "")
                 if id(e) in stamps:
                     b.device_checksum = c
+                elif p.device and not e.tier.on_device:
+                    b.device_checksum, b.crc_pending = c, True
+                    spilled.append(b)
                 blocks[e.key] = b
                 stored += 1
                 nbytes += e.slot.length
@@ -180,14 +184,16 @@ class Puts:
                     self._lru_add(b)
             self._s.blocks_stored += stored
             self._s.bytes_stored += nbytes
+            self._stamp_later(spilled)
         self.demote_soon()
         return stored, len(p.entries) - stored
 
     def _host_stamps(self, put_id: str, given: Sequence[int]) -> dict[int, int]:
-        """crc32 of a device put's blocks written into a host tier (a spilled put) ->
-        id(entry) -> crc32: the writer's (``given``, one per written slot), else
-        computed here before the commit takes the lock. The slots stay the put's until
-        it commits or ends (then the commit finds no put)."""
+        """The writer's crc32s of a device put's blocks written into a host tier (a
+        spilled put), one per written slot -> id(entry) -> crc32; none given: {} (the
+        store stamps them after the commit)."""
+        if not given:
+            return {}
         with self._lock:
             p = self._pending.get(put_id)
             host = [e for e in p.entries if e.slot is not None and e.tier is not None
@@ -195,13 +201,11 @@ class Puts:
             written = sum(1 for e in p.entries if e.slot is not None) if p else 0
         if not host:
             return {}
-        if given:
-            if len(given) != written or len(host) != written:
-                raise InvalidArgument(
-                    f"put {put_id} spilled {len(host)} of {written} written blocks: send "
-                    f"one host checksum per written block, got {len(given)}")
-            return {id(e): int(c) & 0xFFFFFFFF for e, c in zip(host, given, strict=True)}
-        return dict(zip(map(id, host), crcs([e.tier.view(e.slot) for e in host]), strict=True))
+        if len(given) != written or len(host) != written:
+            raise InvalidArgument(
+                f"put {put_id} spilled {len(host)} of {written} written blocks: send "
+                f"one host checksum per written block, got {len(given)}")
+        return {id(e): int(c) & 0xFFFFFFFF for e, c in zip(host, given, strict=True)}
 
     def abort_put(self, put_id: str) -> bool:
         with self._lock:

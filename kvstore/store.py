@@ -22,6 +22,7 @@ from kvstore.moves import Moves
 from kvstore.owners import Owners
 from kvstore.puts import Puts
 from kvstore.space import Space
+from kvstore.stamps import Stamps
 from kvstore.tiers.base import Slot, Tier
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -51,7 +52,7 @@ __all__ = [
 SEEN_KEYS = 1 << 16  # keys remembered for the ``admit: seen`` rule
 
 
-class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
+class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
     """Index, pins, two-phase puts, demotion (on demand and by watermarks), promotion
     and LRU eviction over a list of tiers (fastest first)."""
 
@@ -149,21 +150,23 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             found, newly = self._find(pin_owner, keys, prefix)
             unmapped = [b for b in found if b.tier not in mapped]
             if not unmapped:
-                locs = [self._location(b) for b in found]
                 slower = [b.key for b in found if self._rank[b.tier] > home] \
                     if self.promote_on_get else []
                 if slower and device and memory and owner:  # read in place over the link
                     self._owners[owner].promote_on_release.update(dict.fromkeys(slower))
                 elif slower:
                     self._queue_promotion(slower, home)
-        if not unmapped:
-            if pin_owner != owner:
-                self.release(pin_owner)
-            return locs
-        failed = self._raise(unmapped, home, fetch=True)
-        with self._lock:
-            if failed:
+                if device or not any(b.crc_pending for b in found):
+                    locs = [self._location(b) for b in found]
+                    if pin_owner != owner:
+                        self._release(pin_owner)
+                    return locs
+        if unmapped and (failed := self._raise(unmapped, home, fetch=True)):
+            with self._lock:
                 found = self._cut(pin_owner, found, newly, failed, prefix, self.tiers[home])
+        if not device:  # a host reader verifies crc32s: spilled blocks get theirs now
+            self.stamp(found)
+        with self._lock:
             locs = [self._location(b) for b in found]
             if pin_owner != owner:
                 self._release(pin_owner)
@@ -316,7 +319,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             s.pins = sum(len(o.pins) for o in self._owners.values())
             s.owners = len(self._owners)
             s.pending_puts = len(self._pending)
-            s.moves_pending = self._promotions_queued + sum(
+            s.moves_pending = self._promotions_queued + self._stamps_queued + sum(
                 1 for b in self._blocks.values() if b.moving)
             counts = dict.fromkeys(self.tiers, 0)
             for b in self._blocks.values():
@@ -327,8 +330,9 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners):
             return s
 
     def close(self) -> None:
-        if self._promoter is not None:
-            self._promoter.put(None)
+        for q in (self._promoter, self._stamper):
+            if q is not None:
+                q.put(None)
         for t in self.tiers:
             t.close()
 

@@ -54,6 +54,9 @@ class Block:
     # a host tier's block: its dsum32 when known (it came from the gpu tier or a device
     # writer), so that a device reader verifies it on the device, not on host threads
     device_checksum: int | None = None
+    # a device writer's block spilled into a host tier: ``checksum`` is its dsum32 until
+    # its crc32 is stamped (kvstore.stamps)
+    crc_pending: bool = False
 
 
 class Location(NamedTuple):
@@ -153,7 +156,8 @@ class StoreStats:
     pins: int = 0
     owners: int = 0
     pending_puts: int = 0
-    moves_pending: int = 0  # blocks queued for, or being copied in, a move between tiers
+    # blocks queued for, or being copied in, a move between tiers, or waiting for a crc32
+    moves_pending: int = 0
     hits: int = 0
     misses: int = 0
     evictions: int = 0

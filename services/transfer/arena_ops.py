@@ -15,10 +15,6 @@ from services.transfer.contract.errors import InvalidRequestError, wrap_rpc_erro
 from services.transfer.grpc_transport import GrpcTransport
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
-# what a put's writer hands CommitPut: its checksums, or (dsum32s, crc32s) for a
-# device put spilled into the host arena
-Checksums = list[int] | tuple[list[int], list[int]]
-
 
 def put_offsets(begun: kvstore_pb2.BeginPutResponse, block_nbytes: int) -> list[int]:
     """Where to write each block (-1: already held), from a packed answer or slots."""
@@ -35,15 +31,30 @@ def two_phase_put(
     stub: kvstore_pb2_grpc.KVStoreStub, owner: str, refs: Sequence[common_pb2.BlockRef],
     block_nbytes: int, timeout_s: float | None, store_id: str,
     stale: Callable[[str], Exception],
-    write: Callable[[kvstore_pb2.BeginPutResponse, list[int]], Checksums], *,
+    write: Callable[[kvstore_pb2.BeginPutResponse, list[int]], list[int]], *,
     device: bool = False,
 ) -> tuple[kvstore_pb2.CommitPutResponse, list[int]]:
     """BeginPut -> ``write(its answer, offsets)`` (where each block goes, -1 for one
-    already held; it returns the checksums CommitPut takes, or for a spilled device put
-    those and the crc32s of the blocks as they lie in the host arena) -> CommitPut ->
+    already held; it returns the checksums CommitPut takes) -> CommitPut ->
     (its answer, the offsets). Any failure after BeginPut aborts the put; ``stale(id)``
     is raised when another store instance answers. ``device``: the slots are in the gpu
     tier (unless the answer says ``spilled``: then in the host arena)."""
+    begun, offsets = begin_put(stub, owner, refs, block_nbytes, timeout_s, store_id, stale,
+                               device=device)
+    try:
+        sums = write(begun, offsets)
+    except BaseException:
+        abort_put(stub, begun.put_id)
+        raise
+    return commit_put(stub, begun, sums, timeout_s), offsets
+
+
+def begin_put(
+    stub: kvstore_pb2_grpc.KVStoreStub, owner: str, refs: Sequence[common_pb2.BlockRef],
+    block_nbytes: int, timeout_s: float | None, store_id: str,
+    stale: Callable[[str], Exception], *, device: bool = False,
+) -> tuple[kvstore_pb2.BeginPutResponse, list[int]]:
+    """The first half of :func:`two_phase_put` -> (BeginPut's answer, the offsets)."""
     try:
         begun = stub.BeginPut(kvstore_pb2.BeginPutRequest(
             owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
@@ -57,17 +68,24 @@ def two_phase_put(
         if len(offsets) != len(refs):
             raise InvalidRequestError(f"store answered {len(offsets)} slots for "
                                       f"{len(refs)} blocks")
-        sums = write(begun, offsets)
-        sums, host_sums = sums if isinstance(sums, tuple) else (sums, [])
-        resp = stub.CommitPut(kvstore_pb2.CommitPutRequest(
-            put_id=begun.put_id, checksums=sums, host_checksums=host_sums),
-            timeout=bounded(timeout_s))
+    except BaseException:
+        abort_put(stub, begun.put_id)
+        raise
+    return begun, offsets
+
+
+def commit_put(stub: kvstore_pb2_grpc.KVStoreStub, begun: kvstore_pb2.BeginPutResponse,
+               sums: list[int], timeout_s: float | None) -> kvstore_pb2.CommitPutResponse:
+    """The second half of :func:`two_phase_put`: a put whose commit fails is aborted."""
+    try:
+        return stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=begun.put_id,
+                                                           checksums=sums),
+                              timeout=bounded(timeout_s))
     except BaseException as e:
         abort_put(stub, begun.put_id)
         if isinstance(e, grpc.RpcError):
             raise wrap_rpc_error(e) from None
         raise
-    return resp, offsets
 
 
 def locations(resp: kvstore_pb2.GetResponse) -> tuple[list[int], list[int], list[int]]:

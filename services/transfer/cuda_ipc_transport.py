@@ -1,13 +1,15 @@
 """The ``cuda_ipc`` transport: same host, the store's gpu arena mapped into this process.
 
 Put: BeginPut(device) reserves slots in the gpu tier -> one kernel copies every payload
-into the arena and checksums it on the way (dsum32) -> CommitPut. Get: Get(device) pins
-and says where: blocks in the gpu arena are copied device to device (checksummed in the
-same pass); blocks the store keeps in its cpu arena come from its shared memory,
-crc32-verified on the host and copied to the device. A block whose checksum fails on
-arrival is read again through GetBlocks, where the store verifies it itself. Payloads
-are CUDA tensors (host payloads are copied to the device first); a get without ``out``
-answers CUDA tensors on the arena's GPU.
+into the arena and checksums it on the way (dsum32) -> CommitPut. A gpu tier full of
+pinned blocks *spills* the put into the store's host arena (DMA, summed on the device
+first); after that, large puts go in pipelined chunks (services.transfer.put_pipeline).
+Get: Get(device) pins and says where: blocks in the gpu arena are copied device to
+device (checksummed in the same pass); blocks the store keeps in its cpu arena come
+from its shared memory, crc32-verified on the host and copied to the device. A block
+whose checksum fails on arrival is read again through GetBlocks, where the store
+verifies it itself. Payloads are CUDA tensors (host payloads are copied to the device
+first); a get without ``out`` answers CUDA tensors on the arena's GPU.
 
 The arena is opened by its GPU's UUID, so a process that sees that GPU under another
 index (or another GPU of an NVLink domain, through peer access) maps the same memory.
@@ -19,13 +21,14 @@ import contextlib
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import torch
 
 from services.transfer.arena_ops import (
-    Checksums,
+    begin_put,
     pinned_device_locations,
     release_anonymous,
     reread_bad,
@@ -47,10 +50,9 @@ from services.transfer.device_copy import (
 )
 from services.transfer.host_id import host_id
 from services.transfer.metrics import TransferMeter
+from services.transfer.put_pipeline import chunks, pipelined_put
 from services.transfer.shm_transport import _open_arena
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-
-SPILL_GROUP_BYTES = 64 << 20  # a spilled put's copies: checksummed on the host per group
 
 
 class CudaIpcUnavailable(OSError):
@@ -107,6 +109,8 @@ class CudaIpcTransport(KVTransport):
         self._stub = kvstore_pb2_grpc.KVStoreStub(channel)
         self.timeout_s = timeout_s
         self._meter = TransferMeter(self.name)
+        self._spilling = False  # the store spilled our last put into its host arena
+        self._pool: ThreadPoolExecutor | None = None
         self._map_host_early()
 
     def _map_host_early(self) -> None:
@@ -126,48 +130,76 @@ class CudaIpcTransport(KVTransport):
         if not refs:
             return PutResult(0, 0)
         base, offsets = self._on_device(payloads, block_nbytes)
+        # after a put of ours spilled, a large one goes in chunks that overlap their RPCs
+        pieces = chunks(len(refs), block_nbytes) if self._spilling else [range(len(refs))]
+        t0 = time.perf_counter()
+        stored, present, written = self._put_pieces(owner, refs, base, offsets, block_nbytes,
+                                                    pieces)
+        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
+        return PutResult(stored, present)
 
-        def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> Checksums:
+    def _put_pieces(self, owner: str, refs: Sequence[common_pb2.BlockRef], base: torch.Tensor,
+                    offsets: list[int], nbytes: int, pieces: list[range]
+                    ) -> tuple[int, int, int]:
+        """The put of ``pieces`` of the blocks: one two-phase put, or several pipelined
+        (:mod:`services.transfer.put_pipeline`) -> (stored, present, written)."""
+        device_sums: list[int] = []
+        written = 0
+
+        def sum_all() -> None:
+            device_sums[:] = checksum_blocks(base, offsets, nbytes)
+
+        def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int],
+                  piece: range) -> list[int]:
+            """The piece's copies -> its checksums (0 for blocks held already). Where the
+            gpu tier was full of pinned blocks (``spilled``) they go to the host arena by
+            DMA, one per run of adjacent blocks, enqueued: their dsum32s are computed on
+            the device before they cross, and the store stamps their crc32s after the
+            commit (computed here as they landed, they held the put to the host threads'
+            crc32 rate)."""
+            nonlocal written
+            self._spilling = begun.spilled
             todo = [j for j, o in enumerate(slots) if o >= 0]
-            sums = [0] * len(refs)  # present blocks: 0 (ignored)
-            src = [offsets[j] for j in todo]
+            src = [offsets[piece.start + j] for j in todo]
             dst = [slots[j] for j in todo]
-            host_sums: list[int] = []
-            if begun.spilled:  # the gpu tier was full of pinned blocks: its host arena
-                got, host_sums = self._to_host(base, src, dst, block_nbytes)
+            if begun.spilled:
+                if not device_sums:
+                    sum_all()
+                got = [device_sums[piece.start + j] for j in todo]
+                copy_runs(base, src, self._host_arena(), dst, nbytes)
             else:
-                got = copy_blocks(base, src, self._arena, dst, block_nbytes)
+                got = copy_blocks(base, src, self._arena, dst, nbytes)
+            written += len(todo)
+            sums = [0] * len(slots)
             for j, c in zip(todo, got, strict=True):
                 sums[j] = c
-            return (sums, host_sums) if begun.spilled else sums
+            return sums
 
-        t0 = time.perf_counter()
-        resp, slots = two_phase_put(self._stub, owner, refs, block_nbytes, self.timeout_s,
-                                    self.store_id, self._stale, write, device=True)
-        written = sum(1 for o in slots if o >= 0)  # -1: a block the store held already
-        self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
-        return PutResult(resp.stored, resp.present)
+        stream = torch.cuda.current_stream(self.device)
+        if len(pieces) > 1:
+            answers = pipelined_put(
+                self._stub, self._helpers(), pieces,
+                lambda piece: begin_put(self._stub, owner, refs[piece.start : piece.stop],
+                                        nbytes, self.timeout_s, self.store_id, self._stale,
+                                        device=True),
+                write, stream, self.timeout_s, meanwhile=sum_all)
+            return (sum(a.stored for a in answers), sum(a.present for a in answers), written)
 
-    def _to_host(self, base: torch.Tensor, src: list[int], dst: list[int],
-                 nbytes: int) -> tuple[list[int], list[int]]:
-        """Copies device blocks into the store's host arena -> (their dsum32s, computed
-        on the device before the bytes cross the link; their crc32s as they landed,
-        which host readers verify). The copies (one DMA per run of adjacent blocks into
-        the page-locked arena; staged where it could not be locked) go in groups of
-        ~SPILL_GROUP_BYTES: host threads checksum a group while the next crosses, where
-        the store stamping them all after the copies added their time to the put."""
-        sums = checksum_blocks(base, src, nbytes)
-        arena, stream = self._host_arena(), torch.cuda.current_stream(self.device)
-        step = max(1, SPILL_GROUP_BYTES // nbytes)
-        landed = []
-        for i in range(0, len(src), step):
-            copy_runs(base, src[i : i + step], arena, dst[i : i + step], nbytes)
-            landed.append(stream.record_event())
-        host_sums: list[int] = []
-        for i, event in zip(range(0, len(dst), step), landed, strict=True):
-            event.synchronize()
-            host_sums += crcs([self._host_view[d : d + nbytes] for d in dst[i : i + step]])
-        return sums, host_sums
+        def write_landed(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
+            sums = write(begun, slots, pieces[0])
+            stream.synchronize()  # the copies landed before the commit
+            return sums
+
+        resp, _ = two_phase_put(self._stub, owner, refs, nbytes, self.timeout_s,
+                                self.store_id, self._stale, write_landed, device=True)
+        return resp.stored, resp.present, written
+
+    def _helpers(self) -> ThreadPoolExecutor:
+        """Two threads for a pipelined put's RPCs (the next chunk's BeginPut, the last
+        one's CommitPut)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="cuda-ipc-put")
+        return self._pool
 
     def _read_host(self, src: list[int], flat: torch.Tensor, dst: list[int],
                    nbytes: int) -> list[int]:
@@ -304,6 +336,8 @@ class CudaIpcTransport(KVTransport):
                                    f"transport mapped the gpu arena of {self.store_id}")
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         self._arena = torch.empty(0, dtype=torch.uint8)
         if self._host is not None:
             if self._pinned:
@@ -314,6 +348,8 @@ class CudaIpcTransport(KVTransport):
 def _as_bytes(payload: Buffer) -> torch.Tensor:
     """A flat uint8 tensor over a payload (a tensor of any device, or a host buffer)."""
     if isinstance(payload, torch.Tensor):
+        if payload.dtype is torch.uint8 and payload.dim() == 1:  # a row: as it is (~3 us
+            return payload                                       # a block otherwise)
         return payload.reshape(-1).view(torch.uint8)
     mv = memoryview(payload)
     return torch.frombuffer(mv.cast("B") if mv.format != "B" else mv, dtype=torch.uint8)

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from services.common.settings import TransferSettings
-from services.transfer import InvalidRequestError, MissingBlocksError
+from services.transfer import (
+    InvalidRequestError,
+    MissingBlocksError,
+    cuda_ipc_transport,
+    put_pipeline,
+)
 from services.transfer.store_client import KVStoreClient
 from tests.integration.test_transfer import start_store
 
@@ -126,9 +131,33 @@ def test_a_gpu_tier_full_of_pinned_blocks_spills_device_puts_to_the_cpu_tier(sma
         assert c.lookup_per_tier(keys)["cpu"] == 4
         assert _device_sums(c, keys) == ([False] * 4, [True] * 4)
         assert torch.equal(torch.stack(c.get("r", keys)), more)
-        with _client(small_store, "shm") as host:  # the writer's crc32s, verified there
+        with _client(small_store, "shm") as host:  # the store's crc32s, verified there
             assert [bytes(b) for b in host.get("h", keys)] == \
                 [bytes(r.cpu().numpy()) for r in more]
+        for owner in ("hold", "w", "r", "h"):
+            c.release(owner)
+        s = c.stats()
+        assert s.pins == 0 and s.checksum_failures == 0 and s.puts_refused == 0
+
+
+def test_after_a_spill_a_large_put_goes_in_pipelined_chunks(small_store, monkeypatch):
+    monkeypatch.setattr(put_pipeline, "CHUNK_BYTES", 2 * NBYTES)  # chunks of ~2 blocks
+    seen: list[list[range]] = []
+
+    def pipelined(stub, pool, pieces, *rest, **named):
+        seen.append(list(pieces))
+        return put_pipeline.pipelined_put(stub, pool, pieces, *rest, **named)
+
+    monkeypatch.setattr(cuda_ipc_transport, "pipelined_put", pipelined)
+    with _client(small_store, "cuda_ipc") as c, _client(small_store, "shm") as host:
+        c.put("hold", _keys(16), list(_rows(16).unbind(0)), NBYTES)
+        c.put("w", _keys(1), list(_rows(1).unbind(0)), NBYTES)  # spilled: chunks from now
+        keys, rows = _keys(6), _rows(6)
+        assert c.put("w", keys, list(rows.unbind(0)), NBYTES).stored == 6
+        assert seen == [[range(0, 2), range(2, 5), range(5, 6)]]
+        assert c.lookup_per_tier(keys)["cpu"] == 6
+        assert torch.equal(torch.stack(c.get("r", keys)), rows)
+        assert [bytes(b) for b in host.get("h", keys)] == [bytes(r.cpu().numpy()) for r in rows]
         for owner in ("hold", "w", "r", "h"):
             c.release(owner)
         s = c.stats()

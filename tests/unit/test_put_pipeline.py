@@ -1,0 +1,116 @@
+"""A put in pipelined chunks (services.transfer.put_pipeline) against a real store over
+gRPC: every chunk stored, nothing left pinned or pending; a chunk that fails aborts
+itself and the chunk begun ahead, after the copies in flight landed, and the chunks
+committed before it stay. The copies land in the store's host tier here, with a
+stand-in for the CUDA stream (the GPU path runs in tests/gpu)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from kvstore.server import KVStoreServicer, add_to_server
+from kvstore.store import KVStoreCore
+from kvstore.tiers.base import Slot
+from kvstore.tiers.cpu import CpuTier
+from services.common.server import start_server
+from services.common.settings import Endpoint
+from services.transfer.arena_ops import begin_put
+from services.transfer.contract.checksum import crc32
+from services.transfer.put_pipeline import chunks, pipelined_put
+from splitserve.v1 import common_pb2, kvstore_pb2_grpc
+
+NBYTES = 4096
+
+
+class _Stream:
+    """The stream the copies are enqueued on: here they are done when written."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def record_event(self) -> _Stream:
+        return self
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+@pytest.fixture
+def store() -> Iterator[tuple[KVStoreCore, kvstore_pb2_grpc.KVStoreStub, str]]:
+    core = KVStoreCore([CpuTier(64 * NBYTES, shm=False)])
+    store_id = f"unit-{uuid.uuid4().hex[:6]}"
+    handle = start_server("kvstore", Endpoint(port=0),
+                          lambda s: add_to_server(KVStoreServicer(core, core.tiers[0],
+                                                                  store_id), s),
+                          ["splitserve.v1.KVStore"])
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    yield core, kvstore_pb2_grpc.KVStoreStub(channel), store_id
+    channel.close()
+    handle.stop(0)
+    core.close()
+
+
+def _stale(store_id: str) -> Exception:
+    return RuntimeError(f"another store: {store_id}")
+
+
+def _put(core, stub, store_id, data: list[bytes], pieces: list[range], fail_at: int = -1):
+    refs = [common_pb2.BlockRef(key=os.urandom(16), num_tokens=16) for _ in data]
+
+    def begin(piece: range):
+        return begin_put(stub, "owner", refs[piece.start : piece.stop], NBYTES, 10.0,
+                         store_id, _stale)
+
+    def write(begun, offsets: list[int], piece: range) -> list[int]:
+        if piece.start == fail_at:
+            raise OSError("the copy failed")
+        for off, d in zip(offsets, data[piece.start : piece.stop], strict=True):
+            core.tiers[0].view(Slot(off, NBYTES))[:] = d
+        return [crc32(d) for d in data[piece.start : piece.stop]]
+
+    stream = _Stream()
+    with ThreadPoolExecutor(2) as pool:
+        answers = pipelined_put(stub, pool, pieces, begin, write, stream, 10.0)
+    return refs, answers, stream
+
+
+def test_chunks_cover_every_block_and_the_last_is_half_as_long():
+    assert chunks(292, 1792 << 10) == [range(0, 83), range(83, 167), range(167, 250),
+                                       range(250, 292)]
+    assert chunks(10, 128 << 20) == [range(i, i + 1) for i in range(10)]
+    assert chunks(145, 1792 << 10) == [range(0, 145)]  # under two chunks: one
+    assert chunks(3, 4096) == [range(0, 3)]
+
+
+def test_a_pipelined_put_stores_every_chunk(store):
+    core, stub, store_id = store
+    data = [os.urandom(NBYTES) for _ in range(10)]
+    pieces = [range(0, 4), range(4, 8), range(8, 10)]
+    refs, answers, stream = _put(core, stub, store_id, data, pieces)
+    assert [a.stored for a in answers] == [4, 4, 2] and stream.waits == 3
+    locs = core.get("reader", [r.key for r in refs])
+    assert [bytes(core.view(loc)) for loc in locs] == data
+    assert all(core.check(loc) for loc in locs)
+    core.release("reader")
+    core.release("owner")
+    s = core.stats()
+    assert s.pins == 0 and s.pending_puts == 0 and s.blocks == 10
+
+
+def test_a_failed_chunk_aborts_itself_and_the_one_begun_ahead(store):
+    core, stub, store_id = store
+    data = [os.urandom(NBYTES) for _ in range(9)]
+    pieces = [range(0, 3), range(3, 6), range(6, 9)]
+    with pytest.raises(OSError, match="the copy failed"):
+        _put(core, stub, store_id, data, pieces, fail_at=3)
+    s = core.stats()
+    assert s.pending_puts == 0  # chunk 2 (failed) and chunk 3 (begun ahead) aborted
+    assert s.blocks == 3  # chunk 1 was committed and stays
+    core.release("owner")
+    assert core.stats().pins == 0 and core.tiers[0].used_bytes == 3 * NBYTES
