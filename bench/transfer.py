@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = Path(tmp) / "cluster.yaml"
             settings.dump_yaml(config)
             log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+            log_dir.mkdir(parents=True, exist_ok=True)
             with LocalCluster(settings, config, log_dir=log_dir, roles=("kvstore",)):
                 result = _run_against(settings.kvstore.address, args, chunk)
     _print(result)
@@ -224,6 +225,7 @@ def _run_in_netns(settings: ClusterSettings, args: argparse.Namespace,
     settings.kvstore.cpu_bytes = max(settings.kvstore.cpu_bytes, args.mib * MiB * 2 + 64 * MiB)
     with tempfile.TemporaryDirectory(prefix="splitserve-bench-") as tmp, netns_pair() as pair:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         with StoreInNetns(pair, settings, log_dir) as store:
             result = _run_against(store.address, args, chunk)
     result["netns"], result["ucx_tls"] = pair.ns, args.ucx_tls or ""

@@ -118,8 +118,9 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
             t0 = time.perf_counter()
             client.put(owner, keys, payloads, block)
             seconds = time.perf_counter() - t0
-        if client.lookup_per_tier(keys).get("cpu") != len(keys):
-            _found_room(client, len(keys), steps)  # not a spill: not timed
+        where = client.lookup_per_tier(keys)
+        if where.get("cpu") != len(keys):
+            _found_room(client, len(keys), where, steps)  # not a spill: not timed
             fill_gpu_tier(client, owner, payloads, block)
             continue
         times["gpu_to_cpu_tier"].append(seconds)
@@ -141,11 +142,12 @@ def fill_gpu_tier(client: KVStoreClient, owner: str, payloads: list, block: int)
     raise RuntimeError(f"{MAX_FILLS} pinned puts did not fill the gpu tier")
 
 
-def _found_room(client: KVStoreClient, blocks: int, steps: dict[str, Any]) -> None:
-    """A put meant to spill found room in the gpu tier: noted with the store's state
-    (at most MAX_ROOMY times, then an error)."""
+def _found_room(client: KVStoreClient, blocks: int, where: dict[str, int],
+                steps: dict[str, Any]) -> None:
+    """A put meant to spill did not land in the cpu tier: noted with where its blocks
+    are and the store's state (at most MAX_ROOMY times, then an error)."""
     s = client.stats()
-    note = (f"a put of {blocks} blocks found room in the full gpu tier (pinned blocks "
+    note = (f"a put of {blocks} blocks meant to spill is held as {where} (pinned blocks "
             f"{s.pinned_blocks}, checksum failures {s.checksum_failures}, evictions "
             f"{s.evictions}, demotions {s.demotions}; " + ", ".join(f"{t.tier} {t.blocks} blocks "
                                               f"{t.used_bytes}/{t.capacity_bytes} B"
