@@ -186,9 +186,10 @@ class CudaIpcTransport(KVTransport):
             return (sum(a.stored for a in answers), sum(a.present for a in answers), written)
 
         def write_landed(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
-            sums = write(begun, slots, pieces[0])
-            stream.synchronize()  # the copies landed before the commit
-            return sums
+            try:
+                return write(begun, slots, pieces[0])
+            finally:  # landed before the commit, or before a failure aborts the put
+                stream.synchronize()
 
         resp, _ = two_phase_put(self._stub, owner, refs, nbytes, self.timeout_s,
                                 self.store_id, self._stale, write_landed, device=True)
