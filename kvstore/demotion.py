@@ -27,6 +27,7 @@ class Demotion:
     demote_high: float = 1.0
     demote_low: float = 1.0
     _demote_wake: threading.Event | None = None
+    _demoting_stopped = False
 
     def set_watermarks(self, high: float, low: float) -> None:
         if not 0.0 < low <= high <= 1.0:
@@ -38,7 +39,8 @@ class Demotion:
 
     def demote_soon(self) -> None:
         """After a put: wake the demoter when an upper tier is past its high mark."""
-        if self.demote_high >= 1.0 or not any(map(self._over_watermark, self.tiers[:-1])):
+        if self.demote_high >= 1.0 or self._demoting_stopped or \
+                not any(map(self._over_watermark, self.tiers[:-1])):
             return
         with self._lock:
             if self._demote_wake is None:
@@ -47,10 +49,18 @@ class Demotion:
                                  name="kv-demoter", daemon=True).start()
         self._demote_wake.set()
 
+    def stop_demoting(self) -> None:
+        """Ends the demoter's thread (the store closes: its tiers go)."""
+        self._demoting_stopped = True
+        if self._demote_wake is not None:
+            self._demote_wake.set()
+
     def _demote_loop(self, wake: threading.Event) -> None:
         while True:
             wake.wait()
             wake.clear()
+            if self._demoting_stopped:
+                return
             try:
                 self.demote_to_watermark()
             except Exception as e:  # noqa: BLE001 (a background helper must go on)

@@ -62,10 +62,15 @@ class Owners:
             if o is None or not wanted:
                 return 0
             dropped = [b for b in o.pins if b.key in wanted]
-            for b in dropped:
-                o.pins.pop(b, None)
-                self._unpinned(b, owner)
+            self._drop_pins(o, owner, dropped)
             return len(dropped)
+
+    def _drop_pins(self, o: OwnerState, owner: str, blocks: Iterable[Block]) -> None:
+        """``owner`` lets go of ``blocks`` (those it pins), keeping its other pins."""
+        for b in blocks:
+            if b in o.pins:
+                del o.pins[b]
+                self._unpinned(b, owner)
 
     def expire(self) -> None:
         with self._lock:

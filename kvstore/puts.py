@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kvstore.moves import MAX_TRIES
 from kvstore.types import (
@@ -19,6 +19,7 @@ from kvstore.types import (
     InvalidArgument,
     Move,
     NotFound,
+    OwnerState,
     PendingPut,
     PutEntry,
     PutSlot,
@@ -43,6 +44,9 @@ class Puts:
     demote_soon: Callable[[], None]
     home: Callable[[bool], int]
     _stamp_later: Callable[[list[Block]], None]
+    _owners: dict[str, OwnerState]
+    _drop_pins: Callable[[OwnerState, str, Iterable[Block]], None]
+    _pin_all: Callable[[OwnerState, str, Iterable[Block]], list[Block]]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
                   device: bool = False) -> BegunPut:
@@ -50,7 +54,7 @@ class Puts:
         (``device``: the gpu tier; when its blocks are all pinned, the host memory tier:
         the put is *spilled*). Present blocks are pinned for ``owner`` at once; new ones
         when committed. Refuses (ResourceExhausted) rather than evicting pinned blocks;
-        reserves all slots or none."""
+        reserves all slots or none, and a refused put lets go of the pins it took."""
         home = self.home(device)
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
@@ -61,22 +65,31 @@ class Puts:
                 k = check_key(k)
             entries.append(PutEntry(k, int(r.num_tokens), bool(r.partial)))
         protect = {e.key for e in entries}
-        for _ in range(MAX_TRIES):
-            with self._lock:
-                now = self._expire()
-                todo = self._todo(owner, entries)
-                moves, home = self._reserve_or_spill(todo, block_nbytes, protect, home) \
-                    if todo else (None, home)
-                if moves is None:
-                    return self._pend(owner, entries, now, device,
-                                      spilled=device and home != self.home(True))
-            self._carry_out(moves)
-        raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
-                                "rounds of demotion (other puts took the room); retry")
+        pinned: list[Block] = []  # held blocks this put pinned: let go if it is refused
+        try:
+            for _ in range(MAX_TRIES):
+                with self._lock:
+                    now = self._expire()
+                    todo = self._todo(owner, entries, pinned)
+                    moves, home = self._reserve_or_spill(todo, block_nbytes, protect,
+                                                         home) if todo else (None, home)
+                    if moves is None:
+                        return self._pend(owner, entries, now, device,
+                                          spilled=device and home != self.home(True))
+                self._carry_out(moves)
+            raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
+                                    "rounds of demotion (other puts took the room); retry")
+        except ResourceExhausted:
+            if pinned and (o := self._owners.get(owner)) is not None:
+                with self._lock:
+                    self._drop_pins(o, owner, pinned)
+            raise
 
-    def _todo(self, owner: str, entries: list[PutEntry]) -> list[PutEntry]:
+    def _todo(self, owner: str, entries: list[PutEntry],
+              pinned: list[Block]) -> list[PutEntry]:
         """The entries to write (not held, or a partial block that grew); the held
-        ones are pinned for ``owner`` (or touched)."""
+        ones are pinned for ``owner`` (those it did not pin yet added to ``pinned``),
+        or touched."""
         blocks = self._blocks
         seen: set[bytes] = set()
         todo: list[PutEntry] = []
@@ -86,7 +99,7 @@ class Puts:
                 todo.append(e)
             elif b is not None:
                 if owner:
-                    self._pin(self._owner(owner), owner, b)
+                    pinned += self._pin_all(self._owner(owner), owner, (b,))
                 elif not b.pinners and b.key in self._lru[b.tier]:
                     self._lru[b.tier].move_to_end(b.key)
             seen.add(e.key)

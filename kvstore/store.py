@@ -204,10 +204,8 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
         i = next(i for i, b in enumerate(found) if b in failed)
         keep = found[:i] if prefix else []
         o = self._owners.get(owner)
-        for b in found[len(keep):]:
-            if b in newly and o is not None and b in o.pins:
-                o.pins.pop(b, None)
-                self._unpinned(b, owner)
+        if o is not None:
+            self._drop_pins(o, owner, [b for b in found[len(keep):] if b in newly])
         if prefix:
             return keep
         gone = [b.key for b in failed if b.dead]
@@ -330,6 +328,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
             return s
 
     def close(self) -> None:
+        self.stop_demoting()
         for q in (self._promoter, self._stamper):
             if q is not None:
                 q.put(None)

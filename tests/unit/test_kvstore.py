@@ -370,6 +370,19 @@ def test_a_put_does_not_evict_its_own_present_blocks():
     assert core.lookup([key(0), key(1)])[0] == 2
 
 
+def test_a_refused_put_lets_go_of_the_held_blocks_it_pinned():
+    core, _, _ = make(blocks=2)
+    put(core, [0], owner="a")
+    put(core, [1], owner="r")
+    with pytest.raises(ResourceExhausted):
+        put(core, [0, 1, 2], owner="r")  # 0 is held (by a): r pins it, then is refused
+    assert core.stats().pins == 2  # a's on 0 and r's on 1, as before the put
+    core.release("a")
+    core.release("r")
+    assert core.stats().pins == 0
+    assert put(core, [2, 3]) == (2, 0)  # nothing is left pinned in the way
+
+
 # -- checksums --------------------------------------------------------------------------
 def test_a_block_that_fails_its_checksum_is_a_miss():
     core, tier, _ = make()

@@ -1,0 +1,161 @@
+"""A hypothesis state machine: the index over a gpu tier (on the CPU here) and a cpu
+tier, against a model, with device writers as the cuda_ipc transport is one: puts that
+land in the gpu tier or, when its blocks are all pinned, spill into the cpu tier (their
+crc32s stamped by the store later), device and host reads, releases and promotions.
+
+Invariants: a pinned block is held with its bytes and never leaves the index; a block
+a reader is handed verifies with the checksum it is handed (a host reader's crc32, a
+device reader's dsum32); pins and used bytes add up.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from kvstore.store import KVStoreCore, NotFound, ResourceExhausted
+from kvstore.tiers import build_tiers
+from kvstore.tiers.base import Slot
+from services.transfer.contract.checksum import crc32
+from services.transfer.contract.device_checksum import dsum32
+from splitserve.v1 import common_pb2
+
+BLOCK = 512
+KEYS = [f"g{i}".encode().ljust(16, b".") for i in range(10)]
+OWNERS = ["a", "b"]
+
+
+def data(k: bytes) -> bytes:
+    return (k + b"!") * (BLOCK // 17) + b"\0" * (BLOCK % 17)
+
+
+def dsum(payload: bytes | memoryview) -> int:
+    return dsum32(torch.frombuffer(bytearray(payload), dtype=torch.uint8))[0]
+
+
+class GpuTieredIndex(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        tiers = build_tiers([{"kind": "gpu", "bytes": 3 * BLOCK, "device": "cpu"},
+                             {"kind": "cpu", "bytes": 5 * BLOCK, "shm": False}], "m")
+        self.gpu, self.cpu = tiers
+        self.core = KVStoreCore(tiers)  # promotions on release, demotion by watermarks:
+        self.core.set_watermarks(0.9, 0.8)  # the store's defaults, on its threads
+        self.held: set[bytes] = set()  # put once (the store may have dropped them since)
+        self.pins: dict[str, set[bytes]] = {o: set() for o in OWNERS}
+
+    def teardown(self) -> None:
+        self.settle()
+        self.core.close()
+
+    def pinned(self) -> set[bytes]:
+        return set().union(*self.pins.values())
+
+    def bytes_of(self, tier: str, offset: int, length: int) -> bytes:
+        slot = Slot(offset, length)
+        if tier == self.gpu.name:
+            return bytes(self.gpu.span(slot).numpy())
+        return bytes(self.cpu.view(slot))
+
+    @rule(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True),
+          owner=st.sampled_from(["", *OWNERS]))
+    def device_put(self, keys: list[bytes], owner: str) -> None:
+        refs = [common_pb2.BlockRef(key=k, num_tokens=16) for k in keys]
+        try:
+            begun = self.core.begin_put(owner, refs, BLOCK, device=True)
+        except ResourceExhausted:
+            return  # both tiers full of pinned blocks
+        sums = []
+        for s, k in zip(begun.slots, keys, strict=True):
+            if s.present:
+                sums.append(0)
+            elif s.tier == self.gpu.name:
+                self.gpu.span(Slot(s.offset, s.length)).copy_(
+                    torch.frombuffer(bytearray(data(k)), dtype=torch.uint8))
+                sums.append(self.gpu.checksum(Slot(s.offset, s.length)))
+            else:  # spilled: the writer knows the dsum32 only
+                self.cpu.view(Slot(s.offset, s.length))[:] = data(k)
+                sums.append(dsum(data(k)))
+        self.core.commit_put(begun.put_id, sums)
+        self.held.update(keys)
+        if owner:
+            self.pins[owner].update(keys)
+
+    @rule(k=st.sampled_from(KEYS), owner=st.sampled_from(["", *OWNERS]))
+    def host_put(self, k: bytes, owner: str) -> None:
+        try:
+            self.core.put(owner, [common_pb2.BlockRef(key=k, num_tokens=16)], [data(k)],
+                          BLOCK)
+        except ResourceExhausted:
+            return
+        self.held.add(k)
+        if owner:
+            self.pins[owner].add(k)
+
+    @rule(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True),
+          owner=st.sampled_from(OWNERS), device=st.booleans())
+    def get(self, keys: list[bytes], owner: str, device: bool) -> None:
+        try:
+            locs = self.core.get(owner, keys, memory=True, device=device)
+        except NotFound:
+            assert not set(keys) <= self.pinned()
+            return
+        except ResourceExhausted:
+            assert not device  # no room in the cpu tier to move gpu blocks into
+            return
+        for k, loc in zip(keys, locs, strict=True):
+            got = self.bytes_of(loc.tier, loc.offset, loc.length)
+            assert got == data(k)
+            if device and loc.device_checksum is not None:  # verified on the device
+                assert loc.device_checksum == dsum(got)
+            elif device:  # a host writer's block: its crc32, on host threads
+                assert loc.tier == self.cpu.name and loc.checksum == crc32(got)
+            else:
+                assert loc.tier == self.cpu.name and loc.checksum == crc32(got)
+        self.pins[owner].update(keys)
+
+    @rule(owner=st.sampled_from(OWNERS))
+    def release(self, owner: str) -> None:
+        self.core.release(owner)
+        self.pins[owner].clear()
+
+    @rule(keys=st.lists(st.sampled_from(KEYS), max_size=3))
+    def promote(self, keys: list[bytes]) -> None:
+        raised, resident, missing, failed = self.core.promote(keys, self.core.home(True))
+        assert raised + resident + missing + failed == len(keys)
+
+    def settle(self) -> None:
+        """Waits for the store's background moves and stamps (the books balance once
+        they are done; a move holds a slot in each tier meanwhile)."""
+        deadline = time.monotonic() + 5
+        while self.core.stats().moves_pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    @invariant()
+    def pinned_blocks_stay_with_their_bytes(self) -> None:
+        self.settle()
+        for k in self.pinned():
+            b = self.core._blocks[k]  # KeyError: a pinned block left the index
+            assert b.pinners
+            loc = self.core._location(b)
+            assert self.bytes_of(loc.tier, loc.offset, loc.length) == data(k)
+
+    @invariant()
+    def books_balance(self) -> None:
+        self.settle()
+        blocks = list(self.core._blocks.values())
+        for t in (self.gpu, self.cpu):
+            mine = [b for b in blocks if b.tier is t]
+            assert t.used_bytes == sum(t.footprint(b.slot.length) for b in mine)
+        s = self.core.stats()
+        assert s.pins == sum(len(p) for p in self.pins.values())
+        assert s.checksum_failures == 0
+
+
+GpuTieredIndex.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                            deadline=None)
+TestGpuTieredIndex = GpuTieredIndex.TestCase
