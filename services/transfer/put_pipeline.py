@@ -30,8 +30,8 @@ Begun = tuple[kvstore_pb2.BeginPutResponse, list[int]]
 
 def chunks(count: int, nbytes: int) -> list[range]:
     """``count`` blocks of ``nbytes`` in runs of about CHUNK_BYTES; the last is half as
-    long, so the CommitPut left after the copies is a short one (~0.4 ms less at 512
-    MiB on the H200's host). One run where that makes fewer than two."""
+    long, so the CommitPut left after the copies is a short one. One run where that
+    makes fewer than two."""
     per = max(1, CHUNK_BYTES // max(1, nbytes))
     if count < 2 * per:
         return [range(count)]
