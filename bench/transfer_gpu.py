@@ -116,10 +116,11 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
         settle(client)
         with timed_steps(client.transport, parts):
             t0 = time.perf_counter()
-            client.put(owner, keys, payloads, block)
+            res = client.put(owner, keys, payloads, block)
             seconds = time.perf_counter() - t0
         where = client.lookup_per_tier(keys)
         if where.get("cpu") != len(keys):
+            where["stored"], where["present"] = res.stored, res.present
             _found_room(client, len(keys), where, steps)  # not a spill: not timed
             fill_gpu_tier(client, owner, payloads, block)
             continue
@@ -145,7 +146,8 @@ def fill_gpu_tier(client: KVStoreClient, owner: str, payloads: list, block: int)
 def _found_room(client: KVStoreClient, blocks: int, where: dict[str, int],
                 steps: dict[str, Any]) -> None:
     """A put meant to spill did not land in the cpu tier: noted with where its blocks
-    are and the store's state (at most MAX_ROOMY times, then an error)."""
+    are, what its commit answered and the store's state (at most MAX_ROOMY times, then
+    an error)."""
     s = client.stats()
     note = (f"a put of {blocks} blocks meant to spill is held as {where} (pinned blocks "
             f"{s.pinned_blocks}, checksum failures {s.checksum_failures}, evictions "
