@@ -80,9 +80,10 @@ class Puts:
             raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
                                     "rounds of demotion (other puts took the room); retry")
         except ResourceExhausted:
-            if pinned and (o := self._owners.get(owner)) is not None:
+            if pinned:
                 with self._lock:
-                    self._drop_pins(o, owner, pinned)
+                    if (o := self._owners.get(owner)) is not None:
+                        self._drop_pins(o, owner, pinned)
             raise
 
     def _todo(self, owner: str, entries: list[PutEntry],

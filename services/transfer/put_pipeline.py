@@ -55,23 +55,23 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, pool: ThreadPoolExecutor,
     begun. Raises the first failure, after every piece is committed or aborted."""
     ahead: dict[int, Future] = {0: pool.submit(begin, pieces[0])}
     commits: list[Future] = []
+    writing = None  # the begun piece whose copies are being enqueued
     try:
         if meanwhile is not None:
             meanwhile()
         for i, piece in enumerate(pieces):
-            begun, offsets = ahead.pop(i).result()
+            writing, offsets = ahead.pop(i).result()
             if i + 1 < len(pieces):
                 ahead[i + 1] = pool.submit(begin, pieces[i + 1])
-            try:
-                sums = write(begun, offsets, piece)
-                landed = stream.record_event()
-            except BaseException:
-                stream.synchronize()
-                abort_put(stub, begun.put_id)
-                raise
-            commits.append(pool.submit(_commit_landed, stub, begun, sums, landed, timeout_s))
+            sums = write(writing, offsets, piece)
+            landed = stream.record_event()
+            commits.append(pool.submit(_commit_landed, stub, writing, sums, landed,
+                                       timeout_s))
+            writing = None
     except BaseException:
         stream.synchronize()  # nothing may still land in the slots the aborts free
+        if writing is not None:
+            abort_put(stub, writing.put_id)
         for f in ahead.values():
             with contextlib.suppress(Exception):
                 abort_put(stub, f.result()[0].put_id)
