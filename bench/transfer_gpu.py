@@ -62,10 +62,11 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t5 - t4), strict=True):
                 times[k].append(dt)
             del got, from_host
-    steps: dict[str, Any] = {}
-    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows, steps))
+    steps: dict[str, float] = {}
+    notes: list[str] = []
+    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows, steps, notes))
     result: dict[str, Any] = {k: _gbps(block * count, v) for k, v in times.items()}
-    result["spill_notes"] = steps.pop("notes", [])
+    result["spill_notes"] = notes
     result["spill_steps_ms"] = steps
     result["kernel"] = kernel_rate(rows, repeat)
     result["plain_copy"] = plain_copy_rate(rows, repeat)
@@ -83,12 +84,12 @@ def settle(client: KVStoreClient, timeout_s: float = 10.0) -> None:
 
 
 MAX_FILLS = 64  # puts of one round each that fill the gpu tier, at most
-MAX_ROOMY = 3  # puts meant to spill that found room in the gpu tier (noted), at most
+MAX_ROOMY = 3  # puts meant to spill that were not held in the cpu tier (noted), at most
 
 
 def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
-                  block: int, rows: torch.Tensor, steps: dict[str, Any]
-                  ) -> dict[str, list[float]]:
+                  block: int, rows: torch.Tensor, steps: dict[str, float],
+                  notes: list[str]) -> dict[str, list[float]]:
     """Pinned puts of new blocks fill the gpu tier, pushing the rounds' (released)
     blocks down to the cpu tier, until a fill spills: the gpu tier has no room to
     promote the read blocks into while they are read (that would share the link with
@@ -98,7 +99,8 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
     get of each round's demoted blocks ("demoted_to_gpu"), and of as many puts of new
     blocks that the full gpu tier spills into the cpu tier ("gpu_to_cpu_tier": this
     GPU -> the page-locked arena, dsum32 summed on the device); ``steps``: the median
-    milliseconds of each step of those puts (:func:`timed_steps`)."""
+    milliseconds of each step of those puts (:func:`timed_steps`); ``notes``: the puts
+    meant to spill that did not (:func:`_note_not_spilled`), not timed."""
     owner = f"bench-fill-{os.getpid()}"
     settle(client)
     fill_gpu_tier(client, owner, payloads, block)
@@ -114,22 +116,23 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
     while len(times["gpu_to_cpu_tier"]) < len(rounds):
         keys = [os.urandom(16) for _ in payloads]
         settle(client)
-        with timed_steps(client.transport, parts):
+        put_steps: dict[str, list[float]] = {}
+        with timed_steps(client.transport, put_steps):
             t0 = time.perf_counter()
             res = client.put(owner, keys, payloads, block)
             seconds = time.perf_counter() - t0
         where = client.lookup_per_tier(keys)
         if where.get("cpu") != len(keys):
-            where["stored"], where["present"] = res.stored, res.present
-            _found_room(client, len(keys), where, steps)  # not a spill: not timed
+            _note_not_spilled(client, res, where, notes)
             fill_gpu_tier(client, owner, payloads, block)
             continue
         times["gpu_to_cpu_tier"].append(seconds)
+        for k, v in put_steps.items():
+            parts.setdefault(k, []).extend(v)
         if not torch.equal(torch.stack(client.get(owner, keys)), rows):
             raise RuntimeError("spilled blocks came back different")
     client.release(owner)
-    steps.update({k: round(statistics.median(v) * 1e3, 3) for k, v in parts.items()
-                  if k != "notes"})
+    steps.update({k: round(statistics.median(v) * 1e3, 3) for k, v in parts.items()})
     return times
 
 
@@ -143,26 +146,25 @@ def fill_gpu_tier(client: KVStoreClient, owner: str, payloads: list, block: int)
     raise RuntimeError(f"{MAX_FILLS} pinned puts did not fill the gpu tier")
 
 
-def _found_room(client: KVStoreClient, blocks: int, where: dict[str, int],
-                steps: dict[str, Any]) -> None:
-    """A put meant to spill did not land in the cpu tier: noted with where its blocks
-    are, what its commit answered and the store's state (at most MAX_ROOMY times, then
-    an error)."""
+def _note_not_spilled(client: KVStoreClient, res: Any, where: dict[str, int],
+                      notes: list[str]) -> None:
+    """A put meant to spill was not held in the cpu tier: noted with what its commit
+    answered, where its blocks are and the store's state (at most MAX_ROOMY times,
+    then an error)."""
     s = client.stats()
-    note = (f"a put of {blocks} blocks meant to spill is held as {where} (pinned blocks "
-            f"{s.pinned_blocks}, checksum failures {s.checksum_failures}, evictions "
-            f"{s.evictions}, demotions {s.demotions}; " + ", ".join(f"{t.tier} {t.blocks} blocks "
-                                              f"{t.used_bytes}/{t.capacity_bytes} B"
-                                              for t in s.tiers) + ")")
-    notes = steps.setdefault("notes", [])
-    notes.append(note)
+    tiers = ", ".join(f"{t.tier} {t.blocks} blocks {t.used_bytes}/{t.capacity_bytes} B"
+                      for t in s.tiers)
+    notes.append(f"a put meant to spill stored {res.stored} (present {res.present}), held "
+                 f"as {where} (pinned blocks {s.pinned_blocks}, checksum failures "
+                 f"{s.checksum_failures}, evictions {s.evictions}, demotions "
+                 f"{s.demotions}; {tiers})")
     if len(notes) > MAX_ROOMY:
         raise RuntimeError("; ".join(notes))
 
 
 # a spilled put's steps, as the probe names them: the transport module's functions
 # and the stub's RPCs it wraps, and the waits on the copies
-_STEPS = ("checksum_blocks", "copy_runs", "crcs")
+_STEPS = ("checksum_blocks", "copy_runs")
 
 
 @contextlib.contextmanager
