@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 
+import pytest
 import torch
 
 from kvstore.store import KVStoreCore
@@ -28,16 +30,27 @@ def _dsum(data: bytes) -> int:
     return dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0]
 
 
-def _store(tmp_path=None, stamper: bool = True) -> KVStoreCore:
-    specs = [{"kind": "gpu", "bytes": 2 * NBYTES, "device": "cpu"},
-             {"kind": "cpu", "bytes": 4 * NBYTES, "shm": False}]
-    if tmp_path is not None:
-        specs.append({"kind": "disk", "bytes": 16 * NBYTES, "path": str(tmp_path)})
-    core = KVStoreCore(build_tiers(specs, "t"), promote_on_get=False)
-    core.set_watermarks(1.0, 1.0)
-    if not stamper:  # every block stays waiting until a reader or a move stamps it
-        core._stamp_later = lambda blocks: None
-    return core
+@pytest.fixture
+def make_store() -> Iterator[Callable[..., KVStoreCore]]:
+    """Stores of a gpu tier (2 blocks) before a cpu tier (4), and a disk tier when given
+    a folder; closed after the test, passed or not."""
+    made: list[KVStoreCore] = []
+
+    def make(tmp_path=None, stamper: bool = True) -> KVStoreCore:
+        specs = [{"kind": "gpu", "bytes": 2 * NBYTES, "device": "cpu"},
+                 {"kind": "cpu", "bytes": 4 * NBYTES, "shm": False}]
+        if tmp_path is not None:
+            specs.append({"kind": "disk", "bytes": 16 * NBYTES, "path": str(tmp_path)})
+        core = KVStoreCore(build_tiers(specs, "t"), promote_on_get=False)
+        made.append(core)
+        core.set_watermarks(1.0, 1.0)
+        if not stamper:  # every block stays waiting until a reader or a move stamps it
+            core._stamp_later = lambda blocks: None
+        return core
+
+    yield make
+    for core in made:
+        core.close()
 
 
 def _fill_gpu_tier(core: KVStoreCore) -> None:
@@ -68,8 +81,8 @@ def _settle(core: KVStoreCore) -> None:
         time.sleep(0.01)
 
 
-def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit():
-    core = _store()
+def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit(make_store):
+    core = make_store()
     _fill_gpu_tier(core)
     data = _spill(core, [1, 2])
     (loc,) = core.get("d", [_key(1)], memory=True, device=True)
@@ -83,11 +96,10 @@ def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit():
     core.release("w")
     core.release("holder")
     assert core.stats().pins == 0 and core.stats().checksum_failures == 0
-    core.close()
 
 
-def test_a_host_reader_stamps_a_block_still_waiting():
-    core = _store(stamper=False)
+def test_a_host_reader_stamps_a_block_still_waiting(make_store):
+    core = make_store(stamper=False)
     _fill_gpu_tier(core)
     data = _spill(core, [1, 2])
     locs = core.get("r", [_key(1), _key(2)], memory=True)
@@ -101,10 +113,10 @@ def test_a_host_reader_stamps_a_block_still_waiting():
     assert s.pins == 0 and s.checksum_failures == 0 and s.moves_pending == 0
 
 
-def test_a_waiting_block_moves_to_disk_and_up_to_the_gpu_tier_intact(tmp_path):
+def test_a_waiting_block_moves_to_disk_and_up_to_the_gpu_tier_intact(tmp_path, make_store):
     """Demoted to disk, a waiting block is written with the crc32 of its bytes (not
     refused as corrupt); promoted from host memory it is verified by its dsum32."""
-    core = _store(tmp_path, stamper=False)
+    core = make_store(tmp_path, stamper=False)
     _fill_gpu_tier(core)
     data = _spill(core, [1, 2, 3, 4])  # the cpu tier is full
     core.release("w")
@@ -119,4 +131,3 @@ def test_a_waiting_block_moves_to_disk_and_up_to_the_gpu_tier_intact(tmp_path):
     core.release("r")
     s = core.stats()
     assert s.pins == 0 and s.checksum_failures == 0
-    core.close()
