@@ -32,6 +32,7 @@ from tests.integration.conftest import MODEL_NAME, cluster_settings, collect, re
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 KEY = "key-of-carol"
 MAX_CONNECTIONS = 8
+HOLDER_TOKENS = 500  # the most the 512-token model length leaves a 4-token prompt
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -169,15 +170,27 @@ class Holder:
         return reasons[-1] if reasons else None
 
 
-def test_overload_is_429_with_retry_after(gateway: Gateway) -> None:
-    holder = Holder(gateway, max_tokens=60)
+def _refused_while_held(gateway: Gateway) -> openai.RateLimitError | None:
+    """The refusal a request gets while a holder has the only slot; None if it was
+    served, which a holder that finished before the request arrived explains."""
+    holder = Holder(gateway, max_tokens=HOLDER_TOKENS)
     try:
-        with gateway.client() as client, pytest.raises(openai.RateLimitError) as err:
+        with gateway.client() as client:
             _completion(client)
-        assert int(err.value.response.headers["retry-after"]) >= 1
-        assert err.value.body["type"] == "rate_limit_error"
+        return None
+    except openai.RateLimitError as err:
+        return err
     finally:
         assert holder.finish() == "length"
+
+
+def test_overload_is_429_with_retry_after(gateway: Gateway) -> None:
+    # A holder streams for about a second here; a loaded machine can still stall the
+    # test's own request past its end, so a served request earns another try.
+    err = next((e for _ in range(3) if (e := _refused_while_held(gateway))), None)
+    assert err is not None, "a request was served while another held the only slot"
+    assert int(err.response.headers["retry-after"]) >= 1
+    assert err.body["type"] == "rate_limit_error"
 
 
 def _answer(sock: ssl.SSLSocket, timeout_s: float) -> bytes:
