@@ -15,7 +15,7 @@ import contextlib
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvstore.tiers.base import BlockMeta, Tier
 from kvstore.types import Block, Move, StoreStats, TierCounters
@@ -26,6 +26,7 @@ from services.transfer.contract.device_checksum import KIND_CRC32
 
 log = get_logger("kvstore")
 MAX_TRIES = 16  # rounds of plan / copy / finish before a put or a promotion gives up
+MOVES_WAIT_S = 5.0  # how long a put waits for the moves under way to free its room
 
 
 # a copy's outcome: (verified?, the block's checksum in its new tier, its dsum32 if known)
@@ -41,6 +42,8 @@ class Moves:
     _ts: dict[Tier, TierCounters]
     _lru: dict[Tier, OrderedDict[bytes, Block]]
     _rank: dict[Tier, int]
+    _leaving: dict[Tier, int]
+    _start_move: Callable[..., Move]
 
     # -- carrying out -----------------------------------------------------------------
     def _carry_out(self, moves: list[Move]) -> None:
@@ -158,6 +161,7 @@ class Moves:
     def _finish(self, m: Move, ok: bool | None, checksum: int, dsum: int | None) -> None:
         b = m.block
         b.moving = False
+        self._leaving[m.src] -= m.src.footprint(m.src_slot.length)
         up = self.tiers.index(m.dst) < self.tiers.index(m.src)
         stale = b.dead or b.tier is not m.src or b.slot != m.src_slot
         if ok is False and not stale:
@@ -206,9 +210,7 @@ class Moves:
                     if slot is None:
                         short += top.footprint(b.slot.length)
                         continue
-                    b.moving = True
-                    self._lru_del(b)
-                    moves.append(Move(b, b.tier, b.slot, top, slot, fetch))
+                    moves.append(self._start_move(b, top, slot, fetch))
                 if short:
                     room = self._make_room(target, short, protect)
                     moves.extend(room or ())

@@ -8,10 +8,11 @@ outside the lock, :mod:`kvstore.moves`) and tries again.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
-from kvstore.moves import MAX_TRIES
+from kvstore.moves import MAX_TRIES, MOVES_WAIT_S
 from kvstore.types import (
     MAX_KEY_BYTES,
     BegunPut,
@@ -37,6 +38,7 @@ log = get_logger("kvstore")
 class Puts:
     pin_ttl_s: float
     _lock: threading.Lock
+    _moved: threading.Condition
     _blocks: dict[bytes, Block]
     _pending: dict[str, PendingPut]
     _next_expiry: float
@@ -66,8 +68,9 @@ class Puts:
             entries.append(PutEntry(k, int(r.num_tokens), bool(r.partial)))
         protect = {e.key for e in entries}
         pinned: list[Block] = []  # held blocks this put pinned: let go if it is refused
+        tries, wait_until = 0, time.monotonic() + MOVES_WAIT_S
         try:
-            for _ in range(MAX_TRIES):
+            while tries < MAX_TRIES:
                 with self._lock:
                     now = self._expire()
                     todo = self._todo(owner, entries, pinned)
@@ -76,8 +79,14 @@ class Puts:
                     if moves is None:
                         return self._pend(owner, entries, now, device,
                                           spilled=device and home != self.home(True))
+                    if not moves:  # the room comes as moves under way land
+                        if time.monotonic() > wait_until:
+                            break
+                        self._moved.wait(timeout=MOVES_WAIT_S)
+                        continue
+                tries += 1
                 self._carry_out(moves)
-            raise ResourceExhausted(f"kvstore busy: no room for the put after {MAX_TRIES} "
+            raise ResourceExhausted(f"kvstore busy: no room for the put after {tries} "
                                     "rounds of demotion (other puts took the room); retry")
         except ResourceExhausted:
             if pinned:

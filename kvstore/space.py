@@ -32,6 +32,7 @@ class Space:
     _s: StoreStats
     _ts: dict[Tier, TierCounters]
     _seen: OrderedDict[bytes, None]
+    _leaving: dict[Tier, int]  # bytes of the tier's blocks being moved out of it
 
     # -- the LRU lists ----------------------------------------------------------------
     def _lru_add(self, b: Block) -> None:
@@ -46,18 +47,20 @@ class Space:
     def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes],
                  i: int = 0) -> list[Move] | None:
         """Slots for ``todo`` in tier ``i`` -> None when reserved; else the moves
-        to carry out (possibly none) before trying again. Refuses (ResourceExhausted),
-        changing nothing, when even every unpinned block of the tier would not make
-        room."""
+        to carry out before trying again, or none: wait for the moves under way out of
+        the tier (the room they free is the put's: a device put that spilled while the
+        demoter was freeing the gpu tier would land in the slower tier for nothing).
+        Refuses (ResourceExhausted), changing nothing, when even every unpinned block
+        of the tier and the moves under way would not make room."""
         t = self.tiers[i]
         need = t.footprint(nbytes) * len(todo)
         free = t.free_bytes
         if need > free:  # make room all at once, or refuse changing nothing
             victims, room = self._victims(t, need - free, protect)
-            if free + room < need:
+            if free + room + self._leaving[t] < need:
                 self._refuse(todo, nbytes, need, free + room, i)
             moves = self._dispose(i, victims, protect)
-            if moves:
+            if moves or free + room < need:
                 return moves
         run = t.allocate_run(nbytes, len(todo))  # one call when a hole is big enough
         if run is not None:
@@ -71,7 +74,7 @@ class Space:
                     t.free(done.slot)
                     done.tier = done.slot = None
                 victims, _ = self._victims(t, t.footprint(nbytes), protect)
-                if not victims:
+                if not victims and self._leaving[t] < t.footprint(nbytes):
                     self._refuse(todo, nbytes, need, t.free_bytes, i)
                 return self._dispose(i, victims, protect)
             e.tier, e.slot = t, slot
@@ -129,11 +132,17 @@ class Space:
                 slot = below.allocate(b.slot.length)
                 if slot is None:  # room comes when the deeper moves are done
                     break
-            b.moving = True
-            self._lru_del(b)
-            moves.append(Move(b, b.tier, b.slot, below, slot))
+            moves.append(self._start_move(b, below, slot))
         self._evict(dropped)
         return moves
+
+    def _start_move(self, b: Block, dst: Tier, slot: Slot, fetch: bool = False) -> Move:
+        """Plans ``b``'s move into ``slot`` of ``dst``: no victim, no other move of it,
+        until ``Moves._finish``; its bytes count as leaving its tier meanwhile."""
+        b.moving = True
+        self._lru_del(b)
+        self._leaving[b.tier] += b.tier.footprint(b.slot.length)
+        return Move(b, b.tier, b.slot, dst, slot, fetch)
 
     def _make_room(self, i: int, need: int, protect: set[bytes]) -> list[Move] | None:
         """Frees ``need`` bytes of tier ``i`` (evicting, or planning moves down) -> the

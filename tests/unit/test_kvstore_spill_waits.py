@@ -1,0 +1,142 @@
+"""A device put meets a gpu tier whose room is being made: blocks being demoted out of
+it (by the demoter, or another put) free their slots when their copies land. The put
+waits for them and lands in the gpu tier; it spills into the cpu tier only when even
+those moves would not make its room. (A put that spilled while the demoter was still
+copying landed in the slower tier for nothing, and the next one found the room free.)
+
+The gpu tier runs on the CPU here; its demotions are held mid-copy by a gate on the
+checksums they start with."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch
+
+from kvstore.store import BegunPut, KVStoreCore
+from kvstore.tiers.base import Slot
+from kvstore.tiers.cpu import CpuTier
+from kvstore.tiers.gpu import GpuTier
+from services.transfer.contract.device_checksum import dsum32
+from splitserve.v1 import common_pb2
+
+BLOCK = 1024
+GPU_BLOCKS = 4
+
+
+class GatedGpuTier(GpuTier):
+    """A gpu tier whose demotions wait at their first step until the gate opens."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes, device="cpu")
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def checksums(self, slots: list[Slot]) -> list[int]:
+        assert self.gate.wait(timeout=10), "the test never opened the gate"
+        return super().checksums(slots)
+
+
+@pytest.fixture
+def core() -> Iterator[KVStoreCore]:
+    store = KVStoreCore([GatedGpuTier(GPU_BLOCKS * BLOCK), CpuTier(16 * BLOCK, shm=False)])
+    yield store
+    store.tiers[0].gate.set()
+    store.close()
+
+
+def payload(i: int) -> bytes:
+    return bytes([i % 251]) * BLOCK
+
+
+def begin(core: KVStoreCore, owner: str, keys: list[bytes]) -> BegunPut:
+    return core.begin_put(owner, [common_pb2.BlockRef(key=k, num_tokens=16) for k in keys],
+                          BLOCK, device=True)
+
+
+def write_and_commit(core: KVStoreCore, begun: BegunPut, keys: list[bytes]) -> None:
+    """The writer's side: each block into the slot it got, committed with its dsum32."""
+    gpu = core.tiers[0]
+    sums = []
+    for s, k in zip(begun.slots, keys, strict=True):
+        data = payload(k[0])
+        if s.tier == gpu.name:
+            gpu.span(Slot(s.offset, s.length)).copy_(torch.frombuffer(bytearray(data),
+                                                                      dtype=torch.uint8))
+        else:
+            core.view(s)[:] = data
+        sums.append(dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0])
+    core.commit_put(begun.put_id, sums)
+
+
+def keys_from(start: int, n: int) -> list[bytes]:
+    return [bytes([start + i]) * 16 for i in range(n)]
+
+
+def demoting(core: KVStoreCore, pool: ThreadPoolExecutor, blocks: int) -> Future:
+    """A full gpu tier of unpinned blocks, ``blocks`` of them being demoted (held by the
+    gate) -> the demotion's future."""
+    cold = keys_from(1, GPU_BLOCKS)
+    write_and_commit(core, begin(core, "cold", cold), cold)
+    core.release("cold")
+    core.tiers[0].gate.clear()
+    mark = (GPU_BLOCKS - blocks) / GPU_BLOCKS  # the full tier is past it: down to it
+    core.set_watermarks(mark, mark)
+    moving = pool.submit(core.demote_to_watermark)
+    while core.stats().moves_pending < blocks:
+        assert not moving.done(), moving.exception()
+        time.sleep(0.001)
+    return moving
+
+
+def moved(core: KVStoreCore, moving: Future) -> None:
+    """The demotion done, and no more of them (the books are checked at the end)."""
+    moving.result(timeout=10)
+    core.set_watermarks(1.0, 1.0)
+
+
+def _leak_free(core: KVStoreCore) -> None:
+    """Nothing pinned, pending or moving once the writer lets go (and the store has
+    stamped a spilled put's crc32s)."""
+    core.release("warm")
+    deadline = time.monotonic() + 5
+    while (s := core.stats()).moves_pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert (s.pins, s.pinned_blocks, s.pending_puts, s.moves_pending) == (0, 0, 0, 0)
+
+
+def test_a_put_waits_for_the_demotions_that_make_its_room(core: KVStoreCore) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        moving = demoting(core, pool, blocks=3)
+        warm = keys_from(100, 2)
+        # free 0, unpinned and not moving 1: a put that did not wait for the 3 blocks
+        # under way would spill before the gate opens
+        opens = threading.Timer(0.2, core.tiers[0].gate.set)
+        opens.start()
+        begun = begin(core, "warm", warm)
+        opens.join()
+        moved(core, moving)
+    assert not begun.spilled
+    assert {s.tier for s in begun.slots} == {"gpu"}
+    write_and_commit(core, begun, warm)
+    got = core.get("warm", warm, memory=True, device=True)
+    assert [loc.tier for loc in got] == ["gpu", "gpu"]
+    _leak_free(core)
+
+
+def test_a_put_the_moves_cannot_make_room_for_spills_at_once(core: KVStoreCore) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        moving = demoting(core, pool, blocks=1)
+        warm = keys_from(100, GPU_BLOCKS + 1)  # more than the whole gpu tier
+        begun = pool.submit(begin, core, "warm", warm).result(timeout=5)  # gate still shut
+        assert not moving.done()
+        core.tiers[0].gate.set()
+        moved(core, moving)
+    assert begun.spilled
+    assert {s.tier for s in begun.slots} == {"cpu"}
+    write_and_commit(core, begun, warm)
+    _leak_free(core)
