@@ -214,8 +214,9 @@ class Moves:
                 if short:
                     room = self._make_room(target, short, protect)
                     moves.extend(room or ())
-                    if room is None and not moves and not any(b.moving for b in waiting):
-                        break  # nothing to demote: the first tier is all pinned
+                    if room is None and not moves and not self._leaving[top] and \
+                            not any(b.moving for b in waiting):
+                        break  # nothing to demote, nothing leaving: all pinned
                 if not moves and room is None:  # another thread moves them: wait for it
                     self._moved.wait(timeout=1.0)
             self._carry_out(moves)
