@@ -154,6 +154,7 @@ class GpuTieredIndex(RuleBasedStateMachine):
         s = self.core.stats()
         assert s.pins == sum(len(p) for p in self.pins.values())
         assert s.checksum_failures == 0
+        assert set(self.core._leaving.values()) == {0}  # no move under way is left counted
 
 
 GpuTieredIndex.TestCase.settings = settings(max_examples=150, stateful_step_count=40,

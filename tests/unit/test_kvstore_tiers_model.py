@@ -127,6 +127,7 @@ class TieredIndex(RuleBasedStateMachine):
     def books_balance(self) -> None:
         blocks = list(self.core._blocks.values())
         assert all(not b.moving for b in blocks)
+        assert set(self.core._leaving.values()) == {0}  # no move under way is left counted
         for t in (self.cpu, self.disk):
             mine = [b for b in blocks if b.tier is t]
             assert t.used_bytes == sum(t.footprint(b.slot.length) for b in mine)
