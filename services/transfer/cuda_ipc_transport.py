@@ -21,7 +21,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -50,7 +49,7 @@ from services.transfer.device_copy import (
 )
 from services.transfer.host_id import host_id
 from services.transfer.metrics import TransferMeter
-from services.transfer.put_pipeline import chunks, pipelined_put
+from services.transfer.put_pipeline import PutHelpers, chunks, pipelined_put
 from services.transfer.shm_transport import _open_arena
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
@@ -110,7 +109,7 @@ class CudaIpcTransport(KVTransport):
         self.timeout_s = timeout_s
         self._meter = TransferMeter(self.name)
         self._spilling = False  # the store spilled our last put into its host arena
-        self._pool: ThreadPoolExecutor | None = None
+        self._put_helpers: PutHelpers | None = None
         self._map_host_early()
 
     def _map_host_early(self) -> None:
@@ -195,12 +194,11 @@ class CudaIpcTransport(KVTransport):
                                 self.store_id, self._stale, write_landed, device=True)
         return resp.stored, resp.present, written
 
-    def _helpers(self) -> ThreadPoolExecutor:
-        """Two threads for a pipelined put's RPCs (the next chunk's BeginPut, the last
-        one's CommitPut)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(2, thread_name_prefix="cuda-ipc-put")
-        return self._pool
+    def _helpers(self) -> PutHelpers:
+        """The threads of this client's pipelined puts (started on the first)."""
+        if self._put_helpers is None:
+            self._put_helpers = PutHelpers.start("cuda-ipc-put")
+        return self._put_helpers
 
     def _read_host(self, src: list[int], flat: torch.Tensor, dst: list[int],
                    nbytes: int) -> list[int]:
@@ -337,8 +335,8 @@ class CudaIpcTransport(KVTransport):
                                    f"transport mapped the gpu arena of {self.store_id}")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        if self._put_helpers is not None:
+            self._put_helpers.shutdown()
         self._arena = torch.empty(0, dtype=torch.uint8)
         if self._host is not None:
             if self._pinned:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.transfer.arena_ops import abort_put, commit_put
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -26,6 +26,24 @@ from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 CHUNK_BYTES = 128 << 20  # a chunk's copies (~2.4 ms at 55 GB/s) outlast its RPCs
 
 Begun = tuple[kvstore_pb2.BeginPutResponse, list[int]]
+
+
+class PutHelpers(NamedTuple):
+    """The threads of pipelined puts: the next chunk's BeginPut on one, and the
+    CommitPuts, each waiting for its chunk's copies to land first, on two others (a
+    BeginPut queued behind such a wait would stall the copies)."""
+
+    begins: ThreadPoolExecutor
+    commits: ThreadPoolExecutor
+
+    @classmethod
+    def start(cls, name: str) -> PutHelpers:
+        return cls(ThreadPoolExecutor(1, thread_name_prefix=f"{name}-begin"),
+                   ThreadPoolExecutor(2, thread_name_prefix=f"{name}-commit"))
+
+    def shutdown(self) -> None:
+        self.begins.shutdown()
+        self.commits.shutdown()
 
 
 def chunks(count: int, nbytes: int) -> list[range]:
@@ -41,7 +59,7 @@ def chunks(count: int, nbytes: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, starts[1:], strict=False)]
 
 
-def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, pool: ThreadPoolExecutor,
+def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
                   pieces: Sequence[range], begin: Callable[[range], Begun],
                   write: Callable[[kvstore_pb2.BeginPutResponse, list[int], range],
                                   list[int]],
@@ -50,10 +68,10 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, pool: ThreadPoolExecutor,
                   ) -> list[kvstore_pb2.CommitPutResponse]:
     """Puts ``pieces`` of a put: ``begin(piece)`` (on a helper thread, one piece ahead),
     ``write(answer, offsets, piece)`` (enqueues the piece's copies on ``stream`` and
-    returns its checksums), then CommitPut once the copies landed (on a helper thread)
-    -> each piece's CommitPut answer. ``meanwhile`` runs while the first piece is
-    begun. Raises the first failure, after every piece is committed or aborted."""
-    ahead: dict[int, Future] = {0: pool.submit(begin, pieces[0])}
+    returns its checksums), then CommitPut once the copies landed (on another helper
+    thread) -> each piece's CommitPut answer. ``meanwhile`` runs while the first piece
+    is begun. Raises the first failure, after every piece is committed or aborted."""
+    ahead: dict[int, Future] = {0: helpers.begins.submit(begin, pieces[0])}
     commits: list[Future] = []
     writing = None  # the begun piece whose copies are being enqueued
     try:
@@ -62,11 +80,11 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, pool: ThreadPoolExecutor,
         for i, piece in enumerate(pieces):
             writing, offsets = ahead.pop(i).result()
             if i + 1 < len(pieces):
-                ahead[i + 1] = pool.submit(begin, pieces[i + 1])
+                ahead[i + 1] = helpers.begins.submit(begin, pieces[i + 1])
             sums = write(writing, offsets, piece)
             landed = stream.record_event()
-            commits.append(pool.submit(_commit_landed, stub, writing, sums, landed,
-                                       timeout_s))
+            commits.append(helpers.commits.submit(_commit_landed, stub, writing, sums,
+                                                  landed, timeout_s))
             writing = None
     except BaseException:
         stream.synchronize()  # nothing may still land in the slots the aborts free

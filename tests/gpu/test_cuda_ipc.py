@@ -144,9 +144,9 @@ def test_after_a_spill_a_large_put_goes_in_pipelined_chunks(small_store, monkeyp
     monkeypatch.setattr(put_pipeline, "CHUNK_BYTES", 2 * NBYTES)  # chunks of ~2 blocks
     seen: list[list[range]] = []
 
-    def pipelined(stub, pool, pieces, *rest, **named):
+    def pipelined(stub, helpers, pieces, *rest, **named):
         seen.append(list(pieces))
-        return put_pipeline.pipelined_put(stub, pool, pieces, *rest, **named)
+        return put_pipeline.pipelined_put(stub, helpers, pieces, *rest, **named)
 
     monkeypatch.setattr(cuda_ipc_transport, "pipelined_put", pipelined)
     with _client(small_store, "cuda_ipc") as c, _client(small_store, "shm") as host:

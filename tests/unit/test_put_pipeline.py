@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from services.common.server import start_server
 from services.common.settings import Endpoint
 from services.transfer.arena_ops import begin_put
 from services.transfer.contract.checksum import crc32
-from services.transfer.put_pipeline import chunks, pipelined_put
+from services.transfer.put_pipeline import PutHelpers, chunks, pipelined_put
 from splitserve.v1 import common_pb2, kvstore_pb2_grpc
 
 NBYTES = 4096
@@ -75,8 +74,11 @@ def _put(core, stub, store_id, data: list[bytes], pieces: list[range], fail_at: 
         return [crc32(d) for d in data[piece.start : piece.stop]]
 
     stream = _Stream()
-    with ThreadPoolExecutor(2) as pool:
-        answers = pipelined_put(stub, pool, pieces, begin, write, stream, 10.0)
+    helpers = PutHelpers.start("test-put")
+    try:
+        answers = pipelined_put(stub, helpers, pieces, begin, write, stream, 10.0)
+    finally:
+        helpers.shutdown()
     return refs, answers, stream
 
 
