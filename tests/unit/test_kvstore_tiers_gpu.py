@@ -15,6 +15,7 @@ import torch
 from kvstore.store import InvalidArgument, KVStoreCore
 from kvstore.tiers import build_tiers
 from kvstore.tiers.base import Slot
+from kvstore.tiers.gpu import GpuTier, host_runs
 from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import dsum32
 from services.transfer.device_copy import checksum_blocks, copy_blocks
@@ -334,3 +335,21 @@ def test_moves_pending_counts_queued_promotions_until_they_are_done():
         time.sleep(0.01)
     assert core.stats().moves_pending == 0
     assert [loc.tier for loc in core.get("", keys)] == ["gpu"] * 3
+
+
+def test_moves_between_the_gpu_tier_and_host_memory_copy_whole_runs():
+    """Blocks back to back in both the arena and host memory cross in one copy; the
+    others one by one, each to its own place."""
+    gpu = GpuTier(8 * NBYTES, device="cpu")
+    host = memoryview(bytearray(8 * NBYTES))
+    slots = [Slot(i * NBYTES, NBYTES) for i in (0, 1, 2, 5, 6)]
+    outs = [host[i * NBYTES : (i + 1) * NBYTES] for i in (3, 4, 5, 0, 7)]
+    assert [(off, t.numel()) for off, t in host_runs(slots, outs)] == [
+        (0, 3 * NBYTES), (5 * NBYTES, NBYTES), (6 * NBYTES, NBYTES)]
+    data = [_payload(i) for i in range(5)]
+    gpu.write_many(slots, [memoryview(d) for d in data], [None] * 5)
+    gpu.read_many_into(slots, outs)
+    assert [bytes(o) for o in outs] == data
+    assert [bytes(gpu.span(s).numpy()) for s in slots] == data
+    with pytest.raises(ValueError, match="host buffer of 8 bytes for a block of 4096"):
+        list(host_runs([slots[0]], [host[:8]]))
