@@ -74,15 +74,14 @@ class Puts:
                 with self._lock:
                     now = self._expire()
                     todo = self._todo(owner, entries, pinned)
-                    moves, home = self._reserve_or_spill(todo, block_nbytes, protect,
-                                                         home) if todo else (None, home)
+                    patient = time.monotonic() < wait_until
+                    moves, home = self._reserve_or_spill(
+                        todo, block_nbytes, protect, home, patient) if todo else (None, home)
                     if moves is None:
                         return self._pend(owner, entries, now, device,
                                           spilled=device and home != self.home(True))
                     if not moves:  # the room comes as moves under way land
-                        if time.monotonic() > wait_until:
-                            break
-                        self._moved.wait(timeout=MOVES_WAIT_S)
+                        self._moved.wait(timeout=max(0.0, wait_until - time.monotonic()))
                         continue
                 tries += 1
                 self._carry_out(moves)
@@ -116,18 +115,18 @@ class Puts:
         return todo
 
     def _reserve_or_spill(self, todo: list[PutEntry], nbytes: int, protect: set[bytes],
-                          home: int) -> tuple[list[Move] | None, int]:
+                          home: int, patient: bool) -> tuple[list[Move] | None, int]:
         """``_reserve`` in tier ``home``; a device put that the gpu tier refuses goes to
         the host memory tier (device writers copy into its shared arena) -> (its moves,
         the tier). A put refused everywhere is counted once."""
         try:
             try:
-                return self._reserve(todo, nbytes, protect, home), home
+                return self._reserve(todo, nbytes, protect, home, patient), home
             except ResourceExhausted:
                 if not self.tiers[home].on_device:
                     raise
             spill = self.home(False)
-            return self._reserve(todo, nbytes, protect, spill), spill
+            return self._reserve(todo, nbytes, protect, spill, patient), spill
         except ResourceExhausted:
             self._s.puts_refused += 1
             raise

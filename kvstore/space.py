@@ -45,19 +45,21 @@ class Space:
 
     # -- reserving --------------------------------------------------------------------
     def _reserve(self, todo: list[PutEntry], nbytes: int, protect: set[bytes],
-                 i: int = 0) -> list[Move] | None:
+                 i: int = 0, patient: bool = True) -> list[Move] | None:
         """Slots for ``todo`` in tier ``i`` -> None when reserved; else the moves
         to carry out before trying again, or none: wait for the moves under way out of
         the tier (the room they free is the put's: a device put that spilled while the
         demoter was freeing the gpu tier would land in the slower tier for nothing).
         Refuses (ResourceExhausted), changing nothing, when even every unpinned block
-        of the tier and the moves under way would not make room."""
+        of the tier and the moves under way (unless it is not ``patient``: it waited
+        long enough) would not make room."""
         t = self.tiers[i]
         need = t.footprint(nbytes) * len(todo)
         free = t.free_bytes
+        leaving = self._leaving[t] if patient else 0
         if need > free:  # make room all at once, or refuse changing nothing
             victims, room = self._victims(t, need - free, protect)
-            if free + room + self._leaving[t] < need:
+            if free + room + leaving < need:
                 self._refuse(todo, nbytes, need, free + room, i)
             moves = self._dispose(i, victims, protect)
             if moves or free + room < need:
@@ -74,7 +76,7 @@ class Space:
                     t.free(done.slot)
                     done.tier = done.slot = None
                 victims, _ = self._victims(t, t.footprint(nbytes), protect)
-                if not victims and self._leaving[t] < t.footprint(nbytes):
+                if not victims and leaving < t.footprint(nbytes):
                     self._refuse(todo, nbytes, need, t.free_bytes, i)
                 return self._dispose(i, victims, protect)
             e.tier, e.slot = t, slot

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 import torch
 
+from kvstore import puts
 from kvstore.store import BegunPut, KVStoreCore
 from kvstore.tiers.base import Slot
 from kvstore.tiers.cpu import CpuTier
@@ -139,4 +140,23 @@ def test_a_put_the_moves_cannot_make_room_for_spills_at_once(core: KVStoreCore) 
     assert begun.spilled
     assert {s.tier for s in begun.slots} == {"cpu"}
     write_and_commit(core, begun, warm)
+    _leak_free(core)
+
+
+def test_a_put_whose_room_is_late_spills_after_its_wait(core: KVStoreCore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(puts, "MOVES_WAIT_S", 0.2)
+    with ThreadPoolExecutor(2) as pool:
+        moving = demoting(core, pool, blocks=3)
+        # the one block not moving is pinned: the put has nothing to demote itself
+        assert core.pin("keep", keys_from(1, GPU_BLOCKS)[-1:]) == 1
+        warm = keys_from(100, 2)
+        t0 = time.monotonic()
+        begun = begin(core, "warm", warm)  # the gate stays shut: the demotion is stuck
+        waited = time.monotonic() - t0
+        core.tiers[0].gate.set()
+        moved(core, moving)
+    assert begun.spilled and waited >= 0.2
+    write_and_commit(core, begun, warm)
+    core.release("keep")
     _leak_free(core)
