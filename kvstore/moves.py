@@ -50,7 +50,14 @@ class Moves:
         """Copies (lock not held), then finishes every move under the lock."""
         if not moves:
             return
-        copied = self._copy_all(moves)
+        try:
+            copied = self._copy_all(moves)
+        except BaseException:  # the moves end, as failed copies: no block stays moving
+            with self._lock:
+                for m in moves:
+                    self._finish(m, None, 0, None)
+                self._moved.notify_all()
+            raise
         for t in {m.dst for m, (good, *_) in zip(moves, copied, strict=True) if good}:
             try:
                 t.sync()

@@ -160,3 +160,21 @@ def test_a_put_whose_room_is_late_spills_after_its_wait(core: KVStoreCore,
     write_and_commit(core, begun, warm)
     core.release("keep")
     _leak_free(core)
+
+
+def test_a_move_whose_copy_raises_ends_and_frees_its_target(core: KVStoreCore) -> None:
+    cold = keys_from(1, GPU_BLOCKS)
+    write_and_commit(core, begin(core, "cold", cold), cold)
+    core.release("cold")
+
+    def broken(slots: list[Slot]) -> list[int]:
+        raise RuntimeError("the device went away")
+
+    core.tiers[0].checksums = broken
+    core.set_watermarks(0.5, 0.5)
+    with pytest.raises(RuntimeError, match="went away"):
+        core.demote_to_watermark()
+    s = core.stats()
+    assert s.moves_pending == 0 and core.tiers[1].used_bytes == 0
+    assert set(core._leaving.values()) == {0}
+    assert [loc.tier for loc in core.get("", cold)] == ["gpu"] * GPU_BLOCKS
