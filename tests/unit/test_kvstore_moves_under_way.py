@@ -1,8 +1,10 @@
-"""A device put meets a gpu tier whose room is being made: blocks being demoted out of
-it (by the demoter, or another put) free their slots when their copies land. The put
-waits for them and lands in the gpu tier; it spills into the cpu tier only when even
-those moves would not make its room. (A put that spilled while the demoter was still
-copying landed in the slower tier for nothing, and the next one found the room free.)
+"""Moves under way and the puts that meet them. A device put meets a gpu tier whose
+room is being made: blocks being demoted out of it (by the demoter, or another put)
+free their slots when their copies land. The put waits for them and lands in the gpu
+tier; it spills into the cpu tier only when even those moves would not make its room,
+or when they are late. (A put that spilled while the demoter was still copying landed
+in the slower tier for nothing, and the next one found the room free.) A move whose
+copy raises ends as a failed one: nothing stays moving or counted as leaving.
 
 The gpu tier runs on the CPU here; its demotions are held mid-copy by a gate on the
 checksums they start with."""
