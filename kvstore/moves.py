@@ -5,8 +5,10 @@ lock (the block is marked ``moving``: no other move, no eviction; its target slo
 reserved), its bytes are copied and verified *outside* the lock, and it is finished
 under the lock: the index points at the new slot and the old one is freed. Readers
 keep reading the old slot meanwhile. A demotion whose block was pinned meanwhile is
-dropped (a reader of the CPU arena holds its offset); a promotion goes on under pins
-(disk readers re-resolve a block whose file went, see ``KVStoreCore.read``).
+dropped (a reader of the CPU arena holds its offset); a promotion goes on under pins:
+a memory tier's old slot, which a pinned reader may be reading in place, is freed when
+the block's last pin goes (disk readers re-resolve a block whose file went, see
+``KVStoreCore.read``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvstore.tiers.base import BlockMeta, Tier
+from kvstore.tiers.base import BlockMeta, Slot, Tier
 from kvstore.types import Block, Move, StoreStats, TierCounters
 from services.common.logging import get_logger
 from services.transfer.bulk import crcs
@@ -43,6 +45,7 @@ class Moves:
     _lru: dict[Tier, OrderedDict[bytes, Block]]
     _rank: dict[Tier, int]
     _leaving: dict[Tier, int]
+    _lingering: dict[Block, list[tuple[Tier, Slot]]]
     _start_move: Callable[..., Move]
 
     # -- carrying out -----------------------------------------------------------------
@@ -182,7 +185,11 @@ class Moves:
                 self._lru_add(b)
             return
         self._lru_del(b)
-        m.src.free(m.src_slot)
+        if b.pinners and (m.src.has_view or m.src.on_device):
+            # a reader may still read the old slot in place: it goes with the last pin
+            self._lingering.setdefault(b, []).append((m.src, m.src_slot))
+        else:
+            m.src.free(m.src_slot)
         b.tier, b.slot, b.checksum, b.crc_pending = m.dst, m.dst_slot, checksum, False
         b.device_checksum = None if m.dst.on_device else dsum
         if up:

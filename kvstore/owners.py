@@ -26,6 +26,7 @@ class Owners:
     _s: StoreStats
     _prefix: Callable[[list[bytes]], list[Block]]  # the held prefix of keys
     _queue_promotion: Callable[[Sequence[bytes], int], None]
+    _free_lingering: Callable[[Block], None]
     device_tier: Any
     _rank: dict[Any, int]
 
@@ -117,6 +118,7 @@ class Owners:
         b.pinners.discard(owner)
         if b.pinners:
             return
+        self._free_lingering(b)
         if b.dead:
             if not b.moving:  # else the move's finish frees what it must
                 b.tier.free(b.slot)

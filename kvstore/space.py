@@ -33,6 +33,8 @@ class Space:
     _ts: dict[Tier, TierCounters]
     _seen: OrderedDict[bytes, None]
     _leaving: dict[Tier, int]  # bytes of the tier's blocks being moved out of it
+    # slots pinned blocks moved out of, which their readers may still read in place
+    _lingering: dict[Block, list[tuple[Tier, Slot]]]
 
     # -- the LRU lists ----------------------------------------------------------------
     def _lru_add(self, b: Block) -> None:
@@ -187,6 +189,12 @@ class Space:
         elif not b.dead:
             b.dead = True
             b.tier.free(b.slot)
+            self._free_lingering(b)
+
+    def _free_lingering(self, b: Block) -> None:
+        """The slots ``b`` was moved out of under pins, once no reader holds it."""
+        for tier, slot in self._lingering.pop(b, ()):
+            tier.free(slot)
 
     def _free_pending(self, p: PendingPut) -> None:
         for e in p.entries:

@@ -75,6 +75,7 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
         self._lru: dict[Tier, OrderedDict[bytes, Block]] = {t: OrderedDict() for t in tiers}
         self._ts: dict[Tier, TierCounters] = {t: TierCounters() for t in tiers}
         self._leaving: dict[Tier, int] = dict.fromkeys(tiers, 0)
+        self._lingering: dict[Block, list[tuple[Tier, Slot]]] = {}
         self._rank = {t: i for i, t in enumerate(tiers)}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._track_seen = any(getattr(t, "admit", "all") == "seen" for t in tiers)

@@ -4,7 +4,8 @@ free their slots when their copies land. The put waits for them and lands in the
 tier; it spills into the cpu tier only when even those moves would not make its room,
 or when they are late. (A put that spilled while the demoter was still copying landed
 in the slower tier for nothing, and the next one found the room free.) A move whose
-copy raises ends as a failed one: nothing stays moving or counted as leaving.
+copy raises ends as a failed one: nothing stays moving or counted as leaving. A block
+moved while a reader reads it in place keeps its old slot until the reader lets go.
 
 The gpu tier runs on the CPU here; its demotions are held mid-copy by a gate on the
 checksums they start with."""
@@ -180,3 +181,23 @@ def test_a_move_whose_copy_raises_ends_and_frees_its_target(core: KVStoreCore) -
     assert s.moves_pending == 0 and core.tiers[1].used_bytes == 0
     assert set(core._leaving.values()) == {0}
     assert [loc.tier for loc in core.get("", cold)] == ["gpu"] * GPU_BLOCKS
+
+
+def test_a_promotion_under_an_in_place_reader_keeps_its_old_slot_until_it_lets_go(
+        core: KVStoreCore) -> None:
+    """A host reader pinned a cpu-tier block and reads it in the arena, where it is; a
+    Prefetch raises the block into the gpu tier meanwhile. The old slot stays the
+    reader's (a new put cannot take it) until the reader lets go."""
+    cpu = core.tiers[1]
+    key, other = keys_from(1, 1)[0], keys_from(50, 1)[0]
+    core.put("", [common_pb2.BlockRef(key=key, num_tokens=16)], [payload(7)], BLOCK)
+    loc = core.get("reader", [key], memory=True)[0]
+    assert loc.tier == "cpu"
+    assert core.promote([key]) == (1, 0, 0, 0)
+    core.put("", [common_pb2.BlockRef(key=other, num_tokens=16)], [payload(9)], BLOCK)
+    assert bytes(core.view(loc)) == payload(7)  # the reader's bytes, still
+    assert cpu.used_bytes == 2 * BLOCK
+    core.release("reader")
+    assert cpu.used_bytes == BLOCK  # only the new put's block
+    assert [got.tier for got in core.get("", [key, other])] == ["gpu", "cpu"]
+    _leak_free(core)

@@ -23,6 +23,7 @@ from kvstore.tiers.base import Slot
 from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.store_books import lingering_bytes
 
 BLOCK = 512
 KEYS = [f"g{i}".encode().ljust(16, b".") for i in range(10)]
@@ -150,7 +151,9 @@ class GpuTieredIndex(RuleBasedStateMachine):
         blocks = list(self.core._blocks.values())
         for t in (self.gpu, self.cpu):
             mine = [b for b in blocks if b.tier is t]
-            assert t.used_bytes == sum(t.footprint(b.slot.length) for b in mine)
+            assert t.used_bytes == sum(t.footprint(b.slot.length) for b in mine) + \
+                lingering_bytes(self.core, t)
+        assert all(b.pinners for b in self.core._lingering)  # freed with the last pin
         s = self.core.stats()
         assert s.pins == sum(len(p) for p in self.pins.values())
         assert s.checksum_failures == 0
