@@ -5,7 +5,8 @@ crc32s stamped by the store later), device and host reads, releases and promotio
 
 Invariants: a pinned block is held with its bytes and never leaves the index; a block
 a reader is handed verifies with the checksum it is handed (a host reader's crc32, a
-device reader's dsum32); pins and used bytes add up.
+device reader's dsum32), and its bytes stay where the reader was told until it lets go;
+pins and used bytes add up.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class GpuTieredIndex(RuleBasedStateMachine):
         self.core.set_watermarks(0.9, 0.8)  # the store's defaults, on its threads
         self.held: set[bytes] = set()  # put once (the store may have dropped them since)
         self.pins: dict[str, set[bytes]] = {o: set() for o in OWNERS}
+        # where each reader was told its blocks are: it may read them there until it
+        # lets go, whatever moves meanwhile
+        self.handed: dict[str, dict[bytes, tuple[str, int, int]]] = {o: {} for o in OWNERS}
 
     def teardown(self) -> None:
         self.settle()
@@ -117,12 +121,14 @@ class GpuTieredIndex(RuleBasedStateMachine):
                 assert loc.tier == self.cpu.name and loc.checksum == crc32(got)
             else:
                 assert loc.tier == self.cpu.name and loc.checksum == crc32(got)
+            self.handed[owner][k] = (loc.tier, loc.offset, loc.length)
         self.pins[owner].update(keys)
 
     @rule(owner=st.sampled_from(OWNERS))
     def release(self, owner: str) -> None:
         self.core.release(owner)
         self.pins[owner].clear()
+        self.handed[owner].clear()
 
     @rule(keys=st.lists(st.sampled_from(KEYS), max_size=3))
     def promote(self, keys: list[bytes]) -> None:
@@ -144,6 +150,12 @@ class GpuTieredIndex(RuleBasedStateMachine):
             assert b.pinners
             loc = self.core._location(b)
             assert self.bytes_of(loc.tier, loc.offset, loc.length) == data(k)
+
+    @invariant()
+    def readers_read_their_blocks_where_they_were_told(self) -> None:
+        for handed in self.handed.values():
+            for k, where in handed.items():
+                assert self.bytes_of(*where) == data(k)
 
     @invariant()
     def books_balance(self) -> None:
