@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvstore.store import KVStoreCore, NotFound, ResourceExhausted
+from kvstore.store import KVStoreCore, Location, NotFound, ResourceExhausted
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.disk import DiskTier
 from splitserve.v1 import common_pb2
@@ -41,6 +41,8 @@ class TieredIndex(RuleBasedStateMachine):
         self.bytes: dict[bytes, bytes] = {}  # what was put (the store may have dropped it)
         self.pins: dict[str, set[bytes]] = {o: set() for o in OWNERS}
         self.floor: dict[bytes, int] = {}  # the slowest tier a pinned block was seen in
+        # cpu-arena locations readers were handed: they read there until they let go
+        self.handed: dict[str, dict[bytes, Location]] = {o: {} for o in OWNERS}
 
     def teardown(self) -> None:
         self.core.close()
@@ -86,12 +88,15 @@ class TieredIndex(RuleBasedStateMachine):
         assert bytes(self.core.read(loc)) == self.bytes[k]
         if shm:
             assert loc.tier == "cpu"
+        if loc.tier == "cpu":
+            self.handed[owner][k] = loc
         self.pin(owner, k)
 
     @rule(owner=st.sampled_from(OWNERS))
     def release(self, owner: str) -> None:
         self.core.release(owner)
         self.pins[owner].clear()
+        self.handed[owner].clear()
         for k in set(self.floor) - self.pinned():
             del self.floor[k]
 
@@ -123,6 +128,12 @@ class TieredIndex(RuleBasedStateMachine):
             self.floor[k] = self.rank(k)  # it may go up (promotion), never down
             loc = self.core._location(b)
             assert bytes(self.core.read(loc)) == self.bytes[k]
+
+    @invariant()
+    def readers_read_their_blocks_where_they_were_told(self) -> None:
+        for handed in self.handed.values():
+            for k, loc in handed.items():
+                assert bytes(self.core.view(loc)) == self.bytes[k]
 
     @invariant()
     def books_balance(self) -> None:
