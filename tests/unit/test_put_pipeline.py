@@ -7,6 +7,7 @@ stand-in for the CUDA stream (the GPU path runs in tests/gpu)."""
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -28,15 +29,19 @@ NBYTES = 4096
 
 
 class _Stream:
-    """The stream the copies are enqueued on: here they are done when written."""
+    """The stream the copies are enqueued on: here they are done when written, or, with
+    a ``landed`` gate, once it opens (copies still crossing the link)."""
 
-    def __init__(self) -> None:
+    def __init__(self, landed: threading.Event | None = None) -> None:
         self.waits = 0
+        self.landed = landed
 
     def record_event(self) -> _Stream:
         return self
 
     def synchronize(self) -> None:
+        if self.landed is not None:
+            assert self.landed.wait(timeout=10), "the copies never landed"
         self.waits += 1
 
 
@@ -59,10 +64,12 @@ def _stale(store_id: str) -> Exception:
     return RuntimeError(f"another store: {store_id}")
 
 
-def _put(core, stub, store_id, data: list[bytes], pieces: list[range], fail_at: int = -1):
+def _put(core, stub, store_id, data: list[bytes], pieces: list[range], fail_at: int = -1,
+         stream: _Stream | None = None, on_begin=lambda piece: None):
     refs = [common_pb2.BlockRef(key=os.urandom(16), num_tokens=16) for _ in data]
 
     def begin(piece: range):
+        on_begin(piece)
         return begin_put(stub, "owner", refs[piece.start : piece.stop], NBYTES, 10.0,
                          store_id, _stale)
 
@@ -73,7 +80,7 @@ def _put(core, stub, store_id, data: list[bytes], pieces: list[range], fail_at: 
             core.tiers[0].view(Slot(off, NBYTES))[:] = d
         return [crc32(d) for d in data[piece.start : piece.stop]]
 
-    stream = _Stream()
+    stream = stream or _Stream()
     helpers = PutHelpers.start("test-put")
     try:
         answers = pipelined_put(stub, helpers, pieces, begin, write, stream, 10.0)
@@ -116,3 +123,22 @@ def test_a_failed_chunk_aborts_itself_and_the_one_begun_ahead(store):
     assert s.blocks == 3  # chunk 1 was committed and stays
     core.release("owner")
     assert core.stats().pins == 0 and core.tiers[0].used_bytes == 3 * NBYTES
+
+
+def test_no_begin_waits_behind_commits_waiting_for_their_copies(store):
+    """The copies of the first chunks are still crossing (their commits wait) when the
+    last chunk is begun: it must be, or the copies that follow it would stall."""
+    core, stub, store_id = store
+    data = [os.urandom(NBYTES) for _ in range(8)]
+    pieces = [range(i, i + 2) for i in range(0, 8, 2)]
+    landed = threading.Event()
+
+    def on_begin(piece: range) -> None:
+        if piece == pieces[-1]:
+            landed.set()  # the copies land only once every chunk is begun
+
+    refs, answers, _ = _put(core, stub, store_id, data, pieces, stream=_Stream(landed),
+                            on_begin=on_begin)
+    assert [a.stored for a in answers] == [2, 2, 2, 2]
+    core.release("owner")
+    assert core.stats().pins == 0
