@@ -51,12 +51,13 @@ class Puts:
     _pin_all: Callable[[OwnerState, str, Iterable[Block]], list[Block]]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
-                  device: bool = False) -> BegunPut:
+                  device: bool = False, wait_s: float | None = None) -> BegunPut:
         """Reserves a slot for every block not already held, in the writer's home tier
         (``device``: the gpu tier; when its blocks are all pinned, the host memory tier:
         the put is *spilled*). Present blocks are pinned for ``owner`` at once; new ones
         when committed. Refuses (ResourceExhausted) rather than evicting pinned blocks;
-        reserves all slots or none, and a refused put lets go of the pins it took."""
+        reserves all slots or none, and a refused put lets go of the pins it took.
+        Waits up to ``wait_s`` (MOVES_WAIT_S) for moves under way that make its room."""
         home = self.home(device)
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
@@ -68,7 +69,8 @@ class Puts:
             entries.append(PutEntry(k, int(r.num_tokens), bool(r.partial)))
         protect = {e.key for e in entries}
         pinned: list[Block] = []  # held blocks this put pinned: let go if it is refused
-        tries, wait_until = 0, time.monotonic() + MOVES_WAIT_S
+        tries = 0
+        wait_until = time.monotonic() + (MOVES_WAIT_S if wait_s is None else wait_s)
         try:
             while tries < MAX_TRIES:
                 with self._lock:

@@ -26,6 +26,7 @@ import grpc
 from prometheus_client import REGISTRY, Counter, Histogram
 
 from kvstore.metrics import StoreCollector
+from kvstore.moves import MOVES_WAIT_S
 from kvstore.store import (
     InvalidArgument,
     KVStoreCore,
@@ -39,6 +40,7 @@ from kvstore.tiers import Tier, build_tiers
 from kvstore.tiers.cpu import CpuTier
 from kvstore.ucx_listener import start_ucx_listener
 from services.common.auth import server_interceptors
+from services.common.deadline import NO_DEADLINE_S
 from services.common.logging import get_logger
 from services.common.registry import Member, advertised_host, start_registrar
 from services.common.server import run_until_signal, start_server
@@ -64,6 +66,7 @@ STORE_BYTES = Counter("splitserve_kvstore_transfer_bytes",
 
 
 SLOW_RPC_S = 0.05  # a call that took longer is logged (what the store was doing then)
+DEADLINE_MARGIN_S = 0.05  # a put's wait for room ends this long before its caller's deadline
 
 
 def _status(e: StoreError) -> grpc.StatusCode:
@@ -132,7 +135,10 @@ class KVStoreServicer:
     @_rpc
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes,
-                                    device=request.device)
+                                    device=request.device, wait_s=_wait_s(context))
+        if not context.is_active():  # the caller gave up while its room was made
+            self.core.abort_put(begun.put_id)
+            context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
         resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id,
                                             spilled=begun.spilled)
         if request.packed:
@@ -166,7 +172,7 @@ class KVStoreServicer:
             if data.nbytes:
                 raise _invalid("the first PutChunk must name the blocks (blocks, block_nbytes)")
             return kvstore_pb2.CommitPutResponse()
-        begun = self.core.begin_put(hdr.owner, refs, nbytes)
+        begun = self.core.begin_put(hdr.owner, refs, nbytes, wait_s=_wait_s(context))
         if all(s.present for s in begun.slots):  # nothing to write: answer now
             stored, present = self.core.commit_put(begun.put_id, ())
             return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
@@ -339,6 +345,15 @@ class KVStoreServicer:
         raised, resident, missing, failed = self.core.promote(keys)
         return kvstore_pb2.PrefetchResponse(promoted=raised, resident=resident,
                                             missing=missing, failed=failed)
+
+
+def _wait_s(context: grpc.ServicerContext) -> float | None:
+    """How long a put may wait for room being made: within the caller's deadline
+    (a little before it, so that the answer still reaches the caller)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining >= NO_DEADLINE_S:
+        return None
+    return min(MOVES_WAIT_S, max(0.0, remaining - DEADLINE_MARGIN_S))
 
 
 def _invalid(message: str) -> StoreError:

@@ -6,6 +6,8 @@ or when they are late. (A put that spilled while the demoter was still copying l
 in the slower tier for nothing, and the next one found the room free.) A move whose
 copy raises ends as a failed one: nothing stays moving or counted as leaving. A block
 moved while a reader reads it in place keeps its old slot until the reader lets go.
+Over gRPC, a put waits only within its caller's deadline, and one whose caller went
+away while it waited is dropped.
 
 The gpu tier runs on the CPU here; its demotions are held mid-copy by a gate on the
 checksums they start with."""
@@ -17,16 +19,20 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import grpc
 import pytest
 import torch
 
 from kvstore import puts
+from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import BegunPut, KVStoreCore
 from kvstore.tiers.base import Slot
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.gpu import GpuTier
+from services.common.server import start_server
+from services.common.settings import Endpoint
 from services.transfer.contract.device_checksum import dsum32
-from splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 
 BLOCK = 1024
 GPU_BLOCKS = 4
@@ -200,4 +206,51 @@ def test_a_promotion_under_an_in_place_reader_keeps_its_old_slot_until_it_lets_g
     core.release("reader")
     assert cpu.used_bytes == BLOCK  # only the new put's block
     assert [got.tier for got in core.get("", [key, other])] == ["gpu", "cpu"]
+    _leak_free(core)
+
+
+@pytest.fixture
+def served(core: KVStoreCore) -> Iterator[kvstore_pb2_grpc.KVStoreStub]:
+    handle = start_server("kvstore", Endpoint(port=0),
+                          lambda s: add_to_server(KVStoreServicer(core, core.tiers[1],
+                                                                  "moves"), s),
+                          ["splitserve.v1.KVStore"])
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    yield kvstore_pb2_grpc.KVStoreStub(channel)
+    channel.close()
+    handle.stop(0)
+
+
+def _begin_request(keys: list[bytes]) -> kvstore_pb2.BeginPutRequest:
+    return kvstore_pb2.BeginPutRequest(
+        owner="warm", blocks=[common_pb2.BlockRef(key=k, num_tokens=16) for k in keys],
+        block_nbytes=BLOCK, packed=True, device=True)
+
+
+def test_a_put_waits_for_room_only_within_its_callers_deadline(
+        core: KVStoreCore, served: kvstore_pb2_grpc.KVStoreStub) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        moving = demoting(core, pool, blocks=3)
+        core.pin("keep", keys_from(1, GPU_BLOCKS)[-1:])  # nothing for the put to demote
+        begun = served.BeginPut(_begin_request(keys_from(100, 2)), timeout=0.5)
+        core.tiers[0].gate.set()
+        moved(core, moving)
+    assert begun.spilled  # answered in time, where there was room then
+    served.CommitPut(kvstore_pb2.CommitPutRequest(put_id=begun.put_id, abort=True))
+    core.release("keep")
+    _leak_free(core)
+
+
+def test_a_put_whose_caller_went_away_while_it_waited_is_dropped(
+        core: KVStoreCore, served: kvstore_pb2_grpc.KVStoreStub) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        moving = demoting(core, pool, blocks=3)
+        call = served.BeginPut.future(_begin_request(keys_from(100, 2)))
+        time.sleep(0.1)
+        call.cancel()
+        core.tiers[0].gate.set()  # the room comes: the store answers nobody
+        moved(core, moving)
+    deadline = time.monotonic() + 5
+    while core.stats().pending_puts and time.monotonic() < deadline:
+        time.sleep(0.01)
     _leak_free(core)
