@@ -66,7 +66,7 @@ STORE_BYTES = Counter("splitserve_kvstore_transfer_bytes",
 
 
 SLOW_RPC_S = 0.05  # a call that took longer is logged (what the store was doing then)
-DEADLINE_MARGIN_S = 0.05  # a put's wait for room ends this long before its caller's deadline
+DEADLINE_MARGIN_S = 0.2  # a put's wait for room ends this long before its caller's deadline
 
 
 def _status(e: StoreError) -> grpc.StatusCode:

@@ -232,7 +232,7 @@ def test_a_put_waits_for_room_only_within_its_callers_deadline(
     with ThreadPoolExecutor(2) as pool:
         moving = demoting(core, pool, blocks=3)
         core.pin("keep", keys_from(1, GPU_BLOCKS)[-1:])  # nothing for the put to demote
-        begun = served.BeginPut(_begin_request(keys_from(100, 2)), timeout=0.5)
+        begun = served.BeginPut(_begin_request(keys_from(100, 2)), timeout=1.5)
         core.tiers[0].gate.set()
         moved(core, moving)
     assert begun.spilled  # answered in time, where there was room then
@@ -248,6 +248,7 @@ def test_a_put_whose_caller_went_away_while_it_waited_is_dropped(
         call = served.BeginPut.future(_begin_request(keys_from(100, 2)))
         time.sleep(0.1)
         call.cancel()
+        time.sleep(0.3)  # the cancellation reaches the store's side of the call
         core.tiers[0].gate.set()  # the room comes: the store answers nobody
         moved(core, moving)
     deadline = time.monotonic() + 5
