@@ -110,17 +110,17 @@ def host_runs(slots: list[Slot], views: list[memoryview]
     caller keeps ``views`` alive until the copies are done."""
     if len(slots) != len(views):
         raise ValueError(f"{len(slots)} slots but {len(views)} host buffers")
+    for slot, view in zip(slots, views, strict=True):
+        if view.nbytes != slot.length:
+            raise ValueError(f"a host buffer of {view.nbytes} bytes for a block of "
+                             f"{slot.length}")
     addrs = [address(v) for v in views]
     start = 0
     for i in range(1, len(slots) + 1):
-        if i < len(slots) and views[i - 1].nbytes == slots[i - 1].length and \
-                slots[i].offset == slots[i - 1].offset + slots[i - 1].length and \
-                addrs[i] == addrs[i - 1] + views[i - 1].nbytes:
+        if i < len(slots) and slots[i].offset == slots[i - 1].offset + slots[i - 1].length \
+                and addrs[i] == addrs[i - 1] + slots[i - 1].length:
             continue
-        length = sum(s.length for s in slots[start:i])
-        if sum(v.nbytes for v in views[start:i]) != length:
-            raise ValueError(f"a host buffer of {views[start].nbytes} bytes for a block "
-                             f"of {slots[start].length}")
+        length = slots[i - 1].offset + slots[i - 1].length - slots[start].offset
         memory = (ctypes.c_char * length).from_address(addrs[start])
         yield slots[start].offset, torch.frombuffer(memory, dtype=torch.uint8)
         start = i
