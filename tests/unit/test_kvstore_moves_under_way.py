@@ -33,6 +33,7 @@ from services.common.server import start_server
 from services.common.settings import Endpoint
 from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from tests.fixtures.store_books import settled
 
 BLOCK = 1024
 GPU_BLOCKS = 4
@@ -113,9 +114,7 @@ def _leak_free(core: KVStoreCore) -> None:
     """Nothing pinned, pending or moving once the writer lets go (and the store has
     stamped a spilled put's crc32s)."""
     core.release("warm")
-    deadline = time.monotonic() + 5
-    while (s := core.stats()).moves_pending and time.monotonic() < deadline:
-        time.sleep(0.001)
+    s = settled(core)
     assert (s.pins, s.pinned_blocks, s.pending_puts, s.moves_pending) == (0, 0, 0, 0)
 
 

@@ -9,7 +9,6 @@ leaves the gpu tier full of pinned blocks, and every timed put spills."""
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -18,6 +17,7 @@ from kvstore.tiers import build_tiers
 from kvstore.tiers.base import Slot
 from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.store_books import settled
 
 MiB = 1 << 20
 BLOCK = 7168  # 1792 KiB / 256
@@ -55,9 +55,7 @@ class Bench:
         self.core.get(owner, keys, memory=True, device=True)
 
     def settle(self) -> None:
-        deadline = time.monotonic() + 10
-        while self.core.stats().moves_pending and time.monotonic() < deadline:
-            time.sleep(0.002)
+        settled(self.core, timeout_s=10, poll_s=0.002)
 
     def fill(self, owner: str) -> None:
         for _ in range(64):

@@ -6,7 +6,6 @@ waiting and do not count it as corrupt. The gpu tier runs on the CPU here."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,6 +17,7 @@ from kvstore.tiers.base import Slot
 from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.store_books import settled
 
 NBYTES = 4096
 
@@ -75,12 +75,6 @@ def _spill(core: KVStoreCore, keys: list[int]) -> dict[int, bytes]:
     return data
 
 
-def _settle(core: KVStoreCore) -> None:
-    deadline = time.monotonic() + 5
-    while core.stats().moves_pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit(make_store):
     core = make_store()
     _fill_gpu_tier(core)
@@ -88,7 +82,7 @@ def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit(make_store):
     (loc,) = core.get("d", [_key(1)], memory=True, device=True)
     assert loc.tier == "cpu" and loc.device_checksum == _dsum(data[1])
     core.release("d")
-    _settle(core)
+    settled(core, poll_s=0.01)
     assert core.stats().moves_pending == 0
     locs = core.get("d", [_key(1), _key(2)], memory=True, device=True)
     assert [loc.checksum for loc in locs] == [crc32(data[1]), crc32(data[2])]

@@ -20,6 +20,7 @@ from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import dsum32
 from services.transfer.device_copy import checksum_blocks, copy_blocks
 from splitserve.v1 import common_pb2
+from tests.fixtures.store_books import settled
 
 NBYTES = 4096
 
@@ -330,10 +331,7 @@ def test_moves_pending_counts_queued_promotions_until_they_are_done():
     core.promote_later(keys, core.home(True))
     assert core.stats().moves_pending == 3
     gate.set()
-    deadline = time.monotonic() + 10
-    while core.stats().moves_pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert core.stats().moves_pending == 0
+    assert settled(core, timeout_s=10, poll_s=0.01).moves_pending == 0
     assert [loc.tier for loc in core.get("", keys)] == ["gpu"] * 3
 
 

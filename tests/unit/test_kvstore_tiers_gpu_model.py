@@ -11,8 +11,6 @@ pins and used bytes add up.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -24,7 +22,7 @@ from kvstore.tiers.base import Slot
 from services.transfer.contract.checksum import crc32
 from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
-from tests.fixtures.store_books import lingering_bytes
+from tests.fixtures.store_books import lingering_bytes, settled
 
 BLOCK = 512
 KEYS = [f"g{i}".encode().ljust(16, b".") for i in range(10)]
@@ -138,9 +136,7 @@ class GpuTieredIndex(RuleBasedStateMachine):
     def settle(self) -> None:
         """Waits for the store's background moves and stamps (the books balance once
         they are done; a move holds a slot in each tier meanwhile)."""
-        deadline = time.monotonic() + 5
-        while self.core.stats().moves_pending and time.monotonic() < deadline:
-            time.sleep(0.001)
+        settled(self.core)
 
     @invariant()
     def pinned_blocks_stay_with_their_bytes(self) -> None:
