@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import pytest
-import torch
 
 from kvstore import puts
 from kvstore.server import KVStoreServicer, add_to_server
@@ -31,8 +30,8 @@ from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.gpu import GpuTier
 from services.common.server import start_server
 from services.common.settings import Endpoint
-from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from tests.fixtures.device_puts import write_device_put
 from tests.fixtures.store_books import settled
 
 BLOCK = 1024
@@ -71,17 +70,7 @@ def begin(core: KVStoreCore, owner: str, keys: list[bytes]) -> BegunPut:
 
 def write_and_commit(core: KVStoreCore, begun: BegunPut, keys: list[bytes]) -> None:
     """The writer's side: each block into the slot it got, committed with its dsum32."""
-    gpu = core.tiers[0]
-    sums = []
-    for s, k in zip(begun.slots, keys, strict=True):
-        data = payload(k[0])
-        if s.tier == gpu.name:
-            gpu.span(Slot(s.offset, s.length)).copy_(torch.frombuffer(bytearray(data),
-                                                                      dtype=torch.uint8))
-        else:
-            core.view(s)[:] = data
-        sums.append(dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0])
-    core.commit_put(begun.put_id, sums)
+    write_device_put(core, begun, [payload(k[0]) for k in keys])
 
 
 def keys_from(start: int, n: int) -> list[bytes]:

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from kvstore.store import KVStoreCore
 from kvstore.tiers import build_tiers
-from kvstore.tiers.base import Slot
-from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.device_puts import dsum, write_device_put
 from tests.fixtures.store_books import settled
 
 MiB = 1 << 20
@@ -33,8 +30,7 @@ class Bench:
         self.core = KVStoreCore(tiers)
         self.core.set_watermarks(0.9, 0.8)  # the server's defaults
         self.payloads = [os.urandom(BLOCK) for _ in range(COUNT)]
-        self.sums = [dsum32(torch.frombuffer(bytearray(p), dtype=torch.uint8))[0]
-                     for p in self.payloads]
+        self.sums = [dsum(p) for p in self.payloads]
 
     def refs(self, keys: list[bytes]) -> list[common_pb2.BlockRef]:
         return [common_pb2.BlockRef(key=k, num_tokens=16) for k in keys]
@@ -42,13 +38,7 @@ class Bench:
     def device_put(self, owner: str, keys: list[bytes]) -> bool:
         """A cuda_ipc writer's put -> whether it spilled."""
         begun = self.core.begin_put(owner, self.refs(keys), BLOCK, device=True)
-        for s, p in zip(begun.slots, self.payloads, strict=True):
-            if s.tier == self.gpu.name:
-                self.gpu.span(Slot(s.offset, s.length)).copy_(
-                    torch.frombuffer(bytearray(p), dtype=torch.uint8))
-            else:
-                self.core.view(s)[:] = p
-        self.core.commit_put(begun.put_id, self.sums)
+        write_device_put(self.core, begun, self.payloads, self.sums)
         return begun.spilled
 
     def device_get(self, owner: str, keys: list[bytes]) -> None:

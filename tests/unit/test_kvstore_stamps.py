@@ -9,14 +9,13 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
 
 from kvstore.store import KVStoreCore
 from kvstore.tiers import build_tiers
 from kvstore.tiers.base import Slot
 from services.transfer.contract.checksum import crc32
-from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.device_puts import dsum, write_device_put
 from tests.fixtures.store_books import settled
 
 NBYTES = 4096
@@ -24,10 +23,6 @@ NBYTES = 4096
 
 def _key(i: int) -> bytes:
     return i.to_bytes(16, "big")
-
-
-def _dsum(data: bytes) -> int:
-    return dsum32(torch.frombuffer(bytearray(data), dtype=torch.uint8))[0]
 
 
 @pytest.fixture
@@ -69,9 +64,7 @@ def _spill(core: KVStoreCore, keys: list[int]) -> dict[int, bytes]:
     refs = [common_pb2.BlockRef(key=_key(i), num_tokens=16) for i in keys]
     begun = core.begin_put("w", refs, NBYTES, device=True)
     assert begun.spilled
-    for s, d in zip(begun.slots, data.values(), strict=True):
-        core.view(s)[:] = d
-    assert core.commit_put(begun.put_id, [_dsum(d) for d in data.values()]) == (len(keys), 0)
+    assert write_device_put(core, begun, list(data.values())) == (len(keys), 0)
     return data
 
 
@@ -80,7 +73,7 @@ def test_the_store_stamps_a_spilled_blocks_crc32_after_the_commit(make_store):
     _fill_gpu_tier(core)
     data = _spill(core, [1, 2])
     (loc,) = core.get("d", [_key(1)], memory=True, device=True)
-    assert loc.tier == "cpu" and loc.device_checksum == _dsum(data[1])
+    assert loc.tier == "cpu" and loc.device_checksum == dsum(data[1])
     core.release("d")
     settled(core, poll_s=0.01)
     assert core.stats().moves_pending == 0

@@ -11,7 +11,6 @@ pins and used bytes add up.
 
 from __future__ import annotations
 
-import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -20,8 +19,8 @@ from kvstore.store import KVStoreCore, NotFound, ResourceExhausted
 from kvstore.tiers import build_tiers
 from kvstore.tiers.base import Slot
 from services.transfer.contract.checksum import crc32
-from services.transfer.contract.device_checksum import dsum32
 from splitserve.v1 import common_pb2
+from tests.fixtures.device_puts import dsum, write_device_put
 from tests.fixtures.store_books import lingering_bytes, settled
 
 BLOCK = 512
@@ -31,10 +30,6 @@ OWNERS = ["a", "b"]
 
 def data(k: bytes) -> bytes:
     return (k + b"!") * (BLOCK // 17) + b"\0" * (BLOCK % 17)
-
-
-def dsum(payload: bytes | memoryview) -> int:
-    return dsum32(torch.frombuffer(bytearray(payload), dtype=torch.uint8))[0]
 
 
 class GpuTieredIndex(RuleBasedStateMachine):
@@ -72,18 +67,7 @@ class GpuTieredIndex(RuleBasedStateMachine):
             begun = self.core.begin_put(owner, refs, BLOCK, device=True)
         except ResourceExhausted:
             return  # both tiers full of pinned blocks
-        sums = []
-        for s, k in zip(begun.slots, keys, strict=True):
-            if s.present:
-                sums.append(0)
-            elif s.tier == self.gpu.name:
-                self.gpu.span(Slot(s.offset, s.length)).copy_(
-                    torch.frombuffer(bytearray(data(k)), dtype=torch.uint8))
-                sums.append(self.gpu.checksum(Slot(s.offset, s.length)))
-            else:  # spilled: the writer knows the dsum32 only
-                self.cpu.view(Slot(s.offset, s.length))[:] = data(k)
-                sums.append(dsum(data(k)))
-        self.core.commit_put(begun.put_id, sums)
+        write_device_put(self.core, begun, [data(k) for k in keys])
         self.held.update(keys)
         if owner:
             self.pins[owner].update(keys)
