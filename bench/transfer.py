@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up)")
     p.add_argument("--chunk-mib", type=float, default=None,
                    help="grpc payload bytes per stream message (default: settings)")
+    p.add_argument("--put-chunk-mib", type=float, default=None,
+                   help="cuda_ipc: bytes of each piece of a pipelined (spilled) put "
+                        "(default: services.transfer.put_pipeline.CHUNK_BYTES)")
     p.add_argument("--floor", action="store_true",
                    help="also measure what this machine allows (memcpy, crc32, raw gRPC)")
     p.add_argument("--tiers", action="store_true",
@@ -159,6 +162,11 @@ def _print(result: dict[str, Any]) -> None:
         if r.get("spill_steps_ms"):
             steps = ", ".join(f"{k} {v:.2f}" for k, v in r["spill_steps_ms"].items())
             print(f"{'':<10} its steps, median ms a put: {steps}")
+        if r.get("spill_timeline_ms"):
+            print(f"{'':<10} the median put's steps, ms from its call:")
+            spans = [f"{n} {a:.2f}-{b:.2f}" for n, a, b in r["spill_timeline_ms"]]
+            for i in range(0, len(spans), 6):
+                print(f"{'':<12}{', '.join(spans[i : i + 6])}")
         for note in r.get("spill_notes", []):
             print(f"{'':<10} note: {note}")
         if "cpu_tier_parts" in r:
@@ -176,6 +184,10 @@ def _print(result: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(args.config) if args.config else ClusterSettings()
     chunk = int(args.chunk_mib * MiB) if args.chunk_mib else settings.transfer.chunk_bytes
+    if args.put_chunk_mib:
+        from services.transfer import put_pipeline
+
+        put_pipeline.CHUNK_BYTES = int(args.put_chunk_mib * MiB)
     if args.ucx_tls:  # this process (the client) and the store it starts
         os.environ["UCX_TLS"] = args.ucx_tls
     if args.address:

@@ -26,6 +26,8 @@ from services.transfer.bulk import crcs, threads
 from services.transfer.device_copy import copy_blocks
 from services.transfer.store_client import KVStoreClient
 
+Span = tuple[str, float, float]  # a step: its name, from, to
+
 
 def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
                    repeat: int) -> dict[str, Any]:
@@ -64,10 +66,13 @@ def measure_device(client: KVStoreClient, data: bytes, block: int, count: int,
             del got, from_host
     steps: dict[str, float] = {}
     notes: list[str] = []
-    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows, steps, notes))
+    timeline: list[Span] = []
+    times.update(full_gpu_tier(client, rounds[1:], payloads, block, rows, steps, notes,
+                               timeline))
     result: dict[str, Any] = {k: _gbps(block * count, v) for k, v in times.items()}
     result["spill_notes"] = notes
     result["spill_steps_ms"] = steps
+    result["spill_timeline_ms"] = timeline
     result["kernel"] = kernel_rate(rows, repeat)
     result["plain_copy"] = plain_copy_rate(rows, repeat)
     result["cpu_tier_parts"] = host_parts(data, block, count, repeat)
@@ -89,7 +94,7 @@ MAX_ROOMY = 3  # puts meant to spill that were not held in the cpu tier (noted),
 
 def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: list,
                   block: int, rows: torch.Tensor, steps: dict[str, float],
-                  notes: list[str]) -> dict[str, list[float]]:
+                  notes: list[str], timeline: list[Span]) -> dict[str, list[float]]:
     """Pinned puts of new blocks fill the gpu tier, pushing the rounds' (released)
     blocks down to the cpu tier, until a fill spills: the gpu tier has no room to
     promote the read blocks into while they are read (that would share the link with
@@ -99,8 +104,9 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
     get of each round's demoted blocks ("demoted_to_gpu"), and of as many puts of new
     blocks that the full gpu tier spills into the cpu tier ("gpu_to_cpu_tier": this
     GPU -> the page-locked arena, dsum32 summed on the device); ``steps``: the median
-    milliseconds of each step of those puts (:func:`timed_steps`); ``notes``: the puts
-    meant to spill that did not (:func:`_note_not_spilled`), not timed."""
+    milliseconds of each step of those puts (:func:`timed_steps`); ``timeline``: the
+    steps of the median put, each from and to (:func:`median_timeline`); ``notes``: the
+    puts meant to spill that did not (:func:`_note_not_spilled`), not timed."""
     owner = f"bench-fill-{os.getpid()}"
     settle(client)
     fill_gpu_tier(client, owner, payloads, block)
@@ -113,11 +119,13 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
         if not torch.equal(torch.stack(got), rows):
             raise RuntimeError("demoted blocks came back different")
     parts: dict[str, list[float]] = {}
+    timelines: list[tuple[float, list[Span]]] = []
     while len(times["gpu_to_cpu_tier"]) < len(rounds):
         keys = [os.urandom(16) for _ in payloads]
         settle(client)
         put_steps: dict[str, list[float]] = {}
-        with timed_steps(client.transport, put_steps):
+        spans: list[Span] = []
+        with timed_steps(client.transport, put_steps, spans):
             t0 = time.perf_counter()
             res = client.put(owner, keys, payloads, block)
             seconds = time.perf_counter() - t0
@@ -127,13 +135,26 @@ def full_gpu_tier(client: KVStoreClient, rounds: list[list[bytes]], payloads: li
             fill_gpu_tier(client, owner, payloads, block)
             continue
         times["gpu_to_cpu_tier"].append(seconds)
+        timelines.append((seconds, [(n, a - t0, b - t0) for n, a, b in spans]))
         for k, v in put_steps.items():
             parts.setdefault(k, []).extend(v)
         if not torch.equal(torch.stack(client.get(owner, keys)), rows):
             raise RuntimeError("spilled blocks came back different")
     client.release(owner)
     steps.update({k: round(statistics.median(v) * 1e3, 3) for k, v in parts.items()})
+    timeline[:] = median_timeline(timelines)
     return times
+
+
+def median_timeline(timelines: list[tuple[float, list[Span]]]) -> list[Span]:
+    """The steps of the put of median time, in milliseconds from its call, the put
+    itself last."""
+    if not timelines:
+        return []
+    seconds, spans = sorted(timelines, key=lambda t: t[0])[len(timelines) // 2]
+    ms = sorted(((n, round(a * 1e3, 2), round(b * 1e3, 2)) for n, a, b in spans),
+                key=lambda s: s[1])
+    return [*ms, ("put", 0.0, round(seconds * 1e3, 2))]
 
 
 def fill_gpu_tier(client: KVStoreClient, owner: str, payloads: list, block: int) -> None:
@@ -168,14 +189,17 @@ _STEPS = ("checksum_blocks", "copy_runs")
 
 
 @contextlib.contextmanager
-def timed_steps(transport: Any, seconds: dict[str, list[float]]) -> Iterator[None]:
+def timed_steps(transport: Any, seconds: dict[str, list[float]],
+                spans: list[Span] | None = None) -> Iterator[None]:
     """Times the steps of the cuda_ipc transport's calls inside the block (the bench's
     probe: its module functions, the BeginPut and CommitPut RPCs, the waits on CUDA
     streams and events)
-    -> ``seconds[step]`` gains each call's total per step."""
+    -> ``seconds[step]`` gains each call's total per step; ``spans`` (when given) each
+    step's (name, perf_counter at its start, at its end)."""
     from services.transfer import cuda_ipc_transport as mod
 
-    spent: dict[str, float] = dict.fromkeys((*_STEPS, "BeginPut", "CommitPut", "wait"), 0.0)
+    spent: dict[str, float] = dict.fromkeys(
+        (*_STEPS, "on_device", "BeginPut", "CommitPut", "wait"), 0.0)
 
     def timed(name: str, fn: Callable) -> Callable:
         def call(*a: Any, **k: Any) -> Any:
@@ -183,7 +207,10 @@ def timed_steps(transport: Any, seconds: dict[str, list[float]]) -> Iterator[Non
             try:
                 return fn(*a, **k)
             finally:
-                spent[name] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                spent[name] += t1 - t0
+                if spans is not None:
+                    spans.append((name, t0, t1))
         return call
 
     stub, waits = transport._stub, (torch.cuda.Event, torch.cuda.Stream)
@@ -197,8 +224,10 @@ def timed_steps(transport: Any, seconds: dict[str, list[float]]) -> Iterator[Non
             setattr(stub, n, timed(n, fn))
         for kind, sync in zip(waits, syncs, strict=True):
             kind.synchronize = timed("wait", sync)
+        transport._on_device = timed("on_device", transport._on_device)  # this one
         yield
     finally:
+        transport.__dict__.pop("_on_device", None)
         for kind, sync in zip(waits, syncs, strict=True):
             kind.synchronize = sync
         for n, fn in saved.items():

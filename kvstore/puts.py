@@ -12,11 +12,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
+from kvstore.landing import LANDING_WAIT_S, LandingPads, wait_landed
 from kvstore.moves import MAX_TRIES, MOVES_WAIT_S
 from kvstore.types import (
     MAX_KEY_BYTES,
     BegunPut,
     Block,
+    DeadlineExceeded,
     InvalidArgument,
     Move,
     NotFound,
@@ -48,16 +50,20 @@ class Puts:
     _stamp_later: Callable[[list[Block]], None]
     _owners: dict[str, OwnerState]
     _drop_pins: Callable[[OwnerState, str, Iterable[Block]], None]
+    _pads: LandingPads | None
     _pin_all: Callable[[OwnerState, str, Iterable[Block]], list[Block]]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
-                  device: bool = False, wait_s: float | None = None) -> BegunPut:
+                  device: bool = False, wait_s: float | None = None,
+                  landing: bool = False) -> BegunPut:
         """Reserves a slot for every block not already held, in the writer's home tier
         (``device``: the gpu tier; when its blocks are all pinned, the host memory tier:
         the put is *spilled*). Present blocks are pinned for ``owner`` at once; new ones
         when committed. Refuses (ResourceExhausted) rather than evicting pinned blocks;
         reserves all slots or none, and a refused put lets go of the pins it took.
-        Waits up to ``wait_s`` (MOVES_WAIT_S) for moves under way that make its room."""
+        Waits up to ``wait_s`` (MOVES_WAIT_S) for moves under way that make its room.
+        ``landing``: the writer writes a landing token after its copies; a spilled put
+        gets a pad for it, while one is free (kvstore.landing)."""
         home = self.home(device)
         if block_nbytes <= 0:
             raise InvalidArgument(f"block_nbytes must be > 0, got {block_nbytes}")
@@ -81,7 +87,8 @@ class Puts:
                         todo, block_nbytes, protect, home, patient) if todo else (None, home)
                     if moves is None:
                         return self._pend(owner, entries, now, device,
-                                          spilled=device and home != self.home(True))
+                                          spilled=device and home != self.home(True),
+                                          landing=landing)
                     if not moves:  # the room comes as moves under way land
                         self._moved.wait(timeout=max(0.0, wait_until - time.monotonic()))
                         continue
@@ -134,24 +141,33 @@ class Puts:
             raise
 
     def _pend(self, owner: str, entries: list[PutEntry], now: float, device: bool = False,
-              spilled: bool = False) -> BegunPut:
+              spilled: bool = False, landing: bool = False) -> BegunPut:
         put_id = uuid.uuid4().hex
-        self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s, device)
+        pad = (self._pads.take() if landing and spilled and self._pads is not None
+               and any(e.slot is not None for e in entries) else None)
+        self._pending[put_id] = PendingPut(owner, entries, now + self.pin_ttl_s, device,
+                                           pad)
         self._next_expiry = min(self._next_expiry, now + self.pin_ttl_s)
         slots = [PutSlot(e.key, False, e.slot.offset, e.slot.length, e.tier.name)
                  if e.slot is not None else PutSlot(e.key, True) for e in entries]
         if spilled:
             log.info("put_spilled", owner=owner, blocks=len(slots),
                      tier=self.tiers[self.home(False)].name)
-        return BegunPut(put_id, slots, spilled)
+        return BegunPut(put_id, slots, spilled, pad)
 
     def commit_put(self, put_id: str, checksums: Sequence[int],
-                   host_checksums: Sequence[int] = ()) -> tuple[int, int]:
+                   host_checksums: Sequence[int] = (), *, landing: bool = False,
+                   wait_s: float | None = None,
+                   wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
         """Makes the written blocks visible with their checksums -> (stored, present).
         ``checksums``: one per slot (values of present slots ignored) or one per
         written slot, in slot order: crc32s, or a device writer's dsum32s (a spilled
         put's blocks keep theirs beside a crc32: ``host_checksums``, the writer's, one
-        per written slot, else the store stamps them soon after: kvstore.stamps)."""
+        per written slot, else the store stamps them soon after: kvstore.stamps).
+        ``landing``: the copies may still be on their way; the commit waits for the
+        put's landing token first (:meth:`_await_landing`)."""
+        if landing:
+            self._await_landing(put_id, wait_s, wanted)
         stamps = self._host_stamps(put_id, host_checksums)
         spilled: list[Block] = []
         with self._lock:
@@ -170,6 +186,8 @@ class Puts:
                     f"put {put_id} has {len(p.entries)} slots ({len(written)} to write): "
                     f"send that many checksums, got {len(checksums)}")
             del self._pending[put_id]
+            if p.pad is not None and self._pads is not None:
+                self._pads.give_back(p.pad)
             self._expire()
             owner = p.owner
             o = self._owner(owner) if owner else None
@@ -211,6 +229,34 @@ class Puts:
             self._stamp_later(spilled)
         self.demote_soon()
         return stored, len(p.entries) - stored
+
+    def _await_landing(self, put_id: str, wait_s: float | None,
+                       wanted: Callable[[], bool] | None) -> None:
+        """Waits until the put's landing token is in its pad: then its copies have
+        landed. Gives up, dropping the put, after ``wait_s`` (LANDING_WAIT_S) or when
+        ``wanted`` (the caller is still there) stops holding."""
+        with self._lock:
+            p = self._pending.get(put_id)
+            if p is None:
+                raise NotFound(f"no pending put {put_id!r}: it was committed, aborted or "
+                               f"expired after {self.pin_ttl_s:g}s; begin the put again")
+            pad = p.pad
+        if pad is None or self._pads is None:
+            raise InvalidArgument(
+                f"put {put_id} has no landing pad (its BeginPut answered landing_offset "
+                "0): wait for your copies to land, then commit without landing")
+        bound = LANDING_WAIT_S if wait_s is None else wait_s
+        pads = self._pads
+        if wait_landed(lambda: pads.landed(pad), time.monotonic() + bound,
+                       lambda: put_id in self._pending and (wanted is None or wanted())):
+            return
+        if self.abort_put(put_id):
+            raise DeadlineExceeded(
+                f"put {put_id}: its landing token did not come within {bound:g}s (the "
+                "writer's copies did not land, or the writer went away); the put was "
+                "dropped: put the blocks again")
+        raise NotFound(f"put {put_id} was aborted or expired while its copies were "
+                       "landing; begin the put again")
 
     def _host_stamps(self, put_id: str, given: Sequence[int]) -> dict[int, int]:
         """The writer's crc32s of a device put's blocks written into a host tier (a

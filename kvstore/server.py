@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from prometheus_client import REGISTRY, Counter, Histogram
 
+from kvstore.landing import LANDING_WAIT_S
 from kvstore.metrics import StoreCollector
 from kvstore.moves import MOVES_WAIT_S
 from kvstore.store import (
@@ -135,12 +136,15 @@ class KVStoreServicer:
     @_rpc
     def BeginPut(self, request, context):  # noqa: N802
         begun = self.core.begin_put(request.owner, request.blocks, request.block_nbytes,
-                                    device=request.device, wait_s=_wait_s(context))
+                                    device=request.device, wait_s=_wait_s(context),
+                                    landing=request.landing)
         if not context.is_active():  # the caller gave up while its room was made
             self.core.abort_put(begun.put_id)
             context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
         resp = kvstore_pb2.BeginPutResponse(put_id=begun.put_id, store_id=self.store_id,
                                             spilled=begun.spilled)
+        if begun.pad is not None:
+            resp.landing_offset, resp.landing_token = begun.pad
         if request.packed:
             resp.offsets.extend([-1 if s.present else s.offset for s in begun.slots])
         else:
@@ -156,8 +160,10 @@ class KVStoreServicer:
         if request.abort:
             self.core.abort_put(request.put_id)
             return kvstore_pb2.CommitPutResponse()
-        stored, present = self.core.commit_put(request.put_id, request.checksums,
-                                               request.host_checksums)
+        stored, present = self.core.commit_put(
+            request.put_id, request.checksums, request.host_checksums,
+            landing=request.landing, wait_s=_wait_s(context, LANDING_WAIT_S),
+            wanted=context.is_active)
         return kvstore_pb2.CommitPutResponse(stored=stored, present=present)
 
     @_rpc
@@ -347,13 +353,14 @@ class KVStoreServicer:
                                             missing=missing, failed=failed)
 
 
-def _wait_s(context: grpc.ServicerContext) -> float | None:
-    """How long a put may wait for room being made: within the caller's deadline
-    (a little before it, so that the answer still reaches the caller)."""
+def _wait_s(context: grpc.ServicerContext, most: float = MOVES_WAIT_S) -> float | None:
+    """How long a call may wait (for room being made, for a landing token): ``most``,
+    and within the caller's deadline (a little before it, so that the answer still
+    reaches the caller); None without a deadline (the store's own bound)."""
     remaining = context.time_remaining()
     if remaining is None or remaining >= NO_DEADLINE_S:
         return None
-    return min(MOVES_WAIT_S, max(0.0, remaining - DEADLINE_MARGIN_S))
+    return min(most, max(0.0, remaining - DEADLINE_MARGIN_S))
 
 
 def _invalid(message: str) -> StoreError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from kvstore.landing import LandingPads
 from kvstore.tiers.base import Slot, Tier
 from kvstore.types import (
     Block,
@@ -35,6 +36,7 @@ class Space:
     _leaving: dict[Tier, int]  # bytes of the tier's blocks being moved out of it
     # slots pinned blocks moved out of, which their readers may still read in place
     _lingering: dict[Block, list[tuple[Tier, Slot]]]
+    _pads: LandingPads | None  # the shared arena's landing pads (kvstore.landing)
 
     # -- the LRU lists ----------------------------------------------------------------
     def _lru_add(self, b: Block) -> None:
@@ -197,6 +199,8 @@ class Space:
             tier.free(slot)
 
     def _free_pending(self, p: PendingPut) -> None:
+        if p.pad is not None and self._pads is not None:
+            self._pads.give_back(p.pad)
         for e in p.entries:
             if e.slot is not None:
                 e.tier.free(e.slot)

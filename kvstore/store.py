@@ -18,6 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 from kvstore.demotion import Demotion
+from kvstore.landing import LandingPads
 from kvstore.moves import Moves
 from kvstore.owners import Owners
 from kvstore.puts import Puts
@@ -67,6 +68,8 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
             raise ValueError("a KV store needs a host memory tier (cpu)")
         self.host = host[0]  # where host writers' puts land, the arena shm readers map
         self.device_tier = next((t for t in tiers if t.on_device), None)
+        header = getattr(self.host, "header", None)
+        self._pads = LandingPads(header()) if header is not None else None
         self.pin_ttl_s = pin_ttl_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -334,6 +337,8 @@ class KVStoreCore(Space, Moves, Demotion, Puts, Owners, Stamps):
         for q in (self._promoter, self._stamper):
             if q is not None:
                 q.put(None)
+        if self._pads is not None:
+            self._pads.close()  # its view of the arena would keep the mapping open
         for t in self.tiers:
             t.close()
 

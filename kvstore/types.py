@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from kvstore.landing import Pad
 from kvstore.tiers.base import Slot, Tier
 
 MAX_KEY_BYTES = 64
@@ -31,6 +32,10 @@ class NotFound(StoreError):
 
 class ResourceExhausted(StoreError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(StoreError):
+    code = "DEADLINE_EXCEEDED"
 
 
 class RefLike(Protocol):
@@ -80,6 +85,7 @@ class BegunPut(NamedTuple):
     put_id: str
     slots: list[PutSlot]
     spilled: bool = False  # a device put reserved in the host memory tier
+    pad: Pad | None = None  # where its writer writes its landing token (kvstore.landing)
 
 
 @dataclass(slots=True)
@@ -97,6 +103,7 @@ class PendingPut:
     entries: list[PutEntry]
     expires_at: float
     device: bool = False  # its checksums are dsum32 (a device writer's)
+    pad: Pad | None = None  # its landing pad, given back when it ends
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from kvstore.tiers.base import Slot
 from kvstore.tiers.span import SpanTier
 from services.transfer.arena_names import new_arena_name
 from services.transfer.bulk import address
-from services.transfer.contract.arena import HEADER_BYTES, arena_header
+from services.transfer.contract.arena import HEADER_BYTES, LANDING_BASE, arena_header
 
 
 class CpuTier(SpanTier):
@@ -41,7 +41,7 @@ class CpuTier(SpanTier):
         else:
             self._buf = memoryview(bytearray(total))
         header = arena_header(self.store_id)
-        if len(header) > HEADER_BYTES:
+        if len(header) > LANDING_BASE:
             raise ValueError("store id too long for the arena header")
         self._prefault()
         self._buf[: len(header)] = header
@@ -67,6 +67,10 @@ class CpuTier(SpanTier):
     def host_span(self) -> tuple[int, int]:
         """(address, bytes) of the whole arena in this process (to page-lock it)."""
         return address(self._buf), len(self._buf)
+
+    def header(self) -> memoryview:
+        """The arena's header (the landing pads are in it)."""
+        return self._buf[:HEADER_BYTES]
 
     @property
     def arena_bytes(self) -> int:

@@ -52,13 +52,15 @@ def two_phase_put(
 def begin_put(
     stub: kvstore_pb2_grpc.KVStoreStub, owner: str, refs: Sequence[common_pb2.BlockRef],
     block_nbytes: int, timeout_s: float | None, store_id: str,
-    stale: Callable[[str], Exception], *, device: bool = False,
+    stale: Callable[[str], Exception], *, device: bool = False, landing: bool = False,
 ) -> tuple[kvstore_pb2.BeginPutResponse, list[int]]:
-    """The first half of :func:`two_phase_put` -> (BeginPut's answer, the offsets)."""
+    """The first half of :func:`two_phase_put` -> (BeginPut's answer, the offsets).
+    ``landing``: the writer writes a landing token where the answer gives a pad
+    (``landing_offset``), after its copies (kvstore.landing)."""
     try:
         begun = stub.BeginPut(kvstore_pb2.BeginPutRequest(
             owner=owner, blocks=refs, block_nbytes=block_nbytes, packed=True,
-            device=device), timeout=bounded(timeout_s))
+            device=device, landing=landing), timeout=bounded(timeout_s))
     except grpc.RpcError as e:
         raise wrap_rpc_error(e) from None
     try:
@@ -75,13 +77,20 @@ def begin_put(
 
 
 def commit_put(stub: kvstore_pb2_grpc.KVStoreStub, begun: kvstore_pb2.BeginPutResponse,
-               sums: list[int], timeout_s: float | None) -> kvstore_pb2.CommitPutResponse:
-    """The second half of :func:`two_phase_put`: a put whose commit fails is aborted."""
+               sums: list[int], timeout_s: float | None,
+               landed: Callable[[], object] | None = None) -> kvstore_pb2.CommitPutResponse:
+    """The second half of :func:`two_phase_put`: a put whose commit fails is aborted.
+    A put with a landing pad commits before its copies land (the store waits for the
+    token); then ``landed`` waits for the copies before a failure's abort frees their
+    slots."""
+    landing = begun.landing_offset != 0
     try:
-        return stub.CommitPut(kvstore_pb2.CommitPutRequest(put_id=begun.put_id,
-                                                           checksums=sums),
-                              timeout=bounded(timeout_s))
+        return stub.CommitPut(kvstore_pb2.CommitPutRequest(
+            put_id=begun.put_id, checksums=sums, landing=landing),
+            timeout=bounded(timeout_s))
     except BaseException as e:
+        if landing and landed is not None:
+            landed()
         abort_put(stub, begun.put_id)
         if isinstance(e, grpc.RpcError):
             raise wrap_rpc_error(e) from None

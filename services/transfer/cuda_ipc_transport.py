@@ -3,7 +3,9 @@
 Put: BeginPut(device) reserves slots in the gpu tier -> one kernel copies every payload
 into the arena and checksums it on the way (dsum32) -> CommitPut. A gpu tier full of
 pinned blocks *spills* the put into the store's host arena (DMA, summed on the device
-first); after that, large puts go in pipelined chunks (services.transfer.put_pipeline).
+first), and the put commits as its copies go, the store waiting for the landing token
+the stream writes after them (kvstore.landing); after that, large puts go in pipelined
+chunks (services.transfer.put_pipeline).
 Get: Get(device) pins and says where: blocks in the gpu arena are copied device to
 device (checksummed in the same pass); blocks the store keeps in its cpu arena come
 from its shared memory, crc32-verified on the host and copied to the device. A block
@@ -31,7 +33,6 @@ from services.transfer.arena_ops import (
     pinned_device_locations,
     release_anonymous,
     reread_bad,
-    two_phase_put,
 )
 from services.transfer.base import Buffer, KVTransport, PutResult, bounded
 from services.transfer.bulk import crcs
@@ -46,6 +47,7 @@ from services.transfer.device_copy import (
     copy_runs,
     pin_host,
     unpin_host,
+    write_token,
 )
 from services.transfer.host_id import host_id
 from services.transfer.metrics import TransferMeter
@@ -128,44 +130,51 @@ class CudaIpcTransport(KVTransport):
             raise InvalidRequestError(f"{len(refs)} block refs but {len(payloads)} payloads")
         if not refs:
             return PutResult(0, 0)
-        base, offsets = self._on_device(payloads, block_nbytes)
         # after a put of ours spilled, a large one goes in chunks that overlap their RPCs
         pieces = chunks(len(refs), block_nbytes) if self._spilling else [range(len(refs))]
         t0 = time.perf_counter()
-        stored, present, written = self._put_pieces(owner, refs, base, offsets, block_nbytes,
+        stored, present, written = self._put_pieces(owner, refs, payloads, block_nbytes,
                                                     pieces)
         self._meter.observe("put", time.perf_counter() - t0, block_nbytes * written)
         return PutResult(stored, present)
 
-    def _put_pieces(self, owner: str, refs: Sequence[common_pb2.BlockRef], base: torch.Tensor,
-                    offsets: list[int], nbytes: int, pieces: list[range]
+    def _put_pieces(self, owner: str, refs: Sequence[common_pb2.BlockRef],
+                    payloads: Sequence[Buffer], nbytes: int, pieces: list[range]
                     ) -> tuple[int, int, int]:
-        """The put of ``pieces`` of the blocks: one two-phase put, or several pipelined
-        (:mod:`services.transfer.put_pipeline`) -> (stored, present, written)."""
+        """The put of ``pieces`` of the blocks (:mod:`services.transfer.put_pipeline`;
+        one piece: one two-phase put). The first BeginPut travels while the payloads
+        are gathered on the device -> (stored, present, written)."""
         device_sums: list[int] = []
+        gathered: list = []  # (the payloads' flat device tensor, each one's offset)
         written = 0
 
-        def sum_all() -> None:
-            device_sums[:] = checksum_blocks(base, offsets, nbytes)
+        def gather() -> None:
+            gathered[:] = self._on_device(payloads, nbytes)
+            if self._spilling:
+                device_sums[:] = checksum_blocks(*gathered, nbytes)
 
         def write(begun: kvstore_pb2.BeginPutResponse, slots: list[int],
                   piece: range) -> list[int]:
             """The piece's copies -> its checksums (0 for blocks held already). Where the
             gpu tier was full of pinned blocks (``spilled``) they go to the host arena by
-            DMA, one per run of adjacent blocks, enqueued: their dsum32s are computed on
-            the device before they cross, and the store stamps their crc32s after the
-            commit (computed here as they landed, they held the put to the host threads'
-            crc32 rate)."""
+            DMA, one per run of adjacent blocks, enqueued, then the landing token where
+            the store gave a pad: their dsum32s are computed on the device before they
+            cross, and the store stamps their crc32s after the commit (computed here as
+            they landed, they held the put to the host threads' crc32 rate)."""
             nonlocal written
+            base, offsets = gathered
             self._spilling = begun.spilled
             todo = [j for j, o in enumerate(slots) if o >= 0]
             src = [offsets[piece.start + j] for j in todo]
             dst = [slots[j] for j in todo]
             if begun.spilled:
                 if not device_sums:
-                    sum_all()
+                    device_sums[:] = checksum_blocks(base, offsets, nbytes)
                 got = [device_sums[piece.start + j] for j in todo]
-                copy_runs(base, src, self._host_arena(), dst, nbytes)
+                host = self._host_arena()
+                copy_runs(base, src, host, dst, nbytes)
+                if begun.landing_offset:
+                    write_token(host, begun.landing_offset, begun.landing_token, self.device)
             else:
                 got = copy_blocks(base, src, self._arena, dst, nbytes)
             written += len(todo)
@@ -174,25 +183,13 @@ class CudaIpcTransport(KVTransport):
                 sums[j] = c
             return sums
 
-        stream = torch.cuda.current_stream(self.device)
-        if len(pieces) > 1:
-            answers = pipelined_put(
-                self._stub, self._helpers(), pieces,
-                lambda piece: begin_put(self._stub, owner, refs[piece.start : piece.stop],
-                                        nbytes, self.timeout_s, self.store_id, self._stale,
-                                        device=True),
-                write, stream, self.timeout_s, meanwhile=sum_all)
-            return (sum(a.stored for a in answers), sum(a.present for a in answers), written)
-
-        def write_landed(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
-            try:
-                return write(begun, slots, pieces[0])
-            finally:  # landed before the commit, or before a failure aborts the put
-                stream.synchronize()
-
-        resp, _ = two_phase_put(self._stub, owner, refs, nbytes, self.timeout_s,
-                                self.store_id, self._stale, write_landed, device=True)
-        return resp.stored, resp.present, written
+        answers = pipelined_put(
+            self._stub, self._helpers(), pieces,
+            lambda piece: begin_put(self._stub, owner, refs[piece.start : piece.stop],
+                                    nbytes, self.timeout_s, self.store_id, self._stale,
+                                    device=True, landing=True),
+            write, torch.cuda.current_stream(self.device), self.timeout_s, meanwhile=gather)
+        return (sum(a.stored for a in answers), sum(a.present for a in answers), written)
 
     def _helpers(self) -> PutHelpers:
         """The threads of this client's pipelined puts (started on the first)."""

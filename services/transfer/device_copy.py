@@ -283,6 +283,15 @@ def copy_runs(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor,
     return copies
 
 
+def write_token(host: torch.Tensor, offset: int, token: int, device: torch.device) -> None:
+    """Enqueues, on ``device``'s current stream after the work already there, the write
+    of ``token`` (8 bytes, little-endian) into page-locked ``host`` memory at
+    ``offset``: a landing token, in host memory only once the copies before it are
+    (kvstore.landing). The value goes as a kernel argument: nothing waits on the host."""
+    value = torch.full((1,), token, dtype=torch.int64, device=device)
+    host[offset : offset + 8].copy_(value.view(torch.uint8), non_blocking=True)
+
+
 def pin_host(ptr: int, nbytes: int) -> bool:
     """Page-locks ``nbytes`` of host memory at ``ptr`` (shared memory mapped here) for
     DMA: host <-> device copies from it run near the link's rate -> whether it took."""

@@ -8,6 +8,11 @@ reached 34 GB/s against the link's 55. In chunks, chunk i's copies cross the lin
 chunk i+1 is begun and chunk i-1 committed on helper threads: only the first chunk's
 BeginPut and the last one's CommitPut stay outside the copies.
 
+A chunk the store gave a landing pad (kvstore.landing) is committed as soon as its
+copies and its landing token are enqueued: the store waits for the token, so the last
+chunk's CommitPut travels while its copies cross, not after. Without a pad, the
+CommitPut waits for the chunk's copies to land.
+
 A chunk's slots are never freed under a copy still in flight: a failure waits for the
 stream before it aborts the chunks begun and not committed. Chunks committed before a
 failure stay stored (pinned by their owner, like any block put for it).
@@ -30,8 +35,8 @@ Begun = tuple[kvstore_pb2.BeginPutResponse, list[int]]
 
 class PutHelpers(NamedTuple):
     """The threads of pipelined puts: the next chunk's BeginPut on one, and the
-    CommitPuts, each waiting for its chunk's copies to land first, on two others (a
-    BeginPut queued behind such a wait would stall the copies)."""
+    CommitPuts, each waiting for its chunk's copies to land (here or in the store), on
+    others (a BeginPut queued behind such a wait would stall the copies)."""
 
     begins: ThreadPoolExecutor
     commits: ThreadPoolExecutor
@@ -39,7 +44,7 @@ class PutHelpers(NamedTuple):
     @classmethod
     def start(cls, name: str) -> PutHelpers:
         return cls(ThreadPoolExecutor(1, thread_name_prefix=f"{name}-begin"),
-                   ThreadPoolExecutor(2, thread_name_prefix=f"{name}-commit"))
+                   ThreadPoolExecutor(4, thread_name_prefix=f"{name}-commit"))
 
     def shutdown(self) -> None:
         self.begins.shutdown()
@@ -67,10 +72,12 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
                   meanwhile: Callable[[], object] | None = None
                   ) -> list[kvstore_pb2.CommitPutResponse]:
     """Puts ``pieces`` of a put: ``begin(piece)`` (on a helper thread, one piece ahead),
-    ``write(answer, offsets, piece)`` (enqueues the piece's copies on ``stream`` and
-    returns its checksums), then CommitPut once the copies landed (on another helper
-    thread) -> each piece's CommitPut answer. ``meanwhile`` runs while the first piece
-    is begun. Raises the first failure, after every piece is committed or aborted."""
+    ``write(answer, offsets, piece)`` (enqueues the piece's copies on ``stream``, and
+    the landing token where the answer has a pad, and returns its checksums), then
+    CommitPut (on another helper thread; once the copies landed, for a piece without a
+    pad) -> each piece's CommitPut answer. ``meanwhile`` runs while the first piece
+    is begun. Raises the first failure, after every piece is committed or aborted and
+    no copy is left in flight."""
     ahead: dict[int, Future] = {0: helpers.begins.submit(begin, pieces[0])}
     commits: list[Future] = []
     writing = None  # the begun piece whose copies are being enqueued
@@ -95,14 +102,19 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
                 abort_put(stub, f.result()[0].put_id)
         _results(commits)
         raise
-    return _results(commits)
+    try:
+        return _results(commits)
+    except BaseException:
+        stream.synchronize()  # a failed commit's copies may have been on their way
+        raise
 
 
 def _commit_landed(stub: kvstore_pb2_grpc.KVStoreStub, begun: kvstore_pb2.BeginPutResponse,
                    sums: list[int], landed: Any, timeout_s: float | None
                    ) -> kvstore_pb2.CommitPutResponse:
-    landed.synchronize()
-    return commit_put(stub, begun, sums, timeout_s)
+    if not begun.landing_offset:
+        landed.synchronize()
+    return commit_put(stub, begun, sums, timeout_s, landed=landed.synchronize)
 
 
 def _results(commits: list[Future]) -> list[kvstore_pb2.CommitPutResponse]:

@@ -14,6 +14,7 @@ from services.transfer import (
     InvalidRequestError,
     MissingBlocksError,
     cuda_ipc_transport,
+    device_copy,
     put_pipeline,
 )
 from services.transfer.store_client import KVStoreClient
@@ -149,12 +150,21 @@ def test_after_a_spill_a_large_put_goes_in_pipelined_chunks(small_store, monkeyp
         return put_pipeline.pipelined_put(stub, helpers, pieces, *rest, **named)
 
     monkeypatch.setattr(cuda_ipc_transport, "pipelined_put", pipelined)
+    tokens: list[int] = []
+
+    def write_token(host, offset, token, device):
+        tokens.append(token)
+        return device_copy.write_token(host, offset, token, device)
+
+    monkeypatch.setattr(cuda_ipc_transport, "write_token", write_token)
     with _client(small_store, "cuda_ipc") as c, _client(small_store, "shm") as host:
         c.put("hold", _keys(16), list(_rows(16).unbind(0)), NBYTES)
         c.put("w", _keys(1), list(_rows(1).unbind(0)), NBYTES)  # spilled: chunks from now
+        assert len(tokens) == 1  # committed as it landed (the store had a pad for it)
         keys, rows = _keys(6), _rows(6)
         assert c.put("w", keys, list(rows.unbind(0)), NBYTES).stored == 6
-        assert seen == [[range(0, 2), range(2, 5), range(5, 6)]]
+        assert seen[-1] == [range(0, 2), range(2, 5), range(5, 6)]
+        assert len(tokens) == 4 and len(set(tokens)) == 4
         assert c.lookup_per_tier(keys)["cpu"] == 6
         assert torch.equal(torch.stack(c.get("r", keys)), rows)
         assert [bytes(b) for b in host.get("h", keys)] == [bytes(r.cpu().numpy()) for r in rows]

@@ -1,15 +1,19 @@
 """A put in pipelined chunks (services.transfer.put_pipeline) against a real store over
 gRPC: every chunk stored, nothing left pinned or pending; a chunk that fails aborts
 itself and the chunk begun ahead, after the copies in flight landed, and the chunks
-committed before it stay. The copies land in the store's host tier here, with a
-stand-in for the CUDA stream (the GPU path runs in tests/gpu)."""
+committed before it stay. Chunks with landing pads are committed before their copies
+land, and one whose token never comes fails the put only after the stream was waited
+for. The copies land in the store's host tier here, with a stand-in for the CUDA stream
+(the GPU path runs in tests/gpu)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -18,12 +22,16 @@ from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import KVStoreCore
 from kvstore.tiers.base import Slot
 from kvstore.tiers.cpu import CpuTier
+from kvstore.tiers.gpu import GpuTier
+from kvstore.types import PutSlot
 from services.common.server import start_server
 from services.common.settings import Endpoint
 from services.transfer.arena_ops import begin_put
+from services.transfer.contract.arena import LANDING_PADS
 from services.transfer.contract.checksum import crc32
 from services.transfer.put_pipeline import PutHelpers, chunks, pipelined_put
 from splitserve.v1 import common_pb2, kvstore_pb2_grpc
+from tests.fixtures.device_puts import dsum, write_device_put
 
 NBYTES = 4096
 
@@ -142,3 +150,99 @@ def test_no_begin_waits_behind_commits_waiting_for_their_copies(store):
     assert [a.stored for a in answers] == [2, 2, 2, 2]
     core.release("owner")
     assert core.stats().pins == 0
+
+
+# -- landing pads: chunks committed while their copies cross ------------------------------
+
+@pytest.fixture
+def spilling() -> Iterator[tuple[KVStoreCore, kvstore_pb2_grpc.KVStoreStub, str]]:
+    """A store whose gpu tier (on the CPU) is full of pinned blocks: device puts spill
+    into the shared cpu tier and get landing pads."""
+    core = KVStoreCore([GpuTier(NBYTES, device="cpu"), CpuTier(64 * NBYTES, shm=True)])
+    held = core.begin_put("hold", [common_pb2.BlockRef(key=b"h" * 16, num_tokens=16)],
+                          NBYTES, device=True)
+    write_device_put(core, held, [bytes(NBYTES)])
+    handle = start_server("kvstore", Endpoint(port=0),
+                          lambda s: add_to_server(KVStoreServicer(core, core.host, "land"), s),
+                          ["splitserve.v1.KVStore"])
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    yield core, kvstore_pb2_grpc.KVStoreStub(channel), "land"
+    channel.close()
+    handle.stop(0)
+    core.close()
+
+
+class _TokenStream(_Stream):
+    """A stream whose copies land when the test says: then each piece's token lands in
+    its pad after them, as the device writes it."""
+
+    def __init__(self, core: KVStoreCore) -> None:
+        super().__init__()
+        self.core = core
+        self.tokens: list[tuple[int, int]] = []
+
+    def land(self) -> None:
+        header = self.core.host.header()
+        for offset, token in self.tokens:
+            header[offset : offset + 8] = token.to_bytes(8, "little")
+
+
+def _landing_put(core, stub, store_id, data, pieces, stream: _TokenStream, timeout_s=10.0):
+    refs = [common_pb2.BlockRef(key=os.urandom(16), num_tokens=16) for _ in data]
+
+    def begin(piece: range):
+        return begin_put(stub, "owner", refs[piece.start : piece.stop], NBYTES, timeout_s,
+                         store_id, _stale, device=True, landing=True)
+
+    def write(begun, offsets: list[int], piece: range) -> list[int]:
+        assert begun.spilled and begun.landing_offset
+        for off, d in zip(offsets, data[piece.start : piece.stop], strict=True):
+            core.view(PutSlot(b"", False, off, NBYTES, "cpu"))[:] = d
+        stream.tokens.append((begun.landing_offset, begun.landing_token))
+        return [dsum(d) for d in data[piece.start : piece.stop]]
+
+    helpers = PutHelpers.start("test-landing")
+    try:
+        return refs, pipelined_put(stub, helpers, pieces, begin, write, stream, timeout_s)
+    finally:
+        helpers.shutdown()
+
+
+def test_chunks_with_landing_pads_commit_before_their_copies_land(spilling):
+    core, stub, store_id = spilling
+    data = [os.urandom(NBYTES) for _ in range(6)]
+    pieces = [range(0, 2), range(2, 4), range(4, 6)]
+    stream = _TokenStream(core)
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(_landing_put, core, stub, store_id, data, pieces, stream)
+        deadline = time.monotonic() + 5
+        while len(stream.tokens) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert not put.done()  # every commit sent, waiting in the store for its token
+        stream.land()
+        refs, answers = put.result(timeout=5)
+    assert [a.stored for a in answers] == [2, 2, 2]
+    assert stream.waits == 0  # the client never waited for its copies
+    locs = core.get("reader", [r.key for r in refs])
+    assert [bytes(core.view(loc)) for loc in locs] == data
+    core.release("reader")
+    core.release("owner")
+    s = core.stats()
+    assert s.pins == 1 and s.pending_puts == 0  # the gpu tier's holder only
+    assert core._pads is not None and core._pads.free == LANDING_PADS
+
+
+def test_a_chunk_whose_token_never_lands_fails_the_put_after_the_stream_is_waited_for(
+        spilling):
+    core, stub, store_id = spilling
+    data = [os.urandom(NBYTES) for _ in range(4)]
+    stream = _TokenStream(core)  # lands nothing
+    with pytest.raises(grpc.RpcError) as err:
+        _landing_put(core, stub, store_id, data, [range(0, 2), range(2, 4)], stream,
+                     timeout_s=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stream.waits >= 1  # before any abort freed the slots of a copy in flight
+    s = core.stats()
+    assert s.pending_puts == 0 and s.pins == 1
+    assert core._pads is not None and core._pads.free == LANDING_PADS

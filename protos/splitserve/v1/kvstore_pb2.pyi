@@ -113,18 +113,20 @@ class LookupResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., per_tier: _Optional[_Iterable[_Union[TierPrefix, _Mapping]]] = ...) -> None: ...
 
 class BeginPutRequest(_message.Message):
-    __slots__ = ("owner", "blocks", "block_nbytes", "packed", "device")
+    __slots__ = ("owner", "blocks", "block_nbytes", "packed", "device", "landing")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LANDING_FIELD_NUMBER: _ClassVar[int]
     owner: str
     blocks: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockRef]
     block_nbytes: int
     packed: bool
     device: bool
-    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., packed: _Optional[bool] = ..., device: _Optional[bool] = ...) -> None: ...
+    landing: bool
+    def __init__(self, owner: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_common_pb2.BlockRef, _Mapping]]] = ..., block_nbytes: _Optional[int] = ..., packed: _Optional[bool] = ..., device: _Optional[bool] = ..., landing: _Optional[bool] = ...) -> None: ...
 
 class PutSlot(_message.Message):
     __slots__ = ("key", "present", "offset", "length")
@@ -139,30 +141,36 @@ class PutSlot(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., present: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class BeginPutResponse(_message.Message):
-    __slots__ = ("put_id", "slots", "store_id", "offsets", "spilled")
+    __slots__ = ("put_id", "slots", "store_id", "offsets", "spilled", "landing_offset", "landing_token")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     SPILLED_FIELD_NUMBER: _ClassVar[int]
+    LANDING_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LANDING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     slots: _containers.RepeatedCompositeFieldContainer[PutSlot]
     store_id: str
     offsets: _containers.RepeatedScalarFieldContainer[int]
     spilled: bool
-    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., spilled: _Optional[bool] = ...) -> None: ...
+    landing_offset: int
+    landing_token: int
+    def __init__(self, put_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[PutSlot, _Mapping]]] = ..., store_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ..., spilled: _Optional[bool] = ..., landing_offset: _Optional[int] = ..., landing_token: _Optional[int] = ...) -> None: ...
 
 class CommitPutRequest(_message.Message):
-    __slots__ = ("put_id", "checksums", "abort", "host_checksums")
+    __slots__ = ("put_id", "checksums", "abort", "host_checksums", "landing")
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     HOST_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    LANDING_FIELD_NUMBER: _ClassVar[int]
     put_id: str
     checksums: _containers.RepeatedScalarFieldContainer[int]
     abort: bool
     host_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, put_id: _Optional[str] = ..., checksums: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ..., host_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    landing: bool
+    def __init__(self, put_id: _Optional[str] = ..., checksums: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ..., host_checksums: _Optional[_Iterable[int]] = ..., landing: _Optional[bool] = ...) -> None: ...
 
 class CommitPutResponse(_message.Message):
     __slots__ = ("stored", "present")
