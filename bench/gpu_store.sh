@@ -17,7 +17,7 @@ if [ "${TESTS:-0}" = 1 ]; then
   run gpu_tests 260 python3 -m pytest -q -p no:cacheprovider tests/gpu
 fi
 T="python3 -m services.cli bench transfer --gpu --transport cuda_ipc --block-kib 1792"
-run transfer_512mib 120 $T --mib 512 --repeat 3 --log-dir "$out/store-512mib"
+run transfer_512mib 150 $T --mib 512 --repeat 5 --log-dir "$out/store-512mib"
 run transfer_64mib 90 $T --mib 64 --repeat 5 --log-dir "$out/store-64mib"
 run copy_kernel 40 python3 -m bench.copy_kernel
 run agents 150 python3 -m services.cli bench agents --device cuda \

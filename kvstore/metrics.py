@@ -46,6 +46,8 @@ class StoreCollector(Collector):
             ("promotions", "Blocks raised to a faster tier", s.promotions),
             ("demotions", "Blocks moved down to a slower tier", s.demotions),
             ("puts_refused", "Puts refused for lack of room", s.puts_refused),
+            ("landings_missed", "Puts dropped: their landing token never came",
+             s.landings_missed),
             ("checksum_failures", "Blocks dropped for a failed crc32", s.checksum_failures),
             ("blocks_stored", "Blocks newly stored", s.blocks_stored),
             ("lookups", "Lookup calls", s.lookups),

@@ -251,6 +251,8 @@ class Puts:
                        lambda: put_id in self._pending and (wanted is None or wanted())):
             return
         if self.abort_put(put_id):
+            with self._lock:
+                self._s.landings_missed += 1
             raise DeadlineExceeded(
                 f"put {put_id}: its landing token did not come within {bound:g}s (the "
                 "writer's copies did not land, or the writer went away); the put was "

@@ -339,6 +339,7 @@ class KVStoreServicer:
             hits=s.hits, misses=s.misses, evictions=s.evictions, puts_refused=s.puts_refused,
             checksum_failures=s.checksum_failures, promotions=s.promotions,
             demotions=s.demotions, moves_pending=s.moves_pending,
+            landings_missed=s.landings_missed,
             tiers=[kvstore_pb2.TierStats(
                 tier=t.name, kind=t.kind, capacity_bytes=t.capacity_bytes,
                 used_bytes=t.used_bytes, blocks=t.blocks, hits=t.hits, misses=t.misses,

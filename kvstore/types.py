@@ -169,6 +169,8 @@ class StoreStats:
     misses: int = 0
     evictions: int = 0
     puts_refused: int = 0
+    # puts committed before their copies landed whose landing token never came (dropped)
+    landings_missed: int = 0
     checksum_failures: int = 0
     blocks_stored: int = 0
     bytes_stored: int = 0

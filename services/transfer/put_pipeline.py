@@ -29,6 +29,7 @@ from services.transfer.arena_ops import abort_put, commit_put
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 CHUNK_BYTES = 128 << 20  # a chunk's copies (~2.4 ms at 55 GB/s) outlast its RPCs
+BEGINS_AHEAD = 1  # chunks begun ahead of the one whose copies are being enqueued
 
 Begun = tuple[kvstore_pb2.BeginPutResponse, list[int]]
 
@@ -43,7 +44,7 @@ class PutHelpers(NamedTuple):
 
     @classmethod
     def start(cls, name: str) -> PutHelpers:
-        return cls(ThreadPoolExecutor(1, thread_name_prefix=f"{name}-begin"),
+        return cls(ThreadPoolExecutor(BEGINS_AHEAD, thread_name_prefix=f"{name}-begin"),
                    ThreadPoolExecutor(4, thread_name_prefix=f"{name}-commit"))
 
     def shutdown(self) -> None:
@@ -71,14 +72,15 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
                   stream: Any, timeout_s: float | None,
                   meanwhile: Callable[[], object] | None = None
                   ) -> list[kvstore_pb2.CommitPutResponse]:
-    """Puts ``pieces`` of a put: ``begin(piece)`` (on a helper thread, one piece ahead),
+    """Puts ``pieces`` of a put: ``begin(piece)`` (on helper threads, BEGINS_AHEAD pieces ahead),
     ``write(answer, offsets, piece)`` (enqueues the piece's copies on ``stream``, and
     the landing token where the answer has a pad, and returns its checksums), then
     CommitPut (on another helper thread; once the copies landed, for a piece without a
     pad) -> each piece's CommitPut answer. ``meanwhile`` runs while the first piece
     is begun. Raises the first failure, after every piece is committed or aborted and
     no copy is left in flight."""
-    ahead: dict[int, Future] = {0: helpers.begins.submit(begin, pieces[0])}
+    ahead: dict[int, Future] = {i: helpers.begins.submit(begin, pieces[i])
+                                for i in range(min(BEGINS_AHEAD, len(pieces)))}
     commits: list[Future] = []
     writing = None  # the begun piece whose copies are being enqueued
     try:
@@ -86,8 +88,8 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
             meanwhile()
         for i, piece in enumerate(pieces):
             writing, offsets = ahead.pop(i).result()
-            if i + 1 < len(pieces):
-                ahead[i + 1] = helpers.begins.submit(begin, pieces[i + 1])
+            if (nxt := i + BEGINS_AHEAD) < len(pieces):
+                ahead[nxt] = helpers.begins.submit(begin, pieces[nxt])
             sums = write(writing, offsets, piece)
             landed = stream.record_event()
             commits.append(helpers.commits.submit(_commit_landed, stub, writing, sums,

@@ -129,6 +129,7 @@ def test_a_commit_whose_token_never_comes_drops_the_put(core: KVStoreCore) -> No
     with pytest.raises(DeadlineExceeded, match="landing token did not come"):
         core.commit_put(begun.put_id, sums, landing=True, wait_s=0.2)
     assert time.monotonic() - t0 < 2
+    assert core.stats().landings_missed == 1
     assert core.lookup(keys_from(1, 2))[0] == 0
     assert core.host.used_bytes == used  # its slots are free again
     assert_nothing_left(core)
@@ -258,6 +259,7 @@ def test_over_grpc_a_token_that_never_comes_is_deadline_exceeded_inside_the_call
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "landing token did not come" in err.value.details()  # the store's answer
     assert time.monotonic() - t0 < 0.6
+    assert served.Stats(kvstore_pb2.StatsRequest(), timeout=5).landings_missed == 1
     assert_nothing_left(core)
 
 

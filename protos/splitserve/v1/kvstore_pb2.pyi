@@ -313,7 +313,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., kind: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers", "promotions", "demotions", "moves_pending")
+    __slots__ = ("blocks", "pinned_blocks", "pins", "owners", "hits", "misses", "evictions", "puts_refused", "checksum_failures", "tiers", "promotions", "demotions", "moves_pending", "landings_missed")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +327,7 @@ class StatsResponse(_message.Message):
     PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     MOVES_PENDING_FIELD_NUMBER: _ClassVar[int]
+    LANDINGS_MISSED_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     pinned_blocks: int
     pins: int
@@ -340,7 +341,8 @@ class StatsResponse(_message.Message):
     promotions: int
     demotions: int
     moves_pending: int
-    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., moves_pending: _Optional[int] = ...) -> None: ...
+    landings_missed: int
+    def __init__(self, blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., pins: _Optional[int] = ..., owners: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts_refused: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., moves_pending: _Optional[int] = ..., landings_missed: _Optional[int] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
     __slots__ = ("keys",)
