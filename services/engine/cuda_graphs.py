@@ -10,14 +10,17 @@
   bound by the GPU.
 
 A step is padded to the smallest bucket that holds it and replayed. All graphs
-share one memory pool, captured largest first.
+share one memory pool, captured largest first. Dead Python cycles are collected before
+the captures and the collector is off during them (:func:`no_collection`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +47,23 @@ def chunk_bucket_sizes(max_tokens: int) -> list[int]:
     return sorted(set(sizes + [max_tokens]))
 
 
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Collects dead Python cycles now and keeps the collector off inside the block.
+    A cycle that holds CUDA objects (an old engine's graphs, its memory, a mapped
+    arena) and is freed mid-capture makes CUDA calls a capture forbids, and the
+    capture fails ("operation not permitted when stream is capturing"). torch no
+    longer collects before a capture (torch.compiler.config.force_cudagraph_gc)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class StepGraphs:
     """Graphs of one layout; ``prepare(size)`` fills the layout with padding and
     returns its device views for ``size``."""
@@ -54,8 +74,9 @@ class StepGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
-        for size in reversed(self.sizes):
-            pool = self._capture(runner, prepare(size), size, pool)
+        with no_collection():
+            for size in reversed(self.sizes):
+                pool = self._capture(runner, prepare(size), size, pool)
         self.pool = pool
         torch.cuda.synchronize(runner.device)
         log.info("captured %d %s CUDA graphs (up to %d) in %.1f s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from pathlib import Path
 
@@ -236,3 +237,24 @@ def test_8k_prompt_at_default_memory_settings() -> None:
         tokens += [t for o in engine.step() for t in o.new_token_ids]
     assert len(tokens) == 2
     assert engine.stats().num_steps == 2
+
+
+def test_graphs_capture_while_dead_cycles_hold_an_old_engine(tiny_llama_dir: Path) -> None:
+    """An old engine kept only by a reference cycle, and a collection due at nearly every
+    allocation: freed inside a capture, its graphs and memory would break it. The new
+    engine collects before it captures and keeps the collector off while it does."""
+    cfg = dict(model=str(tiny_llama_dir), device="cuda", num_kv_blocks=32, **FAST)
+    cycle: dict = {"engine": LLMEngine(EngineConfig(**cfg), use_tqdm=False)}
+    cycle["self"] = cycle
+    del cycle
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        engine = LLMEngine(EngineConfig(**cfg), use_tqdm=False)
+    finally:
+        gc.set_threshold(*thresholds)
+    engine.add_request("r", [5, 9, 13], SamplingParams(max_tokens=4, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    assert len(tokens) == 4
