@@ -32,21 +32,23 @@ def two_phase_put(
     block_nbytes: int, timeout_s: float | None, store_id: str,
     stale: Callable[[str], Exception],
     write: Callable[[kvstore_pb2.BeginPutResponse, list[int]], list[int]], *,
-    device: bool = False,
+    device: bool = False, landed: Callable[[], object] | None = None,
 ) -> tuple[kvstore_pb2.CommitPutResponse, list[int]]:
     """BeginPut -> ``write(its answer, offsets)`` (where each block goes, -1 for one
     already held; it returns the checksums CommitPut takes) -> CommitPut ->
     (its answer, the offsets). Any failure after BeginPut aborts the put; ``stale(id)``
     is raised when another store instance answers. ``device``: the slots are in the gpu
-    tier (unless the answer says ``spilled``: then in the host arena)."""
+    tier (unless the answer says ``spilled``: then in the host arena). ``landed``: the
+    writer writes a landing token where the answer gives a pad, and this waits for its
+    copies (before a failed commit's abort; see :func:`commit_put`)."""
     begun, offsets = begin_put(stub, owner, refs, block_nbytes, timeout_s, store_id, stale,
-                               device=device)
+                               device=device, landing=landed is not None)
     try:
         sums = write(begun, offsets)
     except BaseException:
         abort_put(stub, begun.put_id)
         raise
-    return commit_put(stub, begun, sums, timeout_s), offsets
+    return commit_put(stub, begun, sums, timeout_s, landed), offsets
 
 
 def begin_put(

@@ -33,6 +33,7 @@ from services.transfer.arena_ops import (
     pinned_device_locations,
     release_anonymous,
     reread_bad,
+    two_phase_put,
 )
 from services.transfer.base import Buffer, KVTransport, PutResult, bounded
 from services.transfer.bulk import crcs
@@ -141,9 +142,11 @@ class CudaIpcTransport(KVTransport):
     def _put_pieces(self, owner: str, refs: Sequence[common_pb2.BlockRef],
                     payloads: Sequence[Buffer], nbytes: int, pieces: list[range]
                     ) -> tuple[int, int, int]:
-        """The put of ``pieces`` of the blocks (:mod:`services.transfer.put_pipeline`;
-        one piece: one two-phase put). The first BeginPut travels while the payloads
-        are gathered on the device -> (stored, present, written)."""
+        """The put of ``pieces`` of the blocks: one two-phase put on this thread, or
+        several pipelined (:mod:`services.transfer.put_pipeline`), whose first BeginPut
+        travels while the payloads are gathered on the device -> (stored, present,
+        written). (A 64 MiB put into the gpu tier measured 18-21 GB/s through the
+        pipeline's threads, against 27-30 on this thread in earlier sessions.)"""
         device_sums: list[int] = []
         gathered: list = []  # (the payloads' flat device tensor, each one's offset)
         written = 0
@@ -183,13 +186,34 @@ class CudaIpcTransport(KVTransport):
                 sums[j] = c
             return sums
 
-        answers = pipelined_put(
-            self._stub, self._helpers(), pieces,
-            lambda piece: begin_put(self._stub, owner, refs[piece.start : piece.stop],
-                                    nbytes, self.timeout_s, self.store_id, self._stale,
-                                    device=True, landing=True),
-            write, torch.cuda.current_stream(self.device), self.timeout_s, meanwhile=gather)
-        return (sum(a.stored for a in answers), sum(a.present for a in answers), written)
+        stream = torch.cuda.current_stream(self.device)
+        if len(pieces) > 1:
+            answers = pipelined_put(
+                self._stub, self._helpers(), pieces,
+                lambda piece: begin_put(self._stub, owner, refs[piece.start : piece.stop],
+                                        nbytes, self.timeout_s, self.store_id, self._stale,
+                                        device=True, landing=True),
+                write, stream, self.timeout_s, meanwhile=gather)
+            return (sum(a.stored for a in answers), sum(a.present for a in answers),
+                    written)
+
+        def write_landed(begun: kvstore_pb2.BeginPutResponse, slots: list[int]) -> list[int]:
+            """The copies, landed before the commit unless the store waits for the
+            landing token, and always before a failure aborts the put."""
+            try:
+                sums = write(begun, slots, pieces[0])
+            except BaseException:
+                stream.synchronize()
+                raise
+            if not begun.landing_offset:
+                stream.synchronize()
+            return sums
+
+        gather()
+        resp, _ = two_phase_put(self._stub, owner, refs, nbytes, self.timeout_s,
+                                self.store_id, self._stale, write_landed, device=True,
+                                landed=stream.synchronize)
+        return resp.stored, resp.present, written
 
     def _helpers(self) -> PutHelpers:
         """The threads of this client's pipelined puts (started on the first)."""
