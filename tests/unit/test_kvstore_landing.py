@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from kvstore.landing import LandingPads, Pad
+from kvstore.landing import LandingPads
 from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import BegunPut, KVStoreCore
 from kvstore.tiers.cpu import CpuTier
@@ -30,9 +30,9 @@ from kvstore.tiers.gpu import GpuTier
 from kvstore.types import DeadlineExceeded, InvalidArgument, NotFound
 from services.common.server import start_server
 from services.common.settings import Endpoint
-from services.transfer.contract.arena import LANDING_PADS, PAD_BYTES
+from services.transfer.contract.arena import LANDING_PADS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from tests.fixtures.device_puts import dsum, write_device_put
+from tests.fixtures.device_puts import dsum, land, write_device_put
 
 BLOCK = 1024
 GPU_BLOCKS = 2
@@ -83,13 +83,6 @@ def write_blocks(core: KVStoreCore, begun: BegunPut, first: int) -> list[int]:
         core.view(s)[:] = payload(first + i)
         sums.append(dsum(payload(first + i)))
     return sums
-
-
-def land(core: KVStoreCore, pad: Pad, token: int | None = None) -> None:
-    """What the writer's stream does after its copies: the token into the pad."""
-    value = pad.token if token is None else token
-    core.host.header()[pad.offset : pad.offset + PAD_BYTES] = value.to_bytes(PAD_BYTES,
-                                                                             "little")
 
 
 def pads(core: KVStoreCore) -> LandingPads:

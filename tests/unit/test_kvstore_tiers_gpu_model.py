@@ -1,16 +1,19 @@
 """A hypothesis state machine: the index over a gpu tier (on the CPU here) and a cpu
 tier, against a model, with device writers as the cuda_ipc transport is one: puts that
 land in the gpu tier or, when its blocks are all pinned, spill into the cpu tier (their
-crc32s stamped by the store later), device and host reads, releases and promotions.
+crc32s stamped by the store later; with a landing pad, committed before their copies
+land, or dropped when the token never comes), device and host reads, releases and
+promotions.
 
 Invariants: a pinned block is held with its bytes and never leaves the index; a block
 a reader is handed verifies with the checksum it is handed (a host reader's crc32, a
 device reader's dsum32), and its bytes stay where the reader was told until it lets go;
-pins and used bytes add up.
+pins and used bytes add up; every landing pad comes back.
 """
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -18,6 +21,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kvstore.store import KVStoreCore, NotFound, ResourceExhausted
 from kvstore.tiers import build_tiers
 from kvstore.tiers.base import Slot
+from kvstore.types import DeadlineExceeded
+from services.transfer.contract.arena import LANDING_PADS
 from services.transfer.contract.checksum import crc32
 from splitserve.v1 import common_pb2
 from tests.fixtures.device_puts import dsum, write_device_put
@@ -60,13 +65,23 @@ class GpuTieredIndex(RuleBasedStateMachine):
         return bytes(self.cpu.view(slot))
 
     @rule(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True),
-          owner=st.sampled_from(["", *OWNERS]))
-    def device_put(self, keys: list[bytes], owner: str) -> None:
+          owner=st.sampled_from(["", *OWNERS]), landing=st.booleans(), lands=st.booleans())
+    def device_put(self, keys: list[bytes], owner: str, landing: bool, lands: bool) -> None:
+        """``landing``: the writer asks for a landing pad (a spilled put gets one) and
+        commits before its copies land; ``lands``: its token comes (else the writer
+        died after its copies, and the commit drops the put)."""
         refs = [common_pb2.BlockRef(key=k, num_tokens=16) for k in keys]
         try:
-            begun = self.core.begin_put(owner, refs, BLOCK, device=True)
+            begun = self.core.begin_put(owner, refs, BLOCK, device=True, landing=landing)
         except ResourceExhausted:
             return  # both tiers full of pinned blocks
+        if begun.pad is not None and not lands:
+            for s in begun.slots:
+                if not s.present:
+                    self.core.view(s)[:] = bytes(BLOCK)  # copies of a writer that died
+            with pytest.raises(DeadlineExceeded):
+                self.core.commit_put(begun.put_id, [0] * len(keys), landing=True, wait_s=0)
+            return
         write_device_put(self.core, begun, [data(k) for k in keys])
         self.held.update(keys)
         if owner:
@@ -150,6 +165,8 @@ class GpuTieredIndex(RuleBasedStateMachine):
         assert s.pins == sum(len(p) for p in self.pins.values())
         assert s.checksum_failures == 0
         assert set(self.core._leaving.values()) == {0}  # no move under way is left counted
+        assert self.core._pads is not None
+        assert self.core._pads.free == LANDING_PADS  # every put ended gave its pad back
 
 
 GpuTieredIndex.TestCase.settings = settings(max_examples=150, stateful_step_count=40,

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from kvstore.landing import Pad
 from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import KVStoreCore
 from kvstore.tiers.base import Slot
@@ -31,7 +32,7 @@ from services.transfer.contract.arena import LANDING_PADS
 from services.transfer.contract.checksum import crc32
 from services.transfer.put_pipeline import PutHelpers, chunks, pipelined_put
 from splitserve.v1 import common_pb2, kvstore_pb2_grpc
-from tests.fixtures.device_puts import dsum, write_device_put
+from tests.fixtures.device_puts import dsum, land, write_device_put
 
 NBYTES = 4096
 
@@ -182,9 +183,8 @@ class _TokenStream(_Stream):
         self.tokens: list[tuple[int, int]] = []
 
     def land(self) -> None:
-        header = self.core.host.header()
         for offset, token in self.tokens:
-            header[offset : offset + 8] = token.to_bytes(8, "little")
+            land(self.core, Pad(offset, token))
 
 
 def _landing_put(core, stub, store_id, data, pieces, stream: _TokenStream, timeout_s=10.0):
