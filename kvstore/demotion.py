@@ -64,7 +64,7 @@ class Demotion:
             try:
                 self.demote_to_watermark()
             except Exception as e:  # noqa: BLE001 (a background helper must go on)
-                log.warning("demotion_failed", error=str(e))
+                log.error("demotion_failed", exc_info=True, error=str(e))
 
     def demote_to_watermark(self) -> None:
         """Every tier but the last that is past ``demote_high``: down to ``demote_low``."""

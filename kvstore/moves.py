@@ -55,11 +55,9 @@ class Moves:
             return
         try:
             copied = self._copy_all(moves)
-        except BaseException:  # the moves end, as failed copies: no block stays moving
+        except BaseException:
             with self._lock:
-                for m in moves:
-                    self._finish(m, None, 0, None)
-                self._moved.notify_all()
+                self._abandon(moves)
             raise
         for t in {m.dst for m, (good, *_) in zip(moves, copied, strict=True) if good}:
             try:
@@ -70,6 +68,13 @@ class Moves:
             for m, (good, checksum, dsum) in zip(moves, copied, strict=True):
                 self._finish(m, good, checksum, dsum)
             self._moved.notify_all()
+
+    def _abandon(self, moves: list[Move]) -> None:
+        """Ends ``moves`` as failed copies (the lock held): no block stays moving or
+        counted as leaving, and their target slots are free again."""
+        for m in moves:
+            self._finish(m, None, 0, None)
+        self._moved.notify_all()
 
     def _copy_all(self, moves: list[Move]) -> list[Copied]:
         """``_copy`` of every move. Moves between a device tier and a memory tier go in
@@ -226,7 +231,11 @@ class Moves:
                         continue
                     moves.append(self._start_move(b, top, slot, fetch))
                 if short:
-                    room = self._make_room(target, short, protect)
+                    try:
+                        room = self._make_room(target, short, protect)
+                    except BaseException:
+                        self._abandon(moves)
+                        raise
                     moves.extend(room or ())
                     if room is None and not moves and not self._leaving[top] and \
                             not any(b.moving for b in waiting):
@@ -272,7 +281,7 @@ class Moves:
             try:
                 self.promote(*job)
             except Exception as e:  # noqa: BLE001 (a background helper must go on)
-                log.warning("promotion_failed", error=str(e))
+                log.error("promotion_failed", exc_info=True, error=str(e))
             finally:
                 with self._lock:
                     self._promotions_queued -= len(job[0])

@@ -10,6 +10,7 @@ the last tier deletes its victims.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kvstore.landing import LandingPads
 from kvstore.tiers.base import Slot, Tier
@@ -37,6 +38,7 @@ class Space:
     # slots pinned blocks moved out of, which their readers may still read in place
     _lingering: dict[Block, list[tuple[Tier, Slot]]]
     _pads: LandingPads | None  # the shared arena's landing pads (kvstore.landing)
+    _abandon: Callable[[list[Move]], None]  # kvstore.moves: ends moves as failed copies
 
     # -- the LRU lists ----------------------------------------------------------------
     def _lru_add(self, b: Block) -> None:
@@ -124,22 +126,27 @@ class Space:
         below = self.tiers[i + 1]
         moves: list[Move] = []
         dropped: list[Block] = []
-        for b in victims:
-            if not self._admits(below, b):
-                dropped.append(b)
-                continue
-            slot = below.allocate(b.slot.length)
-            if slot is None:
-                deeper = self._make_room(i + 1, below.footprint(b.slot.length), protect)
-                if deeper is None:  # the tier below is full of pinned blocks
+        try:
+            for b in victims:
+                if not self._admits(below, b):
                     dropped.append(b)
                     continue
-                moves.extend(deeper)
                 slot = below.allocate(b.slot.length)
-                if slot is None:  # room comes when the deeper moves are done
-                    break
-            moves.append(self._start_move(b, below, slot))
-        self._evict(dropped)
+                if slot is None:
+                    deeper = self._make_room(i + 1, below.footprint(b.slot.length),
+                                             protect)
+                    if deeper is None:  # the tier below is full of pinned blocks
+                        dropped.append(b)
+                        continue
+                    moves.extend(deeper)
+                    slot = below.allocate(b.slot.length)
+                    if slot is None:  # room comes when the deeper moves are done
+                        break
+                moves.append(self._start_move(b, below, slot))
+            self._evict(dropped)
+        except BaseException:  # none of the moves planned so far is left under way
+            self._abandon(moves)
+            raise
         return moves
 
     def _start_move(self, b: Block, dst: Tier, slot: Slot, fetch: bool = False) -> Move:

@@ -177,6 +177,48 @@ def test_a_move_whose_copy_raises_ends_and_frees_its_target(core: KVStoreCore) -
     assert [loc.tier for loc in core.get("", cold)] == ["gpu"] * GPU_BLOCKS
 
 
+def _raises(*_args: object, **_kw: object) -> None:
+    raise RuntimeError("a bug in the books")
+
+
+def _nothing_under_way(core: KVStoreCore) -> None:
+    assert core.stats().moves_pending == 0
+    assert set(core._leaving.values()) == {0}
+
+
+def test_moves_planned_before_a_failure_in_the_planning_are_abandoned(
+        core: KVStoreCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demoter planned its moves out of the gpu tier; an error after that (here in
+    the eviction that ends the planning) leaves none of them under way."""
+    cold = keys_from(1, GPU_BLOCKS)
+    write_and_commit(core, begin(core, "cold", cold), cold)
+    core.release("cold")
+    monkeypatch.setattr(core, "_evict", _raises)
+    core.set_watermarks(0.5, 0.5)
+    with pytest.raises(RuntimeError, match="bug in the books"):
+        core.demote_to_watermark()
+    _nothing_under_way(core)
+    assert core.tiers[1].used_bytes == 0  # the targets' slots are free again
+    assert [loc.tier for loc in core.get("", cold)] == ["gpu"] * GPU_BLOCKS
+
+
+def test_promotions_started_before_a_failure_to_make_room_are_abandoned(
+        core: KVStoreCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two blocks raised into a gpu tier with room for one: the first one's move is
+    planned, then making room for the second fails; the first is not left under way."""
+    core.put("", [common_pb2.BlockRef(key=k, num_tokens=16) for k in keys_from(1, 2)],
+             [payload(1), payload(2)], BLOCK)  # host writer: the cpu tier
+    held = keys_from(10, GPU_BLOCKS - 1)
+    write_and_commit(core, begin(core, "hold", held), held)  # one gpu slot left
+    monkeypatch.setattr(core, "_make_room", _raises)
+    with pytest.raises(RuntimeError, match="bug in the books"):
+        core.promote(keys_from(1, 2))
+    _nothing_under_way(core)
+    assert core.tiers[0].used_bytes == (GPU_BLOCKS - 1) * BLOCK
+    assert [loc.tier for loc in core.get("", keys_from(1, 2))] == ["cpu", "cpu"]
+    core.release("hold")
+
+
 def test_a_promotion_under_an_in_place_reader_keeps_its_old_slot_until_it_lets_go(
         core: KVStoreCore) -> None:
     """A host reader pinned a cpu-tier block and reads it in the arena, where it is; a

@@ -81,6 +81,9 @@ class GpuTieredIndex(RuleBasedStateMachine):
                     self.core.view(s)[:] = bytes(BLOCK)  # copies of a writer that died
             with pytest.raises(DeadlineExceeded):
                 self.core.commit_put(begun.put_id, [0] * len(keys), landing=True, wait_s=0)
+            if owner:  # the blocks it found held were pinned at its begin, and stay so
+                self.pins[owner].update(k for k, s in zip(keys, begun.slots, strict=True)
+                                        if s.present)
             return
         write_device_put(self.core, begun, [data(k) for k in keys])
         self.held.update(keys)
@@ -134,8 +137,11 @@ class GpuTieredIndex(RuleBasedStateMachine):
 
     def settle(self) -> None:
         """Waits for the store's background moves and stamps (the books balance once
-        they are done; a move holds a slot in each tier meanwhile)."""
-        settled(self.core)
+        they are done; a move holds a slot in each tier meanwhile). Generous: a loaded
+        machine may take seconds over one."""
+        s = settled(self.core, timeout_s=30)
+        moving = [(b.key, b.tier.name) for b in self.core._blocks.values() if b.moving]
+        assert not s.moves_pending, f"still under way after 30 s: {moving}, {s}"
 
     @invariant()
     def pinned_blocks_stay_with_their_bytes(self) -> None:
