@@ -51,6 +51,7 @@ class Puts:
     _owners: dict[str, OwnerState]
     _drop_pins: Callable[[OwnerState, str, Iterable[Block]], None]
     _pads: LandingPads | None
+    _give_pad_back: Callable[[PendingPut], None]
     _pin_all: Callable[[OwnerState, str, Iterable[Block]], list[Block]]
 
     def begin_put(self, owner: str, refs: Sequence[RefLike], block_nbytes: int, *,
@@ -171,10 +172,7 @@ class Puts:
         stamps = self._host_stamps(put_id, host_checksums)
         spilled: list[Block] = []
         with self._lock:
-            p = self._pending.get(put_id)
-            if p is None:
-                raise NotFound(f"no pending put {put_id!r}: it was committed, aborted or "
-                               f"expired after {self.pin_ttl_s:g}s; begin the put again")
+            p = self._pending_put(put_id)
             written = [e for e in p.entries if e.slot is not None]
             if len(checksums) == len(p.entries):
                 sums = [c for c, e in zip(checksums, p.entries, strict=True)
@@ -186,8 +184,7 @@ class Puts:
                     f"put {put_id} has {len(p.entries)} slots ({len(written)} to write): "
                     f"send that many checksums, got {len(checksums)}")
             del self._pending[put_id]
-            if p.pad is not None and self._pads is not None:
-                self._pads.give_back(p.pad)
+            self._give_pad_back(p)
             self._expire()
             owner = p.owner
             o = self._owner(owner) if owner else None
@@ -230,17 +227,21 @@ class Puts:
         self.demote_soon()
         return stored, len(p.entries) - stored
 
+    def _pending_put(self, put_id: str) -> PendingPut:
+        """The pending put ``put_id`` (the lock held), or NotFound."""
+        p = self._pending.get(put_id)
+        if p is None:
+            raise NotFound(f"no pending put {put_id!r}: it was committed, aborted or "
+                           f"expired after {self.pin_ttl_s:g}s; begin the put again")
+        return p
+
     def _await_landing(self, put_id: str, wait_s: float | None,
                        wanted: Callable[[], bool] | None) -> None:
         """Waits until the put's landing token is in its pad: then its copies have
         landed. Gives up, dropping the put, after ``wait_s`` (LANDING_WAIT_S) or when
         ``wanted`` (the caller is still there) stops holding."""
         with self._lock:
-            p = self._pending.get(put_id)
-            if p is None:
-                raise NotFound(f"no pending put {put_id!r}: it was committed, aborted or "
-                               f"expired after {self.pin_ttl_s:g}s; begin the put again")
-            pad = p.pad
+            pad = self._pending_put(put_id).pad
         if pad is None or self._pads is None:
             raise InvalidArgument(
                 f"put {put_id} has no landing pad (its BeginPut answered landing_offset "

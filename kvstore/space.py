@@ -200,14 +200,18 @@ class Space:
             b.tier.free(b.slot)
             self._free_lingering(b)
 
+    def _give_pad_back(self, p: PendingPut) -> None:
+        """A put ended (committed, aborted, expired): its landing pad is free again."""
+        if p.pad is not None and self._pads is not None:
+            self._pads.give_back(p.pad)
+
     def _free_lingering(self, b: Block) -> None:
         """The slots ``b`` was moved out of under pins, once no reader holds it."""
         for tier, slot in self._lingering.pop(b, ()):
             tier.free(slot)
 
     def _free_pending(self, p: PendingPut) -> None:
-        if p.pad is not None and self._pads is not None:
-            self._pads.give_back(p.pad)
+        self._give_pad_back(p)
         for e in p.entries:
             if e.slot is not None:
                 e.tier.free(e.slot)

@@ -104,11 +104,7 @@ def pipelined_put(stub: kvstore_pb2_grpc.KVStoreStub, helpers: PutHelpers,
                 abort_put(stub, f.result()[0].put_id)
         _results(commits)
         raise
-    try:
-        return _results(commits)
-    except BaseException:
-        stream.synchronize()  # a failed commit's copies may have been on their way
-        raise
+    return _results(commits)  # a failed commit waited for its copies before its abort
 
 
 def _commit_landed(stub: kvstore_pb2_grpc.KVStoreStub, begun: kvstore_pb2.BeginPutResponse,
