@@ -23,16 +23,14 @@ import grpc
 import pytest
 
 from kvstore.landing import LandingPads
-from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import BegunPut, KVStoreCore
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.gpu import GpuTier
 from kvstore.types import DeadlineExceeded, InvalidArgument, NotFound
-from services.common.server import start_server
-from services.common.settings import Endpoint
 from services.transfer.contract.arena import LANDING_PADS
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.fixtures.device_puts import dsum, land, write_device_put
+from tests.fixtures.store_server import served as serve
 
 BLOCK = 1024
 GPU_BLOCKS = 2
@@ -201,14 +199,8 @@ arena.close()
 
 @pytest.fixture
 def served(core: KVStoreCore) -> Iterator[kvstore_pb2_grpc.KVStoreStub]:
-    handle = start_server("kvstore", Endpoint(port=0),
-                          lambda s: add_to_server(KVStoreServicer(core, core.host, "landing"),
-                                                  s),
-                          ["splitserve.v1.KVStore"])
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield kvstore_pb2_grpc.KVStoreStub(channel)
-    channel.close()
-    handle.stop(0)
+    with serve(core, "landing") as stub:
+        yield stub
 
 
 def _begin_rpc(stub: kvstore_pb2_grpc.KVStoreStub, keys: list[bytes]

@@ -19,20 +19,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from kvstore import puts
-from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import BegunPut, KVStoreCore
 from kvstore.tiers.base import Slot
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.gpu import GpuTier
-from services.common.server import start_server
-from services.common.settings import Endpoint
 from splitserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.fixtures.device_puts import write_device_put
 from tests.fixtures.store_books import settled
+from tests.fixtures.store_server import served as serve
 
 BLOCK = 1024
 GPU_BLOCKS = 4
@@ -241,14 +238,8 @@ def test_a_promotion_under_an_in_place_reader_keeps_its_old_slot_until_it_lets_g
 
 @pytest.fixture
 def served(core: KVStoreCore) -> Iterator[kvstore_pb2_grpc.KVStoreStub]:
-    handle = start_server("kvstore", Endpoint(port=0),
-                          lambda s: add_to_server(KVStoreServicer(core, core.tiers[1],
-                                                                  "moves"), s),
-                          ["splitserve.v1.KVStore"])
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield kvstore_pb2_grpc.KVStoreStub(channel)
-    channel.close()
-    handle.stop(0)
+    with serve(core, "moves") as stub:
+        yield stub
 
 
 def _begin_request(keys: list[bytes]) -> kvstore_pb2.BeginPutRequest:

@@ -19,20 +19,18 @@ import grpc
 import pytest
 
 from kvstore.landing import Pad
-from kvstore.server import KVStoreServicer, add_to_server
 from kvstore.store import KVStoreCore
 from kvstore.tiers.base import Slot
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.gpu import GpuTier
 from kvstore.types import PutSlot
-from services.common.server import start_server
-from services.common.settings import Endpoint
 from services.transfer.arena_ops import begin_put
 from services.transfer.contract.arena import LANDING_PADS
 from services.transfer.contract.checksum import crc32
 from services.transfer.put_pipeline import PutHelpers, chunks, pipelined_put
 from splitserve.v1 import common_pb2, kvstore_pb2_grpc
 from tests.fixtures.device_puts import dsum, land, write_device_put
+from tests.fixtures.store_server import served as serve
 
 NBYTES = 4096
 
@@ -58,14 +56,8 @@ class _Stream:
 def store() -> Iterator[tuple[KVStoreCore, kvstore_pb2_grpc.KVStoreStub, str]]:
     core = KVStoreCore([CpuTier(64 * NBYTES, shm=False)])
     store_id = f"unit-{uuid.uuid4().hex[:6]}"
-    handle = start_server("kvstore", Endpoint(port=0),
-                          lambda s: add_to_server(KVStoreServicer(core, core.tiers[0],
-                                                                  store_id), s),
-                          ["splitserve.v1.KVStore"])
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield core, kvstore_pb2_grpc.KVStoreStub(channel), store_id
-    channel.close()
-    handle.stop(0)
+    with serve(core, store_id) as stub:
+        yield core, stub, store_id
     core.close()
 
 
@@ -163,13 +155,8 @@ def spilling() -> Iterator[tuple[KVStoreCore, kvstore_pb2_grpc.KVStoreStub, str]
     held = core.begin_put("hold", [common_pb2.BlockRef(key=b"h" * 16, num_tokens=16)],
                           NBYTES, device=True)
     write_device_put(core, held, [bytes(NBYTES)])
-    handle = start_server("kvstore", Endpoint(port=0),
-                          lambda s: add_to_server(KVStoreServicer(core, core.host, "land"), s),
-                          ["splitserve.v1.KVStore"])
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield core, kvstore_pb2_grpc.KVStoreStub(channel), "land"
-    channel.close()
-    handle.stop(0)
+    with serve(core, "land") as stub:
+        yield core, stub, "land"
     core.close()
 
 
